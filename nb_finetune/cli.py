@@ -1,0 +1,141 @@
+"""`nb-finetune`: the same configs and engine as the panels, headless.
+
+A problem the user can fix ends with one line on stderr and exit status 2 (no traceback);
+Ctrl-C stops training after the current step, keeps a checkpoint and exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+import yaml
+
+from .errors import UserError
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: write section.field=value, e.g. train.max_steps=5")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _run(cfg) -> int:
+    from . import engine, job
+    stop = threading.Event()
+    print(f"output folder: {cfg.train.output_dir}")
+    try:
+        session = job.run(cfg, callbacks=[engine.ConsoleProgress()], stop=stop)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last checkpoint and the history are kept in "
+              f"{cfg.train.output_dir}; resume with --set train.resume_from=last", file=sys.stderr)
+        return 130
+    print("\ntest results:\n" + session.eval_result.summary())
+    if len(session.eval_result.samples):
+        print("\nsamples (base vs tuned):\n" + session.eval_result.samples.to_string(index=False))
+    print(f"\nadapter, history and reports written to {session.output_dir}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import load_preset
+    cfg = load_preset("demo")
+    overrides = _parse_set(args.set)
+    if args.output:
+        overrides["train.output_dir"] = args.output
+    return _run(cfg.with_overrides(overrides) if overrides else cfg)
+
+
+def cmd_run(args) -> int:
+    from .config import RunConfig, load_preset
+    cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
+    overrides = _parse_set(args.set)
+    return _run(cfg.with_overrides(overrides) if overrides else cfg)
+
+
+def cmd_validate(args) -> int:
+    from .config import RunConfig
+    from .data import prepare
+    cfg = RunConfig.load(args.config)
+    print("config: ok")
+    prep = prepare(cfg.data)
+    print("data report:\n" + prep.report.summary())
+    return 0
+
+
+def cmd_assets(args) -> int:
+    from . import assets
+    if args.action == "list":
+        import pandas as pd
+        print(f"asset cache: {assets.cache_dir()}  (set NB_FINETUNE_CACHE to move it)")
+        print(pd.DataFrame(assets.listing()).to_string(index=False))
+        return 0
+    paths = assets.fetch(args.names)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import load_preset, presets
+    if args.name:
+        print(load_preset(args.name).to_yaml())
+    else:
+        print("\n".join(presets()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nb-finetune", description="Fine-tune language models with LoRA/QLoRA.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="SmolLM2-135M-Instruct learns IMDB sentiment, offline, in minutes on a CPU")
+    d.add_argument("--output", help="output folder (default runs/demo)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=1")
+    d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("run", help="run a saved config (YAML or JSON)")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="config file")
+    src.add_argument("--preset", help="a shipped preset (see `nb-finetune presets`)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=5")
+    r.set_defaults(func=cmd_run)
+    v = sub.add_parser("validate", help="check a config and its data without training")
+    v.add_argument("--config", required=True)
+    v.set_defaults(func=cmd_validate)
+    a = sub.add_parser("assets", help="built-in models and data sets")
+    a.add_argument("action", choices=("list", "fetch"))
+    a.add_argument("names", nargs="*", help="assets to fetch (default: all)")
+    a.set_defaults(func=cmd_assets)
+    ps = sub.add_parser("presets", help="list shipped presets, or print one")
+    ps.add_argument("name", nargs="?")
+    ps.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"nb-finetune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

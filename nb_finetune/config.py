@@ -1,0 +1,315 @@
+"""Run configuration: plain dataclasses with help text, validation and a YAML/JSON round trip.
+
+Each field carries `metadata={"help": ...}` and, where it applies, `choices`, `min`, `max`
+(inclusive bounds). `validate()` reads those, adds the cross-field checks, and raises one
+`ConfigError` listing every problem. Panels are built from the same metadata.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, Problem, UserError
+
+
+def _f(default, help: str, **meta):
+    """A dataclass field with help text and validation hints in its metadata."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("imdb-sample", "Built-in data set name (see `nb-finetune assets list`), a file path "
+                     "(.csv .tsv .json .jsonl .parquet) or a Hugging Face Hub data set id.")
+    task: str = _f("classification", "'classification' (text -> label) or 'completion' "
+                   "(prompt -> completion, Alpaca instruction/input/output, or chat messages).",
+                   choices=("classification", "completion"))
+    format: str = _f("auto", "File format; 'auto' guesses from the file suffix.",
+                     choices=("auto", "csv", "tsv", "json", "jsonl", "parquet"))
+    column_names: list = _f([], "Names for the columns of a file without a header row (empty: the file has one).")
+    text_column: str = _f("", "Column with the text to classify (classification). Empty: 'text' or the asset's default.")
+    text_template: str = _f("", "Build the text from several columns, e.g. '{passage}\\nQuestion: {question}?'. "
+                            "Empty: use text_column as it is.")
+    label_column: str = _f("", "Column with the label (classification). Empty: 'label'.")
+    label_names: dict = _f({}, "Words for raw labels, e.g. {'0': 'negative', '1': 'positive'}; the model "
+                           "learns to write these words when classification is trained as completion.")
+    prompt_column: str = _f("", "Prompt column (completion). Empty: 'prompt', or Alpaca's instruction+input.")
+    completion_column: str = _f("", "Completion column (completion). Empty: 'completion', or Alpaca's output.")
+    messages_column: str = _f("", "Column of chat messages [{role, content}, ...] (completion). Empty: 'messages' if present.")
+    instruction: str = _f("", "Instruction put before each text when a classification task is trained as "
+                          "completion. Empty: one is written from the label names.")
+    max_rows: int = _f(0, "Use at most this many rows (0: all), sampled with the seed.", min=0)
+    drop_duplicates: bool = _f(True, "Drop exact duplicate rows before splitting (the count is reported).")
+    val_fraction: float = _f(0.15, "Share of rows held out for validation during training.", min=0.0, max=0.5)
+    test_fraction: float = _f(0.15, "Share of rows held out for the final test.", min=0.0, max=0.5)
+    test_source: str = _f("", "A separate test file (same columns); when set, test_fraction is not used.")
+    seed: int = _f(42, "Seed for sampling and the stratified split.", min=0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "Built-in model name, a local folder, or a Hugging Face Hub id.")
+    objective: str = _f("auto", "'completion': the model writes the answer and is trained on its tokens only; "
+                        "'head': a classification head on top (encoders need this). 'auto': head for "
+                        "encoders, completion for decoders.", choices=("auto", "completion", "head"))
+    chat_template: str = _f("auto", "Wrap prompts in the tokenizer's chat template: 'auto' (if it has one), "
+                            "'yes' or 'no'.", choices=("auto", "yes", "no"))
+    lora_r: int = _f(16, "LoRA rank: the adapter's inner size; higher learns more and costs more memory.", min=1, max=1024)
+    lora_alpha: int = _f(32, "LoRA alpha: the adapter's output is scaled by alpha / r.", min=1, max=4096)
+    lora_dropout: float = _f(0.05, "Dropout on the adapter's input.", min=0.0, max=0.9)
+    target_modules: str = _f("all-linear", "Layers that get adapters: 'all-linear' or comma-separated "
+                             "module names, e.g. 'q_proj,v_proj'.")
+    quantization: str = _f("none", "Load the frozen base in 4-bit (QLoRA) or 8-bit through bitsandbytes.",
+                           choices=("none", "4bit", "8bit"))
+    quant_type: str = _f("nf4", "4-bit data type.", choices=("nf4", "fp4"))
+    double_quant: bool = _f(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")
+    compute_dtype: str = _f("auto", "Precision of the arithmetic: 'auto' picks bf16 where the hardware has it.",
+                            choices=("auto", "bfloat16", "float16", "float32"))
+    trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Only for models you trust.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/demo", "Folder for the adapter, checkpoints, history and reports.")
+    epochs: float = _f(2.0, "Passes over the training split.", min=0.01, max=1000)
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0: run all epochs).", min=0)
+    learning_rate: float = _f(2e-4, "Peak learning rate.", min=1e-7, max=1.0)
+    batch_size: int = _f(8, "Rows per forward pass.", min=1, max=4096)
+    grad_accum: int = _f(1, "Forward passes per optimizer step; effective batch = batch_size x grad_accum.", min=1, max=1024)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0, max=1.0)
+    warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.", min=0.0, max=0.5)
+    scheduler: str = _f("linear", "Learning-rate schedule after warm-up.",
+                        choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    max_length: int = _f(256, "Tokens per row at most; longer prompts are cut in the middle, the response is kept.",
+                         min=8, max=131072)
+    pad_to_multiple_of: int = _f(8, "Pad each batch to a multiple of this many tokens (0: no rounding).", min=0, max=512)
+    eval_steps: int = _f(10, "Validate every this many optimizer steps.", min=1)
+    logging_steps: int = _f(5, "Record training loss every this many optimizer steps.", min=1)
+    save_steps: int = _f(0, "Checkpoint every this many steps (0: at each validation).", min=0)
+    early_stopping_patience: int = _f(0, "Stop after this many validations without a lower validation loss (0: never).", min=0)
+    resume_from: str = _f("", "Checkpoint folder to resume from, or 'last' for the newest in output_dir.")
+    seed: int = _f(42, "Seed for initialisation, dropout and shuffling.", min=0)
+
+
+@dataclass
+class EvalConfig:
+    baselines: bool = _f(True, "Also evaluate the base model (zero-shot) and the majority class.")
+    max_test_rows: int = _f(0, "Evaluate on at most this many test rows (0: all).", min=0)
+    num_samples: int = _f(4, "Test prompts to generate from, base and tuned side by side.", min=0, max=100)
+    max_new_tokens: int = _f(24, "Longest generated sample, in tokens.", min=1, max=4096)
+    worst_errors: int = _f(10, "Rows in the worst-errors table.", min=0, max=10000)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # -- round trip -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, validate: bool = True) -> "RunConfig":
+        problems: list[Problem] = []
+        if not isinstance(raw, dict):
+            raise ConfigError([Problem("<config>", type(raw).__name__, "a mapping with sections "
+                                       + ", ".join(_SECTIONS))])
+        sections = {}
+        for key in raw:
+            if key not in _SECTIONS:
+                problems.append(Problem(key, raw[key], "unknown section; accepted: " + ", ".join(_SECTIONS)))
+        for name, klass in _SECTIONS.items():
+            sections[name] = _section_from_dict(klass, name, raw.get(name) or {}, problems)
+        if problems:
+            raise ConfigError(problems)
+        cfg = cls(**sections)
+        if validate:
+            cfg.validate()
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else self.to_yaml()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path} (give the path of a .yaml or .json file)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            # safe_load: configs are data, never code. JSON is a subset of YAML.
+            raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise UserError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                            f"{str(err).splitlines()[0]}") from None
+        return cls.from_dict(raw or {})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with dotted keys replaced, e.g. {"train.max_steps": 5}; validated."""
+        raw = self.to_dict()
+        problems = []
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if section not in raw or name not in raw[section]:
+                problems.append(Problem(key, value, "unknown setting; use section.field, e.g. train.max_steps"))
+                continue
+            raw[section][name] = value
+        if problems:
+            raise ConfigError(problems)
+        return RunConfig.from_dict(raw)
+
+    # -- validation -----------------------------------------------------------------
+    def problems(self) -> list[Problem]:
+        found: list[Problem] = []
+        for name in _SECTIONS:
+            found += _field_problems(getattr(self, name), name)
+        d, t = self.data, self.train
+        if d.val_fraction + (0 if d.test_source else d.test_fraction) >= 0.9:
+            found.append(Problem("data.val_fraction", d.val_fraction,
+                                 "val_fraction + test_fraction must leave at least 10% for training"))
+        if d.text_template and "{" not in d.text_template:
+            found.append(Problem("data.text_template", d.text_template,
+                                 "a template naming columns in braces, e.g. '{title}: {body}'"))
+        if d.label_names and not all(isinstance(v, str) and v.strip() for v in d.label_names.values()):
+            found.append(Problem("data.label_names", d.label_names, "every label needs a non-empty word"))
+        if self.model.objective == "head" and d.task != "classification":
+            found.append(Problem("model.objective", "head", "a classification head needs data.task='classification'"))
+        if t.resume_from and t.resume_from != "last" and not Path(t.resume_from).is_dir():
+            found.append(Problem("train.resume_from", t.resume_from, "an existing checkpoint folder, or 'last'"))
+        return found
+
+    def validate(self) -> "RunConfig":
+        found = self.problems()
+        if found:
+            raise ConfigError(found)
+        return self
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _section_from_dict(klass, section: str, raw: Any, problems: list[Problem]):
+    if not isinstance(raw, dict):
+        problems.append(Problem(section, raw, "a mapping of settings"))
+        return klass()
+    names = {f.name: f for f in dataclasses.fields(klass)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            problems.append(Problem(f"{section}.{key}", value,
+                                    "unknown setting; accepted: " + ", ".join(names)))
+            continue
+        ok, coerced = _coerce(names[key], value)
+        if not ok:
+            problems.append(Problem(f"{section}.{key}", value, f"a value of type {_type_name(names[key])}"))
+            continue
+        kwargs[key] = coerced
+    return klass(**kwargs)
+
+
+@functools.cache
+def _hints() -> dict:
+    # Field names repeat across sections only with the same type (seed: int).
+    out = {}
+    for klass in _SECTIONS.values():
+        out.update(typing.get_type_hints(klass))
+    return out
+
+
+def _field_type(f: dataclasses.Field):
+    return _hints().get(f.name, type(f.default))
+
+
+def _type_name(f) -> str:
+    return getattr(_field_type(f), "__name__", str(_field_type(f)))
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> tuple[bool, Any]:
+    """Accept the value if it has (or plainly converts to) the field's type."""
+    want = _field_type(f)
+    if want is bool:
+        return isinstance(value, bool), value
+    if want is int:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int), value
+    if want is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, str):  # YAML reads "2e-4" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+    if want is str:
+        if value is None:
+            return True, ""
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool), str(value)
+    if want is list:
+        return isinstance(value, list), value
+    if want is dict:
+        if value is None:
+            return True, {}
+        return isinstance(value, dict), {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+    return True, value
+
+
+def _field_problems(section_obj, section: str) -> list[Problem]:
+    found = []
+    for f in dataclasses.fields(section_obj):
+        value = getattr(section_obj, f.name)
+        meta = f.metadata
+        where = f"{section}.{f.name}"
+        ok, _ = _coerce(f, value)
+        if not ok:
+            found.append(Problem(where, value, f"a value of type {_type_name(f)}"))
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            found.append(Problem(where, value, "one of " + ", ".join(map(repr, meta["choices"]))))
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            found.append(Problem(where, value, f"a number {rng}"))
+    return found
+
+
+def field_help(section: str, name: str) -> str:
+    """The help text of one field, for panels and `--help`."""
+    klass = _SECTIONS[section]
+    return next(f.metadata["help"] for f in dataclasses.fields(klass) if f.name == name)
+
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> RunConfig:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset {name!r}; available: {', '.join(presets())}")
+    return RunConfig.load(path)

@@ -1,0 +1,223 @@
+"""Training: transformers `Trainer` underneath, events out, a history DataFrame kept.
+
+The engine imports no widgets. Whoever watches (the console, a panel, a test) passes
+`Callback` objects and gets `on_train_begin`, `on_log`, `on_evaluate` and `on_train_end`
+with plain dicts. A `threading.Event` passed as `stop` ends training after the current
+step; what was trained is kept (a checkpoint and the history).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import hardware
+from .config import TrainConfig
+from .tokenization import IGNORE
+
+HISTORY_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "val_accuracy", "learning_rate",
+                   "tokens_per_second"]
+
+
+class Callback:
+    """Receives the engine's events; override what you need. `info` and rows are plain dicts."""
+
+    def on_train_begin(self, info: dict) -> None: ...
+
+    def on_log(self, row: dict, history: pd.DataFrame) -> None: ...
+
+    def on_evaluate(self, row: dict, history: pd.DataFrame) -> None: ...
+
+    def on_train_end(self, result: "TrainResult") -> None: ...
+
+
+class ConsoleProgress(Callback):
+    """One line per log event, for the command line."""
+
+    def __init__(self, print_fn=print):
+        self.print = print_fn
+        self.start = time.perf_counter()
+        self.max_steps = 0
+
+    def on_train_begin(self, info):
+        self.start = time.perf_counter()
+        self.max_steps = info["max_steps"]
+        self.print(f"training: {info['max_steps']} steps, {info['train_rows']:,} rows, effective batch "
+                   f"{info['effective_batch']}, {info['trainable']:,} trainable parameters, "
+                   f"precision {info['precision']}")
+
+    def _line(self, row, text):
+        elapsed = time.perf_counter() - self.start
+        done = row["step"] / max(self.max_steps, 1)
+        eta = elapsed * (1 - done) / done if done else float("nan")
+        self.print(f"  step {row['step']:>4}/{self.max_steps}  {text}  "
+                   f"elapsed {_clock(elapsed)}  eta {_clock(eta)}")
+
+    def on_log(self, row, history):
+        self._line(row, f"loss {row['train_loss']:.4f}  lr {row['learning_rate']:.2e}  "
+                        f"{row['tokens_per_second']:,.0f} tok/s")
+
+    def on_evaluate(self, row, history):
+        acc = row.get("val_accuracy")
+        self._line(row, f"val_loss {row['val_loss']:.4f}" + ("" if acc is None or math.isnan(acc)
+                                                                else f"  val_acc {acc:.3f}"))
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
+@dataclass
+class TrainResult:
+    history: pd.DataFrame
+    stopped: bool            # by the stop flag
+    early_stopped: bool      # by early stopping on validation loss
+    adapter_dir: Path
+    last_checkpoint: Path | None
+    global_step: int
+    seconds: float
+
+
+def _bridge_class():
+    from transformers import TrainerCallback
+
+    class Bridge(TrainerCallback):
+        """Turns Trainer events into engine events and keeps the history."""
+
+        def __init__(self, callbacks, stop, patience, info):
+            self.callbacks, self.stop, self.patience, self.info = callbacks, stop, patience, info
+            self.rows: dict[int, dict] = {}
+            self.best, self.bad_evals, self.early_stopped = float("inf"), 0, False
+            self.stopped = False
+            self.last_time, self.last_tokens = None, 0
+
+        @property
+        def history(self) -> pd.DataFrame:
+            return pd.DataFrame(list(self.rows.values()), columns=HISTORY_COLUMNS)
+
+        def _row(self, state):
+            return self.rows.setdefault(state.global_step, {c: np.nan for c in HISTORY_COLUMNS}
+                                        | {"step": state.global_step})
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+            for cb in self.callbacks:
+                cb.on_train_begin(self.info | {"max_steps": state.max_steps})
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.stop is not None and self.stop.is_set():
+                self.stopped = True
+                control.should_training_stop = True
+                control.should_save = True  # keep what was trained
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            now = time.perf_counter()
+            tokens = state.num_input_tokens_seen
+            row = self._row(state)
+            row.update(epoch=state.epoch, train_loss=logs["loss"], learning_rate=logs.get("learning_rate", np.nan),
+                       tokens_per_second=(tokens - self.last_tokens) / max(now - self.last_time, 1e-9))
+            self.last_time, self.last_tokens = now, tokens
+            for cb in self.callbacks:
+                cb.on_log(dict(row), self.history)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            metrics = metrics or {}
+            row = self._row(state)
+            row.update(epoch=state.epoch, val_loss=metrics.get("eval_loss", np.nan),
+                       val_accuracy=metrics.get("eval_accuracy", np.nan))
+            loss = row["val_loss"]
+            if self.patience:
+                if loss < self.best - 1e-4:
+                    self.best, self.bad_evals = loss, 0
+                else:
+                    self.bad_evals += 1
+                    if self.bad_evals >= self.patience:
+                        self.early_stopped = True
+                        control.should_training_stop = True
+                        control.should_save = True
+            for cb in self.callbacks:
+                cb.on_evaluate(dict(row), self.history)
+
+    return Bridge
+
+
+def token_accuracy(eval_pred) -> dict:
+    """Share of trained tokens the model predicts right (argmax), or of rows for a head."""
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    if labels.ndim == 1:  # classification head: preds are class ids
+        return {"accuracy": float((preds == labels).mean())}
+    # Causal LM: the prediction at position t is for the token at t + 1.
+    preds, labels = preds[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    return {"accuracy": float((preds[mask] == labels[mask]).mean()) if mask.any() else float("nan")}
+
+
+def _argmax_logits(logits, labels):
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool):
+    from transformers import TrainingArguments
+    save_steps = cfg.save_steps or cfg.eval_steps
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.scheduler,
+        logging_steps=cfg.logging_steps, eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=save_steps, save_total_limit=2,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=precision == "bfloat16", fp16=precision == "float16",
+        use_cpu=not hardware.cuda_available(), report_to="none", disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length", remove_unused_columns=False,
+        label_names=["labels"],
+    )
+
+
+def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), stop: threading.Event | None = None,
+          precision: str = "float32", tokenizer=None, info: dict | None = None) -> TrainResult:
+    """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    args = training_arguments(cfg, precision, has_eval=val_ds is not None and len(val_ds) > 0)
+    bridge = _bridge_class()(list(callbacks), stop, cfg.early_stopping_patience, info or {})
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+                      eval_dataset=val_ds if args.eval_strategy != "no" else None,
+                      data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
+                      preprocess_logits_for_metrics=_argmax_logits)
+    # Nothing prints from the training loop: events go to our callbacks instead.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    resume = None
+    if cfg.resume_from == "last":
+        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    elif cfg.resume_from:
+        resume = cfg.resume_from
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - start
+    adapter_dir = Path(cfg.output_dir) / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(adapter_dir))
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    result = TrainResult(bridge.history, bridge.stopped, bridge.early_stopped, adapter_dir,
+                         Path(last) if last else None, trainer.state.global_step, seconds)
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result

@@ -1,0 +1,212 @@
+"""Evaluation on the held-out test split, always beside baselines.
+
+- Label tasks (classification, or completions that are a few short labels): the model
+  "picks" the label whose tokens it finds most likely after the prompt (the sum of
+  log-probabilities of the label's trained tokens, end-of-turn included). Accuracy,
+  macro-F1 and a confusion matrix, for the tuned model, the base model (adapter switched
+  off: zero-shot) and the majority class of the training split.
+- Free completions: loss and perplexity on completion tokens.
+- A table of the worst errors and generated samples, base and tuned side by side.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import EvalConfig
+from .tokenization import IGNORE, CompletionOnlyCollator, Formatter, TokenizedDataset
+
+
+@dataclass
+class EvalResult:
+    metrics: pd.DataFrame                 # one row per model: tuned, base, majority
+    confusion: pd.DataFrame | None        # tuned model, rows = true label, columns = predicted
+    errors: pd.DataFrame                  # worst errors of the tuned model
+    samples: pd.DataFrame                 # prompt, reference, base, tuned
+    predictions: pd.DataFrame             # one row per test row
+
+    def summary(self) -> str:
+        return self.metrics.to_string(float_format=lambda v: f"{v:.3f}")
+
+
+def label_candidates(prep) -> list[str]:
+    """The label words when the task's answers are a few short labels, else []."""
+    if prep.task == "classification":
+        return list(prep.labels)
+    completions = prep.splits["train"].get("completion")
+    if completions is None:
+        return []
+    unique = completions.unique()
+    if 2 <= len(unique) <= 20 and max(len(u) for u in unique) <= 40:
+        return sorted(unique)
+    return []
+
+
+def _autocast(model, precision: str):
+    if precision in ("bfloat16", "float16"):
+        return torch.autocast(model.device.type, dtype=getattr(torch, precision))
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def _sequence_logprobs(model, features: list[dict], collator, batch_size: int, precision: str) -> np.ndarray:
+    """Sum of log-probabilities of each row's trained tokens."""
+    out = []
+    for i in range(0, len(features), batch_size):
+        batch = {k: v.to(model.device) for k, v in collator(features[i:i + batch_size]).items()}
+        with _autocast(model, precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((picked * mask).sum(-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def score_labels(model, fmt: Formatter, frame: pd.DataFrame, labels: list[str], collator,
+                 batch_size: int = 8, precision: str = "float32") -> np.ndarray:
+    """[rows, labels] log-likelihood of each label as the response to each row's prompt."""
+    response_col = "label" if "label" in frame else "completion"
+    features = []
+    for row in frame.to_dict(orient="records"):
+        for lab in labels:
+            features.append(fmt.encode(row | {response_col: lab}))
+    scores = _sequence_logprobs(model, features, collator, batch_size, precision)
+    return scores.reshape(len(frame), len(labels))
+
+
+@torch.inference_mode()
+def head_scores(model, dataset: TokenizedDataset, collator, batch_size: int = 8, precision: str = "float32"
+                ) -> np.ndarray:
+    out = []
+    for i in range(0, len(dataset), batch_size):
+        batch = collator([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        with _autocast(model, precision):
+            logits = model(input_ids=batch["input_ids"].to(model.device),
+                           attention_mask=batch["attention_mask"].to(model.device)).logits
+        out.append(torch.log_softmax(logits.float(), -1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.inference_mode()
+def completion_loss(model, dataset: TokenizedDataset, collator, batch_size: int = 8, precision: str = "float32"
+                    ) -> tuple[float, np.ndarray]:
+    """Mean loss per completion token over the data set, and each row's mean loss."""
+    features = [dataset[i] for i in range(len(dataset))]
+    totals = _sequence_logprobs(model, features, collator, batch_size, precision)
+    counts = np.array([sum(1 for x in f["labels"][1:] if x != IGNORE) for f in features])
+    return float(-totals.sum() / max(counts.sum(), 1)), -totals / np.maximum(counts, 1)
+
+
+def classification_metrics(y_true, y_pred, labels: list[str]) -> tuple[dict, pd.DataFrame]:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    f1s = []
+    for lab in labels:
+        tp = np.sum((y_pred == lab) & (y_true == lab))
+        fp = np.sum((y_pred == lab) & (y_true != lab))
+        fn = np.sum((y_pred != lab) & (y_true == lab))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    confusion = pd.crosstab(pd.Categorical(y_true, categories=labels), pd.Categorical(y_pred, categories=labels),
+                            rownames=["true"], colnames=["predicted"], dropna=False)
+    return {"accuracy": float(np.mean(y_true == y_pred)), "macro_f1": float(np.mean(f1s))}, confusion
+
+
+@torch.inference_mode()
+def generate(model, fmt: Formatter, frame: pd.DataFrame, max_new_tokens: int, precision: str = "float32"
+             ) -> list[str]:
+    tok = fmt.tokenizer
+    outs = []
+    for row in frame.to_dict(orient="records"):
+        ids = torch.tensor([fmt.prompt_ids(row)], device=model.device)
+        with _autocast(model, precision):
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        outs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return outs
+
+
+def _base(model):
+    """Context in which the model behaves as the base: its LoRA adapter switched off."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n // 2 - 2] + " ... " + text[-(n // 2 - 3):]
+
+
+def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch_size: int = 8,
+             precision: str = "float32", progress=print) -> EvalResult:
+    test = prep.splits["test"]
+    if cfg.max_test_rows and len(test) > cfg.max_test_rows:
+        test = test.sample(n=cfg.max_test_rows, random_state=0).reset_index(drop=True)
+    collator = CompletionOnlyCollator(fmt.tokenizer.pad_token_id)
+    model.eval()
+    labels = label_candidates(prep)
+    rows, confusion = [], None
+    preds = pd.DataFrame({"reference": test["label"] if "label" in test else
+                          test.get("completion", pd.Series([""] * len(test)))})
+    if labels:
+        truth = preds["reference"].to_numpy()
+        majority = prep.splits["train"]["label" if "label" in test else "completion"].value_counts().index[0]
+        runs = [("tuned", None)] + ([("base", _base)] if cfg.baselines and objective != "head" else [])
+        for name, ctx in runs:
+            progress(f"evaluating the {name} model on {len(test)} test rows")
+            with (ctx(model) if ctx else contextlib.nullcontext()):
+                if objective == "head":
+                    ids = {lab: i for i, lab in enumerate(labels)}
+                    ds = TokenizedDataset([fmt.encode_classification(r, ids) for r in test.to_dict("records")])
+                    scores = head_scores(model, ds, collator, batch_size, precision)
+                else:
+                    scores = score_labels(model, fmt, test, labels, collator, batch_size, precision)
+            picked = np.asarray(labels)[scores.argmax(1)]
+            metrics, conf = classification_metrics(truth, picked, labels)
+            rows.append({"model": name, **metrics})
+            preds[f"{name}_prediction"] = picked
+            if name == "tuned":
+                confusion = conf
+                probs = np.exp(scores - scores.max(1, keepdims=True))
+                probs /= probs.sum(1, keepdims=True)
+                preds["tuned_confidence"] = probs.max(1)
+        if cfg.baselines:
+            metrics, _ = classification_metrics(truth, np.full(len(truth), majority), labels)
+            rows.append({"model": f"majority class ({majority})", **metrics})
+        wrong = preds[preds["tuned_prediction"] != preds["reference"]].copy()
+        wrong.insert(0, "text", [_short(fmt.prompt_text(r)) for r in test.loc[wrong.index].to_dict("records")])
+        errors = wrong.sort_values("tuned_confidence", ascending=False).head(cfg.worst_errors)
+    else:
+        from .tokenization import tokenize_frame
+        ds, _ = tokenize_frame(test, fmt)
+        for name, ctx in [("tuned", None)] + ([("base", _base)] if cfg.baselines else []):
+            progress(f"evaluating the {name} model on {len(ds)} test rows")
+            with (ctx(model) if ctx else contextlib.nullcontext()):
+                loss, per_row = completion_loss(model, ds, collator, batch_size, precision)
+            rows.append({"model": name, "loss": loss, "perplexity": float(np.exp(loss))})
+            if name == "tuned" and len(per_row) == len(test):
+                preds["tuned_loss"] = per_row
+        errors = preds.assign(prompt=[_short(fmt.prompt_text(r)) if "messages" not in r else "(chat)"
+                                      for r in test.to_dict("records")])
+        errors = errors.sort_values("tuned_loss", ascending=False).head(cfg.worst_errors) \
+            if "tuned_loss" in errors else errors.head(0)
+    samples = _samples(model, fmt, test, cfg, precision, progress) if objective != "head" else \
+        pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
+    return EvalResult(pd.DataFrame(rows).set_index("model"), confusion, errors.reset_index(drop=True),
+                      samples, preds)
+
+
+def _samples(model, fmt, test, cfg: EvalConfig, precision, progress) -> pd.DataFrame:
+    if not cfg.num_samples or "messages" in test:
+        return pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
+    chosen = test.head(cfg.num_samples)
+    progress(f"generating {len(chosen)} samples from the base and the tuned model")
+    tuned = generate(model, fmt, chosen, cfg.max_new_tokens, precision)
+    with _base(model):
+        base = generate(model, fmt, chosen, cfg.max_new_tokens, precision)
+    reference = chosen["label"] if "label" in chosen else chosen["completion"]
+    return pd.DataFrame({"prompt": [_short(fmt.prompt_text(r), 120) for r in chosen.to_dict("records")],
+                         "reference": reference.values, "base": base, "tuned": tuned})

@@ -1,0 +1,62 @@
+"""What this machine can do, each answer cached: CUDA, bf16, bitsandbytes.
+
+Panels disable controls that cannot work and show the reason returned here.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+
+@functools.cache
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def bf16_supported() -> bool:
+    """bf16 arithmetic that is fast here: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX."""
+    import torch
+    if cuda_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def bitsandbytes_available() -> tuple[bool, str]:
+    """(usable, reason if not)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False, "bitsandbytes is not installed (pip install bitsandbytes)"
+    from importlib.metadata import version
+    v = tuple(int(x) for x in version("bitsandbytes").split(".")[:2])
+    if not cuda_available() and v < (0, 47):
+        return False, f"bitsandbytes {version('bitsandbytes')} needs a GPU; 0.47 or newer runs 4-bit on CPU"
+    return True, ""
+
+
+def device() -> str:
+    return "cuda" if cuda_available() else "cpu"
+
+
+def compute_dtype(choice: str = "auto") -> str:
+    """'bfloat16', 'float16' or 'float32' for autocast, from the config's choice and the hardware."""
+    if choice != "auto":
+        return choice
+    if bf16_supported():
+        return "bfloat16"
+    return "float16" if cuda_available() else "float32"
+
+
+def describe() -> dict:
+    ok, why = bitsandbytes_available()
+    info = {"device": device(), "bf16": bf16_supported(), "bitsandbytes": ok or why}
+    if cuda_available():
+        import torch
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    return info

@@ -1,0 +1,160 @@
+"""The whole job, stage by stage: data -> tokens -> model -> training -> evaluation -> files.
+
+`Session` keeps each stage's result so a panel can run stages one at a time and show
+each; `run()` does them all, as the command line does.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pandas as pd
+
+from . import data as data_mod
+from . import engine, evaluation, hardware, modeling
+from .config import RunConfig
+from .errors import UserError
+from .tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+
+
+class Session:
+    def __init__(self, cfg: RunConfig, progress=print):
+        self.cfg = cfg.validate()
+        self.progress = progress
+        self.prep = self.tokenizer = self.formatter = self.model = None
+        self.objective = None
+        self.datasets: dict = {}
+        self.token_stats: dict = {}
+        self.train_result: engine.TrainResult | None = None
+        self.eval_result: evaluation.EvalResult | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def precision(self) -> str:
+        return hardware.compute_dtype(self.cfg.model.compute_dtype)
+
+    # -- stages ------------------------------------------------------------------------
+    def prepare_data(self, source=None) -> data_mod.PreparedData:
+        self.progress(f"loading data: {self.cfg.data.source if source is None else type(source).__name__}")
+        self.prep = data_mod.prepare(self.cfg.data, source)
+        return self.prep
+
+    def tokenize(self) -> dict:
+        if self.prep is None:
+            self.prepare_data()
+        m, t = self.cfg.model, self.cfg.train
+        self.progress(f"loading tokenizer: {m.name}")
+        self.tokenizer = modeling.load_tokenizer(m, self.progress)
+        self.objective = modeling.objective_for(m, modeling.load_config(m, self.progress))
+        if self.objective == "head" and self.prep.task != "classification":
+            raise UserError("a classification head needs data.task='classification'")
+        self.formatter = Formatter.build(self.tokenizer, self.prep.task, self.prep.labels, t.max_length,
+                                         m.chat_template, self.prep.config.instruction)
+        head_labels = {lab: i for i, lab in enumerate(self.prep.labels)} if self.objective == "head" else None
+        for name in ("train", "validation"):
+            self.datasets[name], self.token_stats[name] = tokenize_frame(self.prep.splits[name], self.formatter,
+                                                                         head_labels)
+        self._report_tokens()
+        return self.token_stats
+
+    def _report_tokens(self) -> None:
+        report, stats, limit = self.prep.report, self.token_stats["train"], self.cfg.train.max_length
+        report.token_lengths = pd.Series(stats.lengths, name="tokens")
+        n = stats.rows
+        report.add(f"prompts cut to max_length {limit}", stats.prompt_truncated, n,
+                   "warning" if stats.prompt_truncated > n / 4 else "ok", "middle of the prompt removed")
+        report.add("responses cut", stats.response_truncated, n, "warning" if stats.response_truncated else "ok",
+                   "raise train.max_length" if stats.response_truncated else "")
+        dropped = sum(s.dropped_no_trained for s in self.token_stats.values())
+        report.add("rows dropped: no trained token left", dropped, n, "error" if dropped else "ok",
+                   "raise train.max_length" if dropped else "")
+        if len(self.datasets["train"]) == 0:
+            raise UserError(f"no training row keeps a trained token at max_length {limit}; raise train.max_length")
+
+    def load_model(self):
+        if self.formatter is None:
+            self.tokenize()
+        import transformers
+        transformers.set_seed(self.cfg.train.seed)  # LoRA's initialisation draws random numbers too
+        self.progress(f"loading model: {self.cfg.model.name} ({self.objective}, {self.precision})")
+        base = modeling.load_base(self.cfg.model, self.objective, self.prep.labels, self.tokenizer.pad_token_id,
+                                  self.progress)
+        self.model = modeling.add_lora(base, self.cfg.model, self.objective)
+        return self.model
+
+    @property
+    def collator(self) -> CompletionOnlyCollator:
+        return CompletionOnlyCollator(self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of or None)
+
+    def train(self, callbacks=(), stop: threading.Event | None = None) -> engine.TrainResult:
+        if self.model is None:
+            self.load_model()
+        t = self.cfg.train
+        trainable, total = modeling.trainable_parameters(self.model)
+        info = {"train_rows": len(self.datasets["train"]), "effective_batch": t.batch_size * t.grad_accum,
+                "trainable": trainable, "total": total, "precision": self.precision}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.output_dir / "config.yaml")
+        self.train_result = engine.train(self.model, self.datasets["train"], self.datasets["validation"],
+                                         self.collator, t, callbacks, stop, self.precision, self.tokenizer, info)
+        self.train_result.history.to_csv(self.output_dir / "history.csv", index=False)
+        return self.train_result
+
+    def evaluate(self) -> evaluation.EvalResult:
+        if self.model is None:
+            self.load_model()
+        self.eval_result = evaluation.evaluate(self.model, self.formatter, self.prep, self.objective, self.cfg.eval,
+                                               self.cfg.train.batch_size, self.precision, self.progress)
+        return self.eval_result
+
+    # -- files -------------------------------------------------------------------------
+    def write_outputs(self) -> Path:
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(out / "config.yaml")
+        if self.prep is not None:
+            self.prep.report.checks.to_csv(out / "data_report.csv", index=False)
+        ev = self.eval_result
+        if ev is not None:
+            ev.metrics.to_csv(out / "test_metrics.csv")
+            ev.errors.to_csv(out / "worst_errors.csv", index=False)
+            ev.samples.to_csv(out / "samples.csv", index=False)
+            if ev.confusion is not None:
+                ev.confusion.to_csv(out / "confusion_matrix.csv")
+        report = {
+            "config": self.cfg.to_dict(),
+            "hardware": hardware.describe(),
+            "data_report": self.prep.report.to_dict() if self.prep else None,
+            "tokenization": {k: {f: getattr(v, f) for f in ("rows", "tokens", "trained_tokens", "prompt_truncated",
+                                                             "response_truncated", "dropped_no_trained")}
+                             for k, v in self.token_stats.items()},
+            "training": None if self.train_result is None else {
+                "steps": self.train_result.global_step, "seconds": round(self.train_result.seconds, 1),
+                "stopped": self.train_result.stopped, "early_stopped": self.train_result.early_stopped,
+                "adapter": str(self.train_result.adapter_dir)},
+            "test_metrics": None if ev is None else ev.metrics.reset_index().to_dict(orient="records"),
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        return out
+
+
+def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progress=print, source=None) -> Session:
+    """Every stage in order; returns the session with all results (files written to output_dir)."""
+    session = Session(cfg, progress)
+    session.prepare_data(source)
+    progress("data report:\n" + session.prep.report.summary())
+    session.tokenize()
+    progress("tokenization (train): " + session.token_stats["train"].summary(cfg.train.max_length))
+    session.load_model()
+    try:
+        session.train(callbacks, stop)
+    finally:
+        if session.train_result is None:  # interrupted: still write what is known
+            session.write_outputs()
+    session.evaluate()
+    session.write_outputs()
+    return session

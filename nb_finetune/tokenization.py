@@ -1,0 +1,259 @@
+"""Tokenization with completion-only loss, and the collator that pads batches.
+
+How the trained tokens are found: each row is rendered to one string, and the character
+spans of the response(s) in it are known exactly (we put them there). The fast tokenizer's
+offset mapping then marks every token that overlaps a response span as trained. So the
+boundary never depends on a response template tokenizing the same alone and in context,
+which is where TRL's `DataCollatorForCompletionOnlyLM` went wrong.
+
+Other rules, each a failure mode of that collator:
+- the end of each response (the chat template's end-of-turn token, else EOS appended) is
+  trained, and padding is told apart by position, never by `token == pad_token_id`, so EOS
+  is trained even when the pad token equals it;
+- every assistant turn of a multi-turn chat is trained;
+- an over-long row loses the middle of its prompt first; the response is cut only when it
+  alone does not fit, and rows left with no trained token are counted and dropped, with
+  the count reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import UserError
+
+IGNORE = -100  # label value that the loss skips
+
+
+@dataclass
+class Formatter:
+    """Turns normalised rows into token ids and labels for one tokenizer and task."""
+    tokenizer: object
+    max_length: int = 256
+    use_chat: bool = True
+    instruction: str = ""          # put before the text of a classification row
+    labels: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, tokenizer, task: str, labels: list[str], max_length: int, chat_template: str = "auto",
+              instruction: str = "") -> "Formatter":
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat_template == "yes" and not has_template:
+            raise UserError("model.chat_template='yes' but this tokenizer has no chat template; "
+                            "set it to 'no' or 'auto'")
+        if not getattr(tokenizer, "is_fast", False):
+            raise UserError("completion-only loss needs a fast tokenizer (offset mapping); "
+                            "this model's tokenizer is a slow one")
+        use_chat = has_template and chat_template != "no"
+        if task == "classification" and not instruction:
+            instruction = ("Classify the text as one of: " + ", ".join(labels) + ". Answer with the label only.")
+        return cls(tokenizer, max_length, use_chat, instruction, list(labels))
+
+    # -- rendering ---------------------------------------------------------------------
+    def messages(self, row) -> list[dict]:
+        """The chat for a row: its messages, or one user turn and one assistant turn."""
+        if "messages" in row and row["messages"] is not None and not isinstance(row["messages"], float):
+            return list(row["messages"])
+        return [{"role": "user", "content": self.prompt_text(row)},
+                {"role": "assistant", "content": self.response_text(row)}]
+
+    def prompt_text(self, row) -> str:
+        if "text" in row:
+            if self.use_chat:
+                return f"{self.instruction}\n\n{row['text']}"
+            return f"{self.instruction}\n\nText: {row['text']}\nAnswer:"
+        return row["prompt"]
+
+    def response_text(self, row) -> str:
+        return row["label"] if "label" in row else row["completion"]
+
+    def render(self, row) -> tuple[str, list[tuple[int, int]]]:
+        """The full training string and the character spans of its responses."""
+        if self.use_chat:
+            msgs = self.messages(row)
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
+            return text, _locate_responses(text, msgs)
+        prompt, response = self.prompt_text(row), self.response_text(row)
+        sep = "" if prompt[-1:].isspace() or response[:1].isspace() else " "
+        start = len(prompt) + len(sep)
+        return prompt + sep + response, [(start, start + len(response))]
+
+    def prompt_ids(self, row) -> list[int]:
+        """Token ids of the prompt alone, as generation starts from it."""
+        if self.use_chat:
+            msgs = self.messages(row)
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            text = self.tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(self.prompt_text(row))["input_ids"]
+        return _cut_middle(ids, self.max_length)
+
+    # -- encoding ----------------------------------------------------------------------
+    def encode(self, row) -> dict:
+        """{"input_ids", "labels"} plus flags saying what truncation did."""
+        text, spans = self.render(row)
+        enc = self.tokenizer(text, add_special_tokens=not self.use_chat, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        trained = np.array([any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]], bool)
+        special = set(self.tokenizer.all_special_ids)
+        # Train the token that closes each response (e.g. <|im_end|>) so the model learns to stop.
+        ends = np.flatnonzero(trained[:-1] & ~trained[1:]) + 1
+        for i in ends:
+            if ids[i] in special:
+                trained[i] = True
+        eos = self.tokenizer.eos_token_id
+        if trained.size and trained[-1] and ids[-1] not in special and eos is not None:
+            ids.append(eos)
+            trained = np.append(trained, True)
+        if not trained.any():
+            raise UserError("the response could not be located in the rendered row; check the chat template "
+                            "(model.chat_template='no' uses plain text)")
+        labels = np.where(trained, ids, IGNORE)
+        return self._truncate(np.asarray(ids), labels)
+
+    def _truncate(self, ids: np.ndarray, labels: np.ndarray) -> dict:
+        n, limit = len(ids), self.max_length
+        flags = {"prompt_truncated": False, "response_truncated": False}
+        if n > limit:
+            trained = labels != IGNORE
+            first = int(np.argmax(trained))
+            runs = int(trained[0]) + int((trained[1:] & ~trained[:-1]).sum())
+            if runs == 1:  # one response: shorten the prompt before it
+                keep_prompt = max(min(first, 8), first - (n - limit))
+                if keep_prompt < first:
+                    head = keep_prompt // 3
+                    drop = slice(head, first - (keep_prompt - head))
+                    ids, labels = np.delete(ids, drop), np.delete(labels, drop)
+                    flags["prompt_truncated"] = True
+            if len(ids) > limit:
+                flags["response_truncated"] = bool((labels[limit:] != IGNORE).any())
+                ids, labels = ids[:limit], labels[:limit]
+        return {"input_ids": ids.tolist(), "labels": labels.tolist(), **flags}
+
+    def encode_classification(self, row, label_ids: dict) -> dict:
+        """For a classification head: the text's ids (middle cut) and the class index."""
+        ids = self.tokenizer(row["text"], add_special_tokens=True)["input_ids"]
+        cut = len(ids) > self.max_length
+        return {"input_ids": _cut_middle(ids, self.max_length), "labels": label_ids[row["label"]],
+                "prompt_truncated": cut, "response_truncated": False}
+
+
+def _locate_responses(text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Character spans of the assistant contents in a rendered chat, found in order."""
+    spans, pos = [], 0
+    for m in messages:
+        content = str(m["content"])
+        idx = text.find(content, pos)
+        if idx < 0:  # some templates strip the content
+            content = content.strip()
+            idx = text.find(content, pos)
+        if idx < 0:
+            raise UserError(f"the chat template changed a {m['role']} message so it cannot be found in the "
+                            "rendered text; set model.chat_template='no' to train on plain text")
+        if m["role"] == "assistant" and content:
+            spans.append((idx, idx + len(content)))
+        pos = idx + len(content)
+    return spans
+
+
+def _cut_middle(ids: list[int], limit: int) -> list[int]:
+    if len(ids) <= limit:
+        return list(ids)
+    head = limit // 3
+    return list(ids[:head]) + list(ids[len(ids) - (limit - head):])
+
+
+@dataclass
+class TokenizationStats:
+    rows: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    dropped_no_trained: int = 0
+    lengths: list = field(default_factory=list, repr=False)
+
+    def summary(self, max_length: int) -> str:
+        return (f"{self.rows:,} rows, {self.tokens:,} tokens ({self.trained_tokens:,} trained); "
+                f"max_length {max_length}: {self.prompt_truncated} prompts cut in the middle, "
+                f"{self.response_truncated} responses cut, {self.dropped_no_trained} rows dropped "
+                "with no trained token left")
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        f = self.features[i]
+        return {"input_ids": f["input_ids"], "labels": f["labels"]}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
+
+def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None = None
+                   ) -> tuple[TokenizedDataset, TokenizationStats]:
+    """Encode every row; rows with no trained token left are dropped and counted."""
+    stats = TokenizationStats()
+    kept = []
+    for row in frame.to_dict(orient="records"):
+        f = fmt.encode_classification(row, head_labels) if head_labels else fmt.encode(row)
+        stats.rows += 1
+        stats.lengths.append(len(f["input_ids"]))
+        stats.prompt_truncated += f["prompt_truncated"]
+        stats.response_truncated += f["response_truncated"]
+        if head_labels:
+            trained = 1
+        else:
+            trained = sum(1 for x in f["labels"] if x != IGNORE)
+        if trained == 0:
+            stats.dropped_no_trained += 1
+            continue
+        stats.tokens += len(f["input_ids"])
+        stats.trained_tokens += trained
+        kept.append(f)
+    return TokenizedDataset(kept), stats
+
+
+@dataclass
+class CompletionOnlyCollator:
+    """Pads a batch dynamically (to its longest row, rounded up to `pad_to_multiple_of`).
+
+    Labels arrive already masked by `Formatter.encode` (prompt = -100); padding gets -100
+    by position. Causal-LM only (mlm=False). Sequence-classification rows (int labels) pass
+    through with their class index.
+    """
+    pad_token_id: int
+    pad_to_multiple_of: int | None = 8
+    label_pad_token_id: int = IGNORE
+    return_tensors: str = "pt"
+    mlm: bool = False
+    padding_side: str = "right"
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        m = self.pad_to_multiple_of
+        width = -(-longest // m) * m if m else longest  # ceil to a multiple of m
+        n = len(features)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        per_token = not isinstance(features[0]["labels"], (int, np.integer))
+        labels = torch.full((n, width), self.label_pad_token_id, dtype=torch.long) if per_token else \
+            torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            cols = slice(0, k) if self.padding_side == "right" else slice(width - k, width)
+            input_ids[i, cols] = torch.as_tensor(f["input_ids"])
+            attention[i, cols] = 1
+            if per_token:
+                labels[i, cols] = torch.as_tensor(f["labels"])
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
