@@ -132,11 +132,12 @@ class RunConfig:
                 problems.append(Problem(key, raw[key], "unknown section; accepted: " + ", ".join(_SECTIONS)))
         for name, klass in _SECTIONS.items():
             sections[name] = _section_from_dict(klass, name, raw.get(name) or {}, problems)
+        cfg = cls(**sections)
+        # Range and cross-field checks run on the values that were readable, so the user sees
+        # every problem in one go, not type errors first and range errors on the next try.
+        problems += cfg.problems() if validate else []
         if problems:
             raise ConfigError(problems)
-        cfg = cls(**sections)
-        if validate:
-            cfg.validate()
         return cfg
 
     def to_yaml(self) -> str:

@@ -330,7 +330,8 @@ class PreparedData:
 
 def prepare(cfg: DataConfig, source=None) -> PreparedData:
     """Load, normalise, check, clean and split. `source` overrides cfg.source (e.g. a DataFrame)."""
-    cfg = resolve_source(cfg)
+    if source is None:  # a built-in name's column defaults apply to that data set only
+        cfg = resolve_source(cfg)
     raw = read_table(cfg.source if source is None else source, cfg)
     if cfg.max_rows and len(raw) > cfg.max_rows:
         raw = raw.sample(n=cfg.max_rows, random_state=cfg.seed).sort_index()

@@ -112,11 +112,14 @@ def _bridge_class():
             for cb in self.callbacks:
                 cb.on_train_begin(self.info | {"max_steps": state.max_steps})
 
-        def on_step_end(self, args, state, control, **kw):
+        def _check_stop(self, control):
             if self.stop is not None and self.stop.is_set():
                 self.stopped = True
                 control.should_training_stop = True
                 control.should_save = True  # keep what was trained
+
+        def on_step_end(self, args, state, control, **kw):
+            self._check_stop(control)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -130,6 +133,7 @@ def _bridge_class():
             self.last_time, self.last_tokens = now, tokens
             for cb in self.callbacks:
                 cb.on_log(dict(row), self.history)
+            self._check_stop(control)  # a stop asked for while logging saves this very step
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             metrics = metrics or {}

@@ -1,0 +1,113 @@
+"""Training engine on a tiny random llama (2 layers, 64 wide) with the real SmolLM2 tokenizer."""
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from nb_finetune import RunConfig
+from nb_finetune.engine import HISTORY_COLUMNS, Callback
+from nb_finetune.job import Session
+
+
+def _cfg(tiny_model_dir, tmp_path, **train):
+    base = {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4, "eval_steps": 3,
+            "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3}
+    return RunConfig.from_dict({
+        "data": {"text_column": "sentence", "val_fraction": 0.2, "test_fraction": 0.2},
+        "model": {"name": str(tiny_model_dir), "lora_r": 4, "lora_alpha": 8},
+        "train": base | train, "eval": {"num_samples": 1, "max_new_tokens": 4}})
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at=None, stop=None):
+        self.events, self.stop_at, self.stop = [], stop_at, stop
+
+    def on_train_begin(self, info):
+        self.events.append(("begin", info))
+
+    def on_log(self, row, history):
+        self.events.append(("log", row))
+        if self.stop_at and row["step"] >= self.stop_at:
+            self.stop.set()
+
+    def on_evaluate(self, row, history):
+        self.events.append(("eval", row))
+
+    def on_train_end(self, result):
+        self.events.append(("end", result))
+
+
+def _session(cfg, frame):
+    s = Session(cfg, progress=lambda m: None)
+    s.prepare_data(frame)
+    return s
+
+
+def test_trains_emits_events_and_keeps_history(tiny_model_dir, tmp_path, sst2_frame):
+    rec = Recorder()
+    s = _session(_cfg(tiny_model_dir, tmp_path), sst2_frame)
+    result = s.train([rec])
+    kinds = [k for k, _ in rec.events]
+    assert kinds[0] == "begin" and kinds[-1] == "end"
+    assert kinds.count("log") == 6 and kinds.count("eval") == 2
+    assert rec.events[0][1]["max_steps"] == 6 and rec.events[0][1]["trainable"] > 0
+    h = result.history
+    assert list(h.columns) == HISTORY_COLUMNS
+    assert h["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert h["train_loss"].notna().all() and (h["tokens_per_second"] > 0).all()
+    evals = h.dropna(subset=["val_loss"])
+    assert evals["step"].tolist() == [3, 6]
+    assert ((evals["val_accuracy"] >= 0) & (evals["val_accuracy"] <= 1)).all()
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]  # 1e-3 on 6 steps: it learns
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "history.csv").is_file()
+    assert result.last_checkpoint.name == "checkpoint-6"
+
+
+def test_same_seed_same_losses(tiny_model_dir, tmp_path, sst2_frame):
+    losses = []
+    for i in range(2):
+        s = _session(_cfg(tiny_model_dir, tmp_path / str(i), max_steps=3, eval_steps=3), sst2_frame)
+        losses.append(s.train().history["train_loss"].to_numpy())
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_stop_flag_keeps_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path, sst2_frame):
+    stop = threading.Event()
+    rec = Recorder(stop_at=2, stop=stop)
+    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=6, eval_steps=10)
+    result = _session(cfg, sst2_frame).train([rec], stop=stop)
+    assert result.stopped and result.global_step == 2
+    assert result.last_checkpoint.name == "checkpoint-2"
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+    resumed = _session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
+    assert not resumed.stopped and resumed.global_step == 6
+    assert resumed.history["step"].min() == 3  # it did not start over
+
+
+def test_early_stopping_on_flat_validation_loss(tiny_model_dir, tmp_path, sst2_frame):
+    # lr at its floor: validation loss cannot improve by the 1e-4 margin, so patience 2 ends it
+    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=20, eval_steps=1, learning_rate=1e-7,
+               early_stopping_patience=2)
+    result = _session(cfg, sst2_frame).train()
+    assert result.early_stopped and result.global_step == 3
+
+
+def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame):
+    s = _session(_cfg(tiny_model_dir, tmp_path, max_steps=2), sst2_frame)
+    s.train()
+    ev = s.evaluate()
+    majority = s.prep.splits["train"]["label"].value_counts().index[0]
+    assert list(ev.metrics.index) == ["tuned", "base", f"majority class ({majority})"]
+    n_test = len(s.prep.splits["test"])
+    assert ev.confusion.to_numpy().sum() == n_test
+    share = (s.prep.splits["test"]["label"] == majority).mean()
+    assert math.isclose(ev.metrics.iloc[2]["accuracy"], share)
+    picked = ev.predictions["tuned_prediction"]
+    assert math.isclose(ev.metrics.loc["tuned", "accuracy"], (picked == ev.predictions["reference"]).mean())
+    assert list(ev.samples.columns) == ["prompt", "reference", "base", "tuned"] and len(ev.samples) == 1
+    out = s.write_outputs()
+    for name in ("report.json", "test_metrics.csv", "confusion_matrix.csv", "samples.csv", "data_report.csv"):
+        assert (out / name).is_file(), name
