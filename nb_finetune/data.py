@@ -66,7 +66,10 @@ def _read_hub(name: str) -> pd.DataFrame:
     except ImportError:
         raise UserError(f"{name!r} is not a built-in data set or a file; to load it from the Hugging Face "
                         "Hub install `datasets`") from None
+    from .hardware import hub_reachable
     try:
+        if not hub_reachable():
+            raise ConnectionError("the Hub does not answer")
         ds = datasets.load_dataset(name, split="train")
     except Exception as err:  # the Hub client raises many kinds; all mean "not reachable here"
         raise UserError(f"data set {name!r} is not a built-in name, a file, nor reachable on the Hugging "

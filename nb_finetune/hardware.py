@@ -39,6 +39,23 @@ def bitsandbytes_available() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all; checked once, so an offline machine fails
+    in seconds instead of after the hub client's retries (about a minute)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def device() -> str:
     return "cuda" if cuda_available() else "cpu"
 

@@ -30,14 +30,23 @@ def resolve(name: str, progress=print) -> str:
 
 
 def _load(loader, name: str, **kwargs):
-    try:
-        return loader(name, **kwargs)
-    except OSError as err:
-        if os.path.isdir(name):
+    if os.path.isdir(name):
+        try:
+            return loader(name, **kwargs)
+        except OSError as err:
             raise UserError(f"cannot load the model in {name}: {str(err).splitlines()[0]}") from None
-        raise UserError(f"model {name!r} is not a built-in name ({', '.join(n for n, a in assets.BUILTIN.items() if a.kind == 'model')}), "
-                        "a local folder, nor reachable on the Hugging Face Hub; check the name or "
-                        "download it first") from None
+    try:  # a Hub id: the local Hugging Face cache first, then the Hub if it answers
+        return loader(name, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    try:
+        if hardware.hub_reachable():
+            return loader(name, **kwargs)
+    except OSError:
+        pass
+    raise UserError(f"model {name!r} is not a built-in name ({', '.join(n for n, a in assets.BUILTIN.items() if a.kind == 'model')}), "
+                        "a local folder, nor reachable on the Hugging Face Hub; check the name, or "
+                        "download it and give its folder")
 
 
 def load_tokenizer(cfg: ModelConfig, progress=print):

@@ -1,0 +1,78 @@
+"""The command line: one-line errors (no traceback), exit status 2, user files untouched."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from nb_finetune.cli import main
+
+
+def _config(tmp_path, **sections):
+    raw = {"data": {"source": str(tmp_path / "data.csv")}, "train": {"output_dir": str(tmp_path / "out")}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _data(tmp_path, shared_data, **change):
+    df = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=3, dtype=str).head(60)
+    df = df.rename(columns={"sentence": "text"}).assign(**change)
+    df.to_csv(tmp_path / "data.csv", index=False)
+    return tmp_path / "data.csv"
+
+
+CASES = {
+    "missing file": ({"data": {"source": "nowhere/data.csv"}}, {}, "data file not found"),
+    "unknown column": ({"data": {"text_column": "body"}}, {}, "column 'body' not found"),
+    "one class": ({}, {"label": "1"}, "single class"),
+    "empty text": ({}, {"text": ""}, "text column is empty in every row"),
+    "out of range": ({"train": {"learning_rate": 5.0, "batch_size": 0}}, {}, "2 problems in the config"),
+    "unknown model": ({"model": {"name": "no-such-org/no-such-model"}}, {}, "not a built-in name"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_line(case, tmp_path, shared_data, capsys):
+    sections, change, message = CASES[case]
+    data = _data(tmp_path, shared_data, **change)
+    config = _config(tmp_path, **sections)
+    before = data.read_bytes(), config.read_bytes()
+    code = main(["run", "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("nb-finetune: error: ") and message in err and "\n" not in err
+    assert (data.read_bytes(), config.read_bytes()) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_data_file(tmp_path, capsys):
+    (tmp_path / "data.csv").write_text("")
+    assert main(["run", "--config", str(_config(tmp_path))]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nb_finetune", "run", "--config", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"nb-finetune: error: config file not found: {tmp_path / 'nope.yaml'} "
+                                                "(give the path of a .yaml or .json file)"]
+
+
+def test_assets_list_and_presets(capsys):
+    assert main(["assets", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "asset cache:" in out and "smollm2-135m-instruct" in out and "imdb-sample" in out
+    assert main(["presets"]) == 0
+    assert "demo" in capsys.readouterr().out.split()
+    assert main(["presets", "demo"]) == 0
+    assert "imdb-sample" in capsys.readouterr().out
+
+
+def test_bad_override(capsys):
+    assert main(["demo", "--set", "train.epochs"]) == 2
+    assert "write section.field=value" in capsys.readouterr().err

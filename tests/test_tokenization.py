@@ -1,0 +1,70 @@
+"""Completion-only tokenization rules (the TRL comparison lives in test_collator_vs_trl.py)."""
+import pandas as pd
+import pytest
+
+from nb_finetune import UserError
+from nb_finetune.tokenization import IGNORE, CompletionOnlyCollator, Formatter, tokenize_frame
+
+
+def _trained(tok, f):
+    return tok.decode([i for i, lab in zip(f["input_ids"], f["labels"]) if lab != IGNORE])
+
+
+def test_long_prompt_is_cut_in_the_middle_and_response_kept(tokenizer, shared_data):
+    review = (shared_data / "sst2" / "train.tsv").read_text().splitlines()[1:40]
+    row = {"text": " ".join(review), "label": "positive"}
+    fmt = Formatter.build(tokenizer, "classification", ["negative", "positive"], max_length=64)
+    f = fmt.encode(row)
+    assert len(f["input_ids"]) == 64 and f["prompt_truncated"] and not f["response_truncated"]
+    assert _trained(tokenizer, f) == "positive<|im_end|>"
+    text = tokenizer.decode(f["input_ids"])
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\npositive<|im_end|>\n")
+
+
+def test_eos_trained_even_when_pad_equals_eos(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # SmolLM2: both <|im_end|>
+    fmt = Formatter.build(tokenizer, "completion", [], max_length=64, chat_template="no")
+    f = fmt.encode({"prompt": "Translate 'chat' to English:", "completion": "cat"})
+    assert f["input_ids"][-1] == tokenizer.eos_token_id and f["labels"][-1] == tokenizer.eos_token_id
+    batch = CompletionOnlyCollator(tokenizer.pad_token_id)([f, fmt.encode({"prompt": "x" * 80, "completion": "y"})])
+    n = len(f["input_ids"])
+    assert batch["labels"][0, n - 1] == tokenizer.eos_token_id  # kept, though it equals the pad id
+    assert (batch["labels"][0, n:] == IGNORE).all() and (batch["attention_mask"][0, n:] == 0).all()
+    assert batch["input_ids"].shape[1] % 8 == 0
+
+
+def test_rows_with_no_trained_token_are_counted_and_dropped(tokenizer):
+    frame = pd.DataFrame({"prompt": ["Write a long poem."] * 2, "completion": ["word " * 200, "short"]})
+    fmt = Formatter.build(tokenizer, "completion", [], max_length=8)
+    ds, stats = tokenize_frame(frame, fmt)
+    # a cut prompt keeps 8 tokens of its head and tail, so at max_length 8 no response token survives
+    assert stats.dropped_no_trained == 2 and len(ds) == 0
+    fmt = Formatter.build(tokenizer, "completion", [], max_length=48)
+    ds, stats = tokenize_frame(frame, fmt)
+    assert stats.response_truncated == 1 and stats.dropped_no_trained == 0 and len(ds) == 2
+    assert "1 responses cut" in stats.summary(48)
+
+
+def test_multi_turn_trains_every_assistant_turn(tokenizer):
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green."}]
+    f = Formatter.build(tokenizer, "completion", [], max_length=256).encode({"messages": msgs})
+    assert _trained(tokenizer, f) == "Blue.<|im_end|>Green.<|im_end|>"
+
+
+def test_template_that_changes_the_response_is_reported(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}\n{% endfor %}"
+    fmt = Formatter.build(tok, "completion", [], max_length=64)
+    with pytest.raises(UserError, match="chat template changed"):
+        fmt.encode({"prompt": "hello", "completion": "world"})
+
+
+def test_collator_repr_and_dynamic_padding(tokenizer):
+    c = CompletionOnlyCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    assert repr(c) == ("CompletionOnlyCollator(pad_token_id=2, pad_to_multiple_of=8, label_pad_token_id=-100, "
+                       "return_tensors='pt', mlm=False, padding_side='right')")
+    rows = [{"input_ids": [5] * n, "labels": [5] * n} for n in (3, 9)]
+    assert c(rows[:1])["input_ids"].shape == (1, 8)
+    assert c(rows)["input_ids"].shape == (2, 16)
+    assert CompletionOnlyCollator(2, None)(rows)["input_ids"].shape == (2, 9)
