@@ -78,8 +78,9 @@ class Formatter:
             return text, _locate_responses(text, msgs)
         prompt, response = self.prompt_text(row), self.response_text(row)
         sep = "" if prompt[-1:].isspace() or response[:1].isspace() else " "
-        start = len(prompt) + len(sep)
-        return prompt + sep + response, [(start, start + len(response))]
+        # The separator belongs to the response: generation starts right after the prompt, so
+        # a lone " " token (before a digit, say) must be trained too.
+        return prompt + sep + response, [(len(prompt), len(prompt) + len(sep) + len(response))]
 
     def prompt_ids(self, row) -> list[int]:
         """Token ids of the prompt alone, as generation starts from it."""

@@ -11,12 +11,10 @@ explicitly below, position by position and in total):
      Ours trains it (chat: the template's <|im_end|>; plain text: the EOS we append).
  (b) chat template only: TRL trains everything after the response template to the end of the row,
      so it trains the "\n" (id 198) that the template puts after the final <|im_end|>. Ours does not.
- (c) plain text only: `Formatter.render` joins prompt and response with a " " separator. When the
-     response starts with a digit, SmolLM2 tokenizes that separator as a token of its own (" ",
-     id 216). TRL trains it (it comes after "### Response:"); ours does not, because the token lies
-     outside the response's character span. The generation prompt (`Formatter.prompt_ids`) ends
-     before it too, so at generation the model has to emit a token that was never a training target;
-     see `test_plain_separator_token_is_generated_but_never_trained` (strict xfail: a known defect).
+ (c) (fixed) plain text: `Formatter.render` joins prompt and response with a " " separator, and
+     before a digit SmolLM2 makes that separator a token of its own (" ", id 216). It belongs to
+     the response span, so ours trains it, as TRL does, and generation (`prompt_ids`) starts
+     right before it; `test_plain_separator_token_is_trained` keeps it that way.
 
 And where TRL fails outright and ours does not:
  (i)   a response template whose ids alone differ from its ids in context: TRL warns and masks the
@@ -121,7 +119,7 @@ def test_tokenizer_facts(tok):
 # in the middle, with the response template kept, so TRL still finds it.
 EXPECTED = {
     # mode: (rows with diff (a), rows with diff (b), rows with diff (c), rows with a cut response)
-    "plain": (99, 0, 16, 1),
+    "plain": (99, 0, 0, 1),
     "chat": (99, 99, 0, 1),
 }
 
@@ -163,7 +161,7 @@ def test_masks_match_trl_except_documented_differences(tok, alpaca_rows, mode):
             assert ours[p] == EOS and theirs[p] == IGNORE
         # (b) chat: TRL trains the "\n" after the final <|im_end|>; ours does not.
         diff_b = [n - 1] if mode == "chat" and diff_a and diff_a[-1] == n - 2 and ids[n - 1] == NL else []
-        # (c) plain: the lone " " separator between "### Response:" and a digit-first response.
+        # (c) plain: a lone " " separator before a digit-first response (now trained, so none).
         first = int(trained(theirs)[0])
         diff_c = [first] if mode == "plain" and ids[first] == SPACE and ours[first] == IGNORE else []
         for p in diff_b + diff_c:
@@ -205,29 +203,26 @@ def test_masks_match_trl_except_documented_differences(tok, alpaca_rows, mode):
 
 
 def test_plain_separator_rows_are_digit_first(tok, alpaca_rows):
-    """Difference (c) is exactly the rows whose response starts with a digit."""
+    """A lone " " separator appears exactly on the rows whose response starts with a digit, and
+    ours trains it there (it is the first trained token)."""
     fmt = Formatter.build(tok, "completion", [], max_length=512, chat_template="no")
     rows = _rows_for("plain", alpaca_rows)
     lone_space = []
     for r in rows:
         f = fmt.encode(r)
         k = int(trained(f["labels"])[0])
-        lone_space.append(f["input_ids"][k - 1] == SPACE)
+        lone_space.append(f["input_ids"][k] == SPACE)
     digit_first = [r["completion"][:1].isdigit() for r in rows]
-    assert lone_space == digit_first and sum(lone_space) == EXPECTED["plain"][2]
+    assert lone_space == digit_first and sum(lone_space) == 16
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect: Formatter.render's ' ' separator becomes its own token (216) before a "
-    "digit-first response; prompt_ids ends before it and its label is -100, so the model must "
-    "generate a token it was never trained on"))
-def test_plain_separator_token_is_generated_but_never_trained(tok):
+def test_plain_separator_token_is_trained(tok):
     fmt = Formatter.build(tok, "completion", [], max_length=512, chat_template="no")
     row = {"prompt": "How many legs does a tripod have?\n### Response:", "completion": "3"}
     f, p_ids = fmt.encode(row), fmt.prompt_ids(row)
-    # Today: input_ids end ":", " ", "3", EOS with labels -100, -100, 35, 2, and prompt_ids end at ":".
-    # Wanted: every token after the generation prompt is a training target.
+    # input_ids end ":", " ", "3", EOS; generation starts after ":", so " ", "3" and EOS are all trained.
     assert f["input_ids"][:len(p_ids)] == p_ids
+    assert f["input_ids"][-3:] == [SPACE, 35, EOS]
     assert all(x != IGNORE for x in f["labels"][len(p_ids):])
 
 

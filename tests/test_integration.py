@@ -1,0 +1,62 @@
+"""Whole runs with the real built-in models (slow: minutes on a 2-core CPU)."""
+import json
+
+import pandas as pd
+import pytest
+
+from nb_finetune import RunConfig
+from nb_finetune.cli import main
+from nb_finetune.job import Session, run
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    """`nb-finetune demo` on the built-in default: tuned beats the base model and the majority class."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "data report:" in printed and "step" in printed and "test results:" in printed
+    metrics = pd.read_csv(out / "test_metrics.csv", index_col="model")
+    tuned, base = metrics.loc["tuned", "accuracy"], metrics.loc["base", "accuracy"]
+    majority = metrics.filter(like="majority", axis=0)["accuracy"].iloc[0]
+    assert tuned >= 0.8 and tuned > base + 0.1 and tuned > majority + 0.1
+    history = pd.read_csv(out / "history.csv")
+    assert history["val_loss"].dropna().iloc[-1] < history["train_loss"].iloc[0]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["data_report"]["split_sizes"] == {"train": 130, "validation": 30, "test": 40}
+    assert RunConfig.load(out / "config.yaml").data.source == "imdb-sample"
+
+
+@pytest.mark.slow
+def test_minilm_classification_head_on_sst2(tmp_path, shared_data):
+    train = pd.read_csv(shared_data / "sst2" / "train.tsv", sep="\t", quoting=3, dtype=str).sample(400, random_state=0)
+    cfg = RunConfig.from_dict({
+        "data": {"text_column": "sentence", "label_names": {"0": "negative", "1": "positive"},
+                 "test_source": str(shared_data / "sst2" / "validation.tsv"), "val_fraction": 0.1},
+        "model": {"name": "minilm-l6", "objective": "auto", "lora_r": 8, "lora_alpha": 16},
+        "train": {"output_dir": str(tmp_path / "minilm"), "epochs": 3, "batch_size": 16, "learning_rate": 1e-3,
+                  "max_length": 64, "eval_steps": 20},
+        "eval": {"max_test_rows": 200}})
+    session = run(cfg, progress=lambda m: None, source=train)
+    assert session.objective == "head"
+    m = session.eval_result.metrics
+    assert list(m.index) == ["tuned", "majority class (positive)"] or list(m.index) == ["tuned", "majority class (negative)"]
+    assert m.loc["tuned", "accuracy"] > 0.7  # chance is ~0.5 on SST-2 validation
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_model_dir, tmp_path, sst2_frame):
+    pytest.importorskip("bitsandbytes")
+    cfg = RunConfig.from_dict({
+        "data": {"text_column": "sentence"},
+        "model": {"name": str(tiny_model_dir), "quantization": "4bit", "lora_r": 4},
+        "train": {"output_dir": str(tmp_path / "q"), "max_steps": 2, "batch_size": 4, "max_length": 48,
+                  "eval_steps": 2}})
+    s = Session(cfg, progress=lambda m: None)
+    s.prepare_data(sst2_frame)
+    s.load_model()
+    import bitsandbytes as bnb
+    assert any(isinstance(mod, bnb.nn.Linear4bit) for mod in s.model.modules())
+    result = s.train()
+    assert result.global_step == 2 and result.history["train_loss"].notna().all()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
