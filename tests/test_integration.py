@@ -50,7 +50,7 @@ def test_qlora_4bit_trains_on_cpu(tiny_model_dir, tmp_path, sst2_frame):
     cfg = RunConfig.from_dict({
         "data": {"text_column": "sentence"},
         "model": {"name": str(tiny_model_dir), "quantization": "4bit", "lora_r": 4},
-        "train": {"output_dir": str(tmp_path / "q"), "max_steps": 2, "batch_size": 4, "max_length": 48,
+        "train": {"output_dir": str(tmp_path / "q"), "max_steps": 2, "batch_size": 4, "max_length": 48, "logging_steps": 1,
                   "eval_steps": 2}})
     s = Session(cfg, progress=lambda m: None)
     s.prepare_data(sst2_frame)
