@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 
@@ -40,11 +41,26 @@ def _run(cfg) -> int:
     from . import engine, job
     stop = threading.Event()
     print(f"output folder: {cfg.train.output_dir}")
+    previous = signal.getsignal(signal.SIGINT)
+
+    def first_interrupt(signum, frame):
+        # The first Ctrl-C asks training to stop after this step and save; a second one aborts.
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, first_interrupt)
+    resume = (f"{cfg.train.output_dir}; resume with the same command and --set train.resume_from=last")
     try:
         session = job.run(cfg, callbacks=[engine.ConsoleProgress()], stop=stop)
     except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint and the history are kept in "
-              f"{cfg.train.output_dir}; resume with --set train.resume_from=last", file=sys.stderr)
+        print(f"\naborted: the last checkpoint and the history are kept in {resume}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if session.train_result.stopped:
+        print(f"stopped at step {session.train_result.global_step}: checkpoint, adapter and history are in "
+              f"{resume}", file=sys.stderr)
         return 130
     print("\ntest results:\n" + session.eval_result.summary())
     if len(session.eval_result.samples):

@@ -155,6 +155,9 @@ def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progr
     finally:
         if session.train_result is None:  # interrupted: still write what is known
             session.write_outputs()
+    if session.train_result.stopped:  # the user asked to stop: keep what was trained, skip the test
+        session.write_outputs()
+        return session
     session.evaluate()
     session.write_outputs()
     return session

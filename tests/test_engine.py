@@ -111,3 +111,33 @@ def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame):
     out = s.write_outputs()
     for name in ("report.json", "test_metrics.csv", "confusion_matrix.csv", "samples.csv", "data_report.csv"):
         assert (out / name).is_file(), name
+
+
+def test_decoder_with_classification_head(tiny_model_dir, tmp_path, sst2_frame):
+    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=3).with_overrides({"model.objective": "head"})
+    s = _session(cfg, sst2_frame)
+    s.train()
+    assert s.objective == "head"
+    assert type(s.model.base_model.model).__name__ == "LlamaForSequenceClassification"
+    head = [n for n, p in s.model.named_parameters() if p.requires_grad and "score" in n]
+    assert head, "the classification head is trained with the adapter"
+    ev = s.evaluate()
+    assert list(ev.metrics.index)[0] == "tuned" and "base" not in ev.metrics.index  # an untrained head has no zero-shot
+    assert len(ev.samples) == 0
+
+
+def test_completion_task_reports_loss_and_perplexity(tiny_model_dir, tmp_path, shared_data):
+    import json
+    import pandas as pd
+    rows = json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:60]
+    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=3, max_length=96).with_overrides(
+        {"data.task": "completion", "data.text_column": ""})
+    s = _session(cfg, pd.DataFrame(rows))
+    s.train()
+    ev = s.evaluate()
+    assert list(ev.metrics.index) == ["tuned", "base"]
+    for name in ("tuned", "base"):
+        loss = ev.metrics.loc[name, "loss"]
+        assert np.isfinite(loss) and ev.metrics.loc[name, "perplexity"] == pytest.approx(math.exp(loss))
+    assert ev.errors["tuned_loss"].is_monotonic_decreasing
+    assert len(ev.errors) == min(10, len(s.prep.splits["test"]))  # eval.worst_errors caps it at 10
