@@ -76,3 +76,26 @@ def test_assets_list_and_presets(capsys):
 def test_bad_override(capsys):
     assert main(["demo", "--set", "train.epochs"]) == 2
     assert "write section.field=value" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(tmp_path, shared_data, tiny_model_dir):
+    import os
+    import signal
+    data = _data(tmp_path, shared_data)
+    config = _config(tmp_path, model={"name": str(tiny_model_dir), "lora_r": 4},
+                     train={"max_steps": 500, "batch_size": 2, "max_length": 48, "logging_steps": 1,
+                            "eval_steps": 1000, "save_steps": 1000})
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "nb_finetune", "run", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.strip().startswith("step"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopping after this step" in err and "resume_from=last" in err and "Traceback" not in err
+    checkpoints = list((tmp_path / "out" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and int(checkpoints[0].name.split("-")[1]) < 500
+    assert (tmp_path / "out" / "history.csv").is_file() and (tmp_path / "out" / "adapter").is_dir()
+    assert data.exists()
