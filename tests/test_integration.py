@@ -45,18 +45,34 @@ def test_minilm_classification_head_on_sst2(tmp_path, shared_data):
     assert m.loc["tuned", "accuracy"] > 0.7  # chance is ~0.5 on SST-2 validation
 
 
-def test_qlora_4bit_trains_on_cpu(tiny_model_dir, tmp_path, sst2_frame):
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_trains_on_cpu(bits, tiny_model_dir, tmp_path, sst2_frame):
     pytest.importorskip("bitsandbytes")
     cfg = RunConfig.from_dict({
         "data": {"text_column": "sentence"},
-        "model": {"name": str(tiny_model_dir), "quantization": "4bit", "lora_r": 4},
+        "model": {"name": str(tiny_model_dir), "quantization": bits, "lora_r": 4},
         "train": {"output_dir": str(tmp_path / "q"), "max_steps": 2, "batch_size": 4, "max_length": 48, "logging_steps": 1,
                   "eval_steps": 2}})
     s = Session(cfg, progress=lambda m: None)
     s.prepare_data(sst2_frame)
     s.load_model()
     import bitsandbytes as bnb
-    assert any(isinstance(mod, bnb.nn.Linear4bit) for mod in s.model.modules())
+    layer = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[bits]
+    assert any(isinstance(mod, layer) for mod in s.model.modules())
     result = s.train()
     assert result.global_step == 2 and result.history["train_loss"].notna().all()
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_preset_runs_small(tiny_model_dir, tmp_path):
+    """The shipped QLoRA preset, end to end on its built-in data, shrunk to a few steps."""
+    pytest.importorskip("bitsandbytes")
+    from nb_finetune import load_preset
+    cfg = load_preset("qlora-gpu").with_overrides({
+        "model.name": str(tiny_model_dir), "data.max_rows": 80, "train.max_steps": 2, "train.max_length": 64,
+        "train.batch_size": 4, "train.grad_accum": 1, "train.output_dir": str(tmp_path / "q"),
+        "eval.max_test_rows": 6, "eval.num_samples": 1, "eval.max_new_tokens": 4})
+    s = run(cfg, progress=lambda m: None)
+    assert s.prep.labels == ["yes", "no"]  # BoolQ's True/False, worded by the preset's asset defaults
+    assert list(s.eval_result.metrics.index)[:2] == ["tuned", "base"]
+    assert (tmp_path / "q" / "report.json").is_file()
