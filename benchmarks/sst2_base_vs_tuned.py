@@ -120,10 +120,14 @@ def main() -> None:
     args = p.parse_args()
 
     transformers.logging.set_verbosity_error()
+    # Timings only compare on an otherwise idle machine: record how busy it was.
+    load_before, wall_start, cpu_start = os.getloadavg()[0], time.perf_counter(), os.times()
     full = read_tsv(args.data / "train.tsv")
     train = full.sample(n=min(args.train_rows, len(full)), random_state=SEED).reset_index(drop=True)
     rows = [run_one(name, train, args.data / "validation.tsv", args) for name in args.models]
 
+    cpu = os.times()
+    cores_used = (cpu.user + cpu.system - cpu_start.user - cpu_start.system) / (time.perf_counter() - wall_start)
     table = pd.DataFrame(rows)
     precisions = set(table.pop("precision"))
     out = Path(args.output)
@@ -133,7 +137,8 @@ def main() -> None:
     print(table.to_string(index=False))
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}, bf16 used: "
-          f"{'yes' if precisions == {'bfloat16'} else ', '.join(sorted(precisions))}")
+          f"{'yes' if precisions == {'bfloat16'} else ', '.join(sorted(precisions))}; "
+          f"load average {load_before:.1f} at start; this run got {cores_used:.2f} cores on average")
     print(f"written: {out / 'results.csv'}")
 
 

@@ -47,6 +47,8 @@ class DataConfig:
     messages_column: str = _f("", "Column of chat messages [{role, content}, ...] (completion). Empty: 'messages' if present.")
     instruction: str = _f("", "Instruction put before each text when a classification task is trained as "
                           "completion. Empty: one is written from the label names.")
+    skip_bad_lines: bool = _f(False, "Skip rows that cannot be read (a broken JSONL line, a CSV row with too "
+                              "many fields) instead of stopping; the count is reported.")
     max_rows: int = _f(0, "Use at most this many rows (0: all), sampled with the seed.", min=0)
     drop_duplicates: bool = _f(True, "Drop exact duplicate rows before splitting (the count is reported).")
     val_fraction: float = _f(0.15, "Share of rows held out for validation during training.", min=0.0, max=0.5)

@@ -77,6 +77,30 @@ def _read_hub(name: str) -> pd.DataFrame:
     return ds.to_pandas()
 
 
+# pandas holds text at several times its size on disk (Python string objects, indexes).
+MEMORY_PER_FILE_BYTE = 6
+
+
+def _check_fits_in_memory(path: Path) -> None:
+    import psutil
+    need = path.stat().st_size * MEMORY_PER_FILE_BYTE
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise UserError(f"{path.name} is {path.stat().st_size / 2**30:.1f} GiB; loading it would take about "
+                        f"{need / 2**30:.0f} GiB of memory and {free / 2**30:.0f} GiB are free: train on a sample "
+                        "of it (e.g. the first rows saved to a new file) or on a machine with more memory")
+
+
+def _sniff_delimiter(path: Path) -> str:
+    """',' unless the start of the file says ';', tab or '|' (as spreadsheets in many locales write)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        sample = fh.read(65536)
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
+
+
 def _read_file(path: Path, cfg: DataConfig) -> pd.DataFrame:
     fmt = cfg.format if cfg.format != "auto" else _SUFFIX_FORMAT.get(path.suffix.lower())
     if fmt is None:
@@ -84,30 +108,46 @@ def _read_file(path: Path, cfg: DataConfig) -> pd.DataFrame:
                         "csv, tsv, json, jsonl, parquet")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; give a file with a header and at least two rows")
-    header = None if cfg.column_names else "infer"
-    names = list(cfg.column_names) or None
+    _check_fits_in_memory(path)
+    skipped: list[int] = []
     try:
         if fmt in ("csv", "tsv"):
-            # utf-8-sig drops a byte-order mark; GLUE-style TSVs carry bare quotes, so no quoting there.
-            df = pd.read_csv(path, sep="," if fmt == "csv" else "\t", encoding="utf-8-sig", header=header,
-                             names=names, quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE,
-                             dtype=str, keep_default_na=False)
+            df = _read_delimited(path, fmt, cfg, skipped)
         elif fmt == "jsonl":
-            df = _read_jsonl(path)
+            df = _read_jsonl(path, cfg.skip_bad_lines, skipped)
         elif fmt == "json":
             df = _read_json(path)
         else:
             df = pd.read_parquet(path)
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
+        raise UserError(f"{path.name} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
     except (pd.errors.ParserError, ValueError) as err:
-        raise UserError(f"cannot read {path} as {fmt}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read {path.name} as {fmt}: {str(err).splitlines()[0]}") from None
     if len(df) == 0:
         raise UserError(f"{path} has no data rows; give a file with at least two rows")
+    df.attrs["skipped_lines"] = len(skipped)
     return df
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
+def _read_delimited(path: Path, fmt: str, cfg: DataConfig, skipped: list) -> pd.DataFrame:
+    sep = _sniff_delimiter(path) if fmt == "csv" else "\t"
+    header = None if cfg.column_names else "infer"
+
+    def bad_line(fields):  # a row with more fields than the header
+        if not cfg.skip_bad_lines:
+            raise UserError(f"{path.name}: a row has {len(fields)} fields where the header has fewer "
+                            f"(it starts {sep.join(fields)[:60]!r}); fix it, or set data.skip_bad_lines: true "
+                            "to skip such rows (their count is reported)")
+        skipped.append(fields)
+        return None
+
+    # utf-8-sig drops a byte-order mark; GLUE-style TSVs carry bare quotes, so no quoting there.
+    return pd.read_csv(path, sep=sep, encoding="utf-8-sig", header=header, names=list(cfg.column_names) or None,
+                       quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE, dtype=str,
+                       keep_default_na=False, engine="python", on_bad_lines=bad_line)
+
+
+def _read_jsonl(path: Path, skip_bad: bool = False, skipped: list | None = None) -> pd.DataFrame:
     rows = []
     with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -116,8 +156,12 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise UserError(f"{path.name} line {lineno} is not valid JSON ({err.msg}); fix or delete "
-                                "that line") from None
+                if skip_bad:
+                    skipped.append(lineno)
+                    continue
+                raise UserError(f"{path.name} line {lineno} is not valid JSON ({err.msg}); fix or delete that "
+                                "line, or set data.skip_bad_lines: true to skip such lines (their count is "
+                                "reported)") from None
     return pd.DataFrame(rows)
 
 
@@ -259,6 +303,9 @@ def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataRepor
     if n == 0:
         raise UserError("the data set has no rows; give a file with at least two rows")
     report.add("rows", n, n, "ok", f"{len(raw.columns)} columns in the source")
+    skipped = raw.attrs.get("skipped_lines", 0)
+    if skipped:
+        report.add("unreadable lines skipped", skipped, n + skipped, "warning", "data.skip_bad_lines is on")
     for col in [c for c in ("text", "prompt", "completion", "label") if c in frame]:
         empty = int((frame[col].str.strip() == "").sum())
         if empty == n:
