@@ -8,6 +8,7 @@ step; what was trained is kept (a checkpoint and the history).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pandas as pd
 
 from . import hardware
 from .config import TrainConfig
+from .errors import UserError
 from .tokenization import IGNORE
 
 HISTORY_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "val_accuracy", "learning_rate",
@@ -97,6 +99,7 @@ def _bridge_class():
             self.rows: dict[int, dict] = {}
             self.best, self.bad_evals, self.early_stopped = float("inf"), 0, False
             self.stopped = False
+            self.nonfinite = None  # (step, loss) where the loss stopped being a number
             self.last_time, self.last_tokens = None, 0
 
         @property
@@ -124,6 +127,12 @@ def _bridge_class():
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
             if "loss" not in logs:
+                return
+            if not math.isfinite(logs["loss"]):
+                # The weights are already broken by this step: stop, and do not save them.
+                self.nonfinite = (state.global_step, logs["loss"])
+                control.should_training_stop = True
+                control.should_save = False
                 return
             now = time.perf_counter()
             tokens = state.num_input_tokens_seen
@@ -187,23 +196,92 @@ def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool):
         seed=cfg.seed, data_seed=cfg.seed, bf16=precision == "bfloat16", fp16=precision == "float16",
         use_cpu=not hardware.cuda_available(), report_to="none", disable_tqdm=True,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a NaN must reach our check, not be averaged away
         train_sampling_strategy="group_by_length", remove_unused_columns=False,
         label_names=["labels"],
     )
 
 
+def _trainer_class():
+    import shutil
+
+    from transformers import Trainer
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+    class SafeTrainer(Trainer):
+        """Writes each checkpoint under a temporary name and renames it once complete, so a
+        process killed mid-save never leaves a `checkpoint-N` that resume would load."""
+        _staging: str | None = None
+
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = super()._get_output_dir(trial)
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            staging = os.path.join(run_dir, f".partial-{name}")
+            shutil.rmtree(staging, ignore_errors=True)
+            self._staging = staging
+            try:
+                super()._save_checkpoint(model, trial)  # into staging/checkpoint-N
+            finally:
+                self._staging = None
+            final = os.path.join(run_dir, name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, use_mtime=True)
+
+    return SafeTrainer
+
+
+def checkpoint_bytes(model) -> int:
+    """Disk size of one checkpoint: trainable weights (fp32) plus AdamW's two moments."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable * 4 * 3 + 1_000_000  # + RNG state, scheduler, config files
+
+
+def check_disk(model, cfg: TrainConfig) -> None:
+    """Refuse before training when the output folder cannot hold the checkpoints."""
+    import shutil
+    folder = Path(cfg.output_dir)
+    probe = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    # save_total_limit (2) kept + one being written + the final adapter
+    need = checkpoint_bytes(model) * 4
+    if free < need:
+        raise UserError(f"{probe} has {free / 2**20:,.0f} MiB free, and training needs about {need / 2**20:,.0f} MiB "
+                        "for checkpoints; free some space or set train.output_dir to another disk")
+
+
+def _oom_advice(cfg: TrainConfig) -> str:
+    half = max(1, cfg.batch_size // 2)
+    return (f"out of memory at batch_size {cfg.batch_size}, max_length {cfg.max_length}: try train.batch_size "
+            f"{half} with train.grad_accum {cfg.grad_accum * cfg.batch_size // half} (the same effective batch), "
+            "a shorter train.max_length, or model.quantization: 4bit (QLoRA)")
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), stop: threading.Event | None = None,
           precision: str = "float32", tokenizer=None, info: dict | None = None) -> TrainResult:
-    """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter."""
-    from transformers import PrinterCallback, ProgressCallback, Trainer
+    """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter.
+
+    The history is written to cfg.output_dir/history.csv however training ends."""
+    from transformers import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
+    check_disk(model, cfg)
     args = training_arguments(cfg, precision, has_eval=val_ds is not None and len(val_ds) > 0)
     bridge = _bridge_class()(list(callbacks), stop, cfg.early_stopping_patience, info or {})
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds,
-                      eval_dataset=val_ds if args.eval_strategy != "no" else None,
-                      data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
-                      preprocess_logits_for_metrics=_argmax_logits)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds,
+                               eval_dataset=val_ds if args.eval_strategy != "no" else None,
+                               data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
+                               preprocess_logits_for_metrics=_argmax_logits)
     # Nothing prints from the training loop: events go to our callbacks instead.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -213,13 +291,27 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
     elif cfg.resume_from:
         resume = cfg.resume_from
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except RuntimeError as err:
+        if _is_oom(err):
+            raise UserError(_oom_advice(cfg)) from None
+        raise
+    finally:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        bridge.history.to_csv(Path(cfg.output_dir) / "history.csv", index=False)
     seconds = time.perf_counter() - start
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if bridge.nonfinite:
+        step, loss = bridge.nonfinite
+        raise UserError(f"the training loss became {loss} at step {step}; likely causes: a learning rate too "
+                        f"high (train.learning_rate={cfg.learning_rate:g}: try a tenth of it) or fp16 overflow "
+                        "(use bf16 or fp32); the last good checkpoint is "
+                        f"{last or 'none (no checkpoint was saved before it)'}")
     adapter_dir = Path(cfg.output_dir) / "adapter"
     trainer.save_model(str(adapter_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(adapter_dir))
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     result = TrainResult(bridge.history, bridge.stopped, bridge.early_stopped, adapter_dir,
                          Path(last) if last else None, trainer.state.global_step, seconds)
     for cb in callbacks:

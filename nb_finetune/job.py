@@ -49,7 +49,12 @@ class Session:
         m, t = self.cfg.model, self.cfg.train
         self.progress(f"loading tokenizer: {m.name}")
         self.tokenizer = modeling.load_tokenizer(m, self.progress)
-        self.objective = modeling.objective_for(m, modeling.load_config(m, self.progress))
+        model_config = modeling.load_config(m, self.progress)
+        self.objective = modeling.objective_for(m, model_config)
+        context = getattr(model_config, "max_position_embeddings", None)
+        if context and t.max_length > context:
+            raise UserError(f"train.max_length={t.max_length} is longer than {m.name}'s context of {context} "
+                            f"tokens; set it to at most {context} (longer prompts are cut in the middle)")
         if self.objective == "head" and self.prep.task != "classification":
             raise UserError("a classification head needs data.task='classification'")
         self.formatter = Formatter.build(self.tokenizer, self.prep.task, self.prep.labels, t.max_length,
@@ -101,7 +106,6 @@ class Session:
         self.cfg.save(self.output_dir / "config.yaml")
         self.train_result = engine.train(self.model, self.datasets["train"], self.datasets["validation"],
                                          self.collator, t, callbacks, stop, self.precision, self.tokenizer, info)
-        self.train_result.history.to_csv(self.output_dir / "history.csv", index=False)
         return self.train_result
 
     def evaluate(self) -> evaluation.EvalResult:

@@ -8,6 +8,8 @@ import yaml
 
 from nb_finetune.cli import main
 
+from conftest import SUBPROCESS_ENV
+
 
 def _config(tmp_path, **sections):
     raw = {"data": {"source": str(tmp_path / "data.csv")}, "train": {"output_dir": str(tmp_path / "out")}}
@@ -57,7 +59,7 @@ def test_empty_data_file(tmp_path, capsys):
 
 def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nb_finetune", "run", "--config", str(tmp_path / "nope.yaml")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=SUBPROCESS_ENV)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"nb-finetune: error: config file not found: {tmp_path / 'nope.yaml'} "
                                                 "(give the path of a .yaml or .json file)"]
@@ -79,7 +81,6 @@ def test_bad_override(capsys):
 
 
 def test_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(tmp_path, shared_data, tiny_model_dir):
-    import os
     import signal
     data = _data(tmp_path, shared_data)
     config = _config(tmp_path, model={"name": str(tiny_model_dir), "lora_r": 4},
@@ -87,7 +88,7 @@ def test_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(tmp_path, shared_dat
                             "eval_steps": 1000, "save_steps": 1000})
     proc = subprocess.Popen([sys.executable, "-u", "-m", "nb_finetune", "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                            env=SUBPROCESS_ENV)
     for line in proc.stdout:
         if line.strip().startswith("step"):
             break

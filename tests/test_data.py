@@ -7,7 +7,7 @@ import pytest
 
 from nb_finetune import UserError
 from nb_finetune.config import DataConfig
-from nb_finetune.data import build_report, normalize, prepare, read_table, split
+from nb_finetune.data import normalize, prepare, read_table, split
 
 
 def _sst2(shared_data, n=300):

@@ -1,5 +1,4 @@
 """Evaluation numbers recomputed independently with plain transformers / numpy."""
-import numpy as np
 import pandas as pd
 import pytest
 import torch

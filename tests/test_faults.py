@@ -1,0 +1,150 @@
+"""Interruption and faults: stop/resume equality, a kill during a save, a loss that stops being a
+number, running out of memory or disk. Tiny random llama with the real SmolLM2 tokenizer."""
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nb_finetune import RunConfig, UserError
+from nb_finetune.engine import Callback
+from nb_finetune.job import Session
+
+from conftest import SUBPROCESS_ENV
+
+
+def _cfg(model_dir, out, **train):
+    return RunConfig.from_dict({
+        "data": {"text_column": "sentence", "val_fraction": 0.2, "test_fraction": 0.2},
+        "model": {"name": str(model_dir), "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 4, "eval_steps": 100, "save_steps": 3,
+                  "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3} | train})
+
+
+def _session(cfg, frame):
+    s = Session(cfg, progress=lambda m: None)
+    s.prepare_data(frame)
+    return s
+
+
+class StopAt(Callback):
+    def __init__(self, step, event):
+        self.step, self.event = step, event
+
+    def on_log(self, row, history):
+        if row["step"] >= self.step:
+            self.event.set()
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, sst2_frame):
+    whole = _session(_cfg(tiny_model_dir, tmp_path / "whole"), sst2_frame).train()
+
+    stop = threading.Event()
+    cfg = _cfg(tiny_model_dir, tmp_path / "split")
+    first = _session(cfg, sst2_frame).train([StopAt(4, stop)], stop=stop)
+    assert first.stopped and first.global_step == 4
+    second = _session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
+    assert second.global_step == 6
+
+    a = whole.history.set_index("step")["train_loss"]
+    b = second.history.set_index("step")["train_loss"]
+    np.testing.assert_allclose(b.loc[[5, 6]].to_numpy(), a.loc[[5, 6]].to_numpy(), rtol=2e-3)
+    wa = load_file(whole.adapter_dir / "adapter_model.safetensors")
+    wb = load_file(second.adapter_dir / "adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=2e-4)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import Trainer
+    from nb_finetune import RunConfig
+    from nb_finetune.job import Session
+    import pandas as pd
+    saves = []
+    original = Trainer._save_rng_state
+    def dying(self, output_dir):
+        saves.append(output_dir)
+        if len(saves) == 2:  # the second checkpoint: weights and optimizer written, then killed
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, output_dir)
+    Trainer._save_rng_state = dying
+    cfg = RunConfig.load(sys.argv[1])
+    s = Session(cfg, progress=lambda m: None)
+    s.prepare_data(pd.read_csv(sys.argv[2], dtype=str))
+    s.train()
+""")
+
+
+def test_kill_during_save_leaves_no_checkpoint_that_resume_would_load(tiny_model_dir, tmp_path, sst2_frame):
+    from transformers.trainer_utils import get_last_checkpoint
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, out)
+    cfg.save(tmp_path / "c.yaml")
+    sst2_frame.to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "killer.py").write_text(KILLER)
+    proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(tmp_path / "c.yaml"),
+                           str(tmp_path / "d.csv")], capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "checkpoint-3").is_dir() and not (ckpts / "checkpoint-6").exists()
+    assert (ckpts / ".partial-checkpoint-6").is_dir()  # the half-written one, under a name resume skips
+    assert get_last_checkpoint(str(ckpts)).endswith("checkpoint-3")
+    resumed = _session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
+    assert resumed.global_step == 6 and resumed.history["step"].min() == 4
+    assert not (ckpts / ".partial-checkpoint-6").exists()
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, tmp_path, sst2_frame):
+    s = _session(_cfg(tiny_model_dir, tmp_path / "nan", max_steps=10), sst2_frame)
+    s.load_model()
+    steps = []
+
+    class Poison(Callback):
+        def on_log(self, row, history):
+            steps.append(row["step"])
+
+    def hook(module, args, output):  # from the 5th forward pass on, the logits are NaN
+        hook.calls += 1
+        return output * float("nan") if hook.calls >= 5 else output
+    hook.calls = 0
+    s.model.get_output_embeddings().register_forward_hook(hook)
+    with pytest.raises(UserError) as err:
+        s.train([Poison()])
+    msg = str(err.value)
+    assert "became nan at step 5" in msg and "learning rate" in msg and "checkpoint-3" in msg
+    assert steps == [1, 2, 3, 4]  # the broken step never reached the history
+    assert (tmp_path / "nan" / "history.csv").is_file()
+    assert not (tmp_path / "nan" / "adapter").exists()  # broken weights are not saved
+
+
+def test_out_of_memory_gets_advice(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    from transformers import Trainer
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(Trainer, "train", oom)
+    s = _session(_cfg(tiny_model_dir, tmp_path / "oom", batch_size=8), sst2_frame)
+    with pytest.raises(UserError, match="out of memory at batch_size 8.*batch_size 4 with train.grad_accum 2.*4bit"):
+        s.train()
+
+
+def test_full_disk_is_refused_before_training(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    s = _session(_cfg(tiny_model_dir, tmp_path / "full"), sst2_frame)
+    with pytest.raises(UserError, match="1 MiB free, and training needs about .* MiB for checkpoints"):
+        s.train()
+    assert not (tmp_path / "full" / "checkpoints").exists()
+
+
+def test_max_length_beyond_the_model_context(tiny_model_dir, tmp_path, sst2_frame):
+    s = _session(_cfg(tiny_model_dir, tmp_path / "ctx", max_length=4096), sst2_frame)
+    with pytest.raises(UserError, match="longer than .* context of 1024 tokens; set it to at most 1024"):
+        s.tokenize()
