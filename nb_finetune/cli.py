@@ -14,6 +14,7 @@ import threading
 import yaml
 
 from .errors import UserError
+from .redact import redact
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"nb-finetune: error: {err}", file=sys.stderr)
+        print(f"nb-finetune: error: {redact(str(err))}", file=sys.stderr)
         return 2
 
 

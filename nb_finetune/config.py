@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, Problem, UserError
+from .redact import redact
 
 
 def _f(default, help: str, **meta):
@@ -76,7 +77,9 @@ class ModelConfig:
     double_quant: bool = _f(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")
     compute_dtype: str = _f("auto", "Precision of the arithmetic: 'auto' picks bf16 where the hardware has it.",
                             choices=("auto", "bfloat16", "float16", "float32"))
-    trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Only for models you trust.")
+    trust_remote_code: bool = _f(False, "Run Python code shipped with this model. Only for models you trust.")
+    allow_pickle: bool = _f(False, "Load pickle weight files (.bin/.pt), which can run code when loaded. "
+                            "Off: safetensors only. Only for models you trust.")
 
 
 @dataclass
@@ -149,7 +152,7 @@ class RunConfig:
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else self.to_yaml()
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        path.write_text(redact(text), encoding="utf-8")
         return path
 
     @classmethod

@@ -15,6 +15,7 @@ from . import data as data_mod
 from . import engine, evaluation, hardware, modeling
 from .config import RunConfig
 from .errors import UserError
+from .redact import redact
 from .tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
 
 
@@ -117,18 +118,23 @@ class Session:
 
     # -- files -------------------------------------------------------------------------
     def write_outputs(self) -> Path:
+        """Reports into output_dir, every text file passed through `redact` (no access tokens)."""
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         self.cfg.save(out / "config.yaml")
+
+        def write(name: str, text: str) -> None:
+            (out / name).write_text(redact(text), encoding="utf-8")
+
         if self.prep is not None:
-            self.prep.report.checks.to_csv(out / "data_report.csv", index=False)
+            write("data_report.csv", self.prep.report.checks.to_csv(index=False))
         ev = self.eval_result
         if ev is not None:
-            ev.metrics.to_csv(out / "test_metrics.csv")
-            ev.errors.to_csv(out / "worst_errors.csv", index=False)
-            ev.samples.to_csv(out / "samples.csv", index=False)
+            write("test_metrics.csv", ev.metrics.to_csv())
+            write("worst_errors.csv", ev.errors.to_csv(index=False))
+            write("samples.csv", ev.samples.to_csv(index=False))
             if ev.confusion is not None:
-                ev.confusion.to_csv(out / "confusion_matrix.csv")
+                write("confusion_matrix.csv", ev.confusion.to_csv())
         report = {
             "config": self.cfg.to_dict(),
             "hardware": hardware.describe(),
@@ -142,7 +148,7 @@ class Session:
                 "adapter": str(self.train_result.adapter_dir)},
             "test_metrics": None if ev is None else ev.metrics.reset_index().to_dict(orient="records"),
         }
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        write("report.json", json.dumps(report, indent=2, default=str))
         return out
 
 

@@ -30,6 +30,16 @@ def resolve(name: str, progress=print) -> str:
 
 
 def _load(loader, name: str, **kwargs):
+    try:
+        return _load_any(loader, name, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise UserError(f"{name} ships its own Python code, which is not run by default; set "
+                            "model.trust_remote_code: true only if you trust its source") from None
+        raise
+
+
+def _load_any(loader, name: str, **kwargs):
     if os.path.isdir(name):
         try:
             return loader(name, **kwargs)
@@ -74,6 +84,16 @@ def objective_for(cfg: ModelConfig, model_config) -> str:
     return cfg.objective
 
 
+def _refuse_pickle_only(name: str) -> None:
+    folder = Path(name)
+    if folder.is_dir() and not list(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        if pickles:
+            raise UserError(f"{name} has only pickle weights ({', '.join(pickles)}), which can run code when "
+                            "loaded; convert them to safetensors, or set model.allow_pickle: true if you trust "
+                            "their source")
+
+
 def quantization_config(cfg: ModelConfig):
     if cfg.quantization == "none":
         return None
@@ -101,6 +121,9 @@ def load_base(cfg: ModelConfig, objective: str, labels: list[str] | None = None,
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": 0 if hardware.cuda_available() else "cpu"}
     name = resolve(cfg.name, progress)
+    if not cfg.allow_pickle:
+        _refuse_pickle_only(name)
+        kwargs["use_safetensors"] = True
     if objective == "head":
         labels = labels or []
         model = _load(AutoModelForSequenceClassification.from_pretrained, name, num_labels=len(labels),
