@@ -293,6 +293,11 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        # A kernel interrupt (or a second Ctrl-C) is a stop too: keep what the finished steps trained.
+        bridge.stopped = True
+        if trainer.state.global_step > 0:
+            trainer._save_checkpoint(trainer.model, trial=None)
     except RuntimeError as err:
         if _is_oom(err):
             raise UserError(_oom_advice(cfg)) from None

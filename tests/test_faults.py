@@ -148,3 +148,16 @@ def test_max_length_beyond_the_model_context(tiny_model_dir, tmp_path, sst2_fram
     s = _session(_cfg(tiny_model_dir, tmp_path / "ctx", max_length=4096), sst2_frame)
     with pytest.raises(UserError, match="longer than .* context of 1024 tokens; set it to at most 1024"):
         s.tokenize()
+
+
+def test_keyboard_interrupt_is_a_stop_that_keeps_the_steps_done(tiny_model_dir, tmp_path, sst2_frame):
+    """A notebook's kernel interrupt arrives as KeyboardInterrupt in the middle of the loop."""
+    class Interrupt(Callback):
+        def on_log(self, row, history):
+            if row["step"] == 2:
+                raise KeyboardInterrupt
+    result = _session(_cfg(tiny_model_dir, tmp_path / "ki"), sst2_frame).train([Interrupt()])
+    assert result.stopped and result.global_step == 2
+    assert result.last_checkpoint.name == "checkpoint-2"
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert result.history["step"].tolist() == [1, 2]
