@@ -39,7 +39,9 @@ def _quiet_libraries() -> None:
 
 
 def _run(cfg) -> int:
-    from . import engine, job
+    from . import distributed, engine, job
+    if not distributed.is_main():  # under a launcher, only the main process talks
+        return _run_quietly(cfg)
     stop = threading.Event()
     print(f"output folder: {cfg.train.output_dir}")
     previous = signal.getsignal(signal.SIGINT)
@@ -53,7 +55,8 @@ def _run(cfg) -> int:
     signal.signal(signal.SIGINT, first_interrupt)
     resume = (f"{cfg.train.output_dir}; resume with the same command and --set train.resume_from=last")
     try:
-        session = job.run(cfg, callbacks=[engine.ConsoleProgress()], stop=stop)
+        session = job.run(cfg, callbacks=[engine.ConsoleProgress()], stop=stop,
+                          progress=print)
     except KeyboardInterrupt:
         print(f"\naborted: the last checkpoint and the history are kept in {resume}", file=sys.stderr)
         return 130
@@ -67,6 +70,14 @@ def _run(cfg) -> int:
     if len(session.eval_result.samples):
         print("\nsamples (base vs tuned):\n" + session.eval_result.samples.to_string(index=False))
     print(f"\nadapter, history and reports written to {session.output_dir}")
+    return 0
+
+
+def _run_quietly(cfg) -> int:
+    from . import job
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())  # the main process reports the stop
+    job.run(cfg, stop=stop, progress=lambda message: None)
     return 0
 
 
@@ -84,6 +95,17 @@ def cmd_run(args) -> int:
     cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
     overrides = _parse_set(args.set)
     return _run(cfg.with_overrides(overrides) if overrides else cfg)
+
+
+def cmd_export(args) -> int:
+    from .config import RunConfig, load_preset
+    from .export import export_job
+    cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
+    overrides = _parse_set(args.set)
+    folder = export_job(cfg.with_overrides(overrides) if overrides else cfg, args.output)
+    print(f"job written to {folder}: config.yaml, launch_torchrun.sh, launch_accelerate.sh, accelerate configs "
+          f"(DDP, FSDP, DeepSpeed); see {folder / 'README.md'}")
+    return 0
 
 
 def cmd_validate(args) -> int:
@@ -131,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help="a shipped preset (see `nb-finetune presets`)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=5")
     r.set_defaults(func=cmd_run)
+    e = sub.add_parser("export", help="write a job folder for torchrun / accelerate (config + launch scripts)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="config file")
+    src.add_argument("--preset", help="a shipped preset")
+    e.add_argument("--output", required=True, help="job folder to write")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=1")
+    e.set_defaults(func=cmd_export)
     v = sub.add_parser("validate", help="check a config and its data without training")
     v.add_argument("--config", required=True)
     v.set_defaults(func=cmd_validate)

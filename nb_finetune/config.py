@@ -90,6 +90,9 @@ class TrainConfig:
     learning_rate: float = _f(2e-4, "Peak learning rate.", min=1e-7, max=1.0)
     batch_size: int = _f(8, "Rows per forward pass.", min=1, max=4096)
     grad_accum: int = _f(1, "Forward passes per optimizer step; effective batch = batch_size x grad_accum.", min=1, max=1024)
+    effective_batch: int = _f(0, "Rows per optimizer step across all processes; when set, grad_accum is derived "
+                              "from it (effective_batch / (batch_size x processes)), so the run trains the same "
+                              "when the process count changes. 0: batch_size x grad_accum x processes.", min=0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0, max=1.0)
     warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.", min=0.0, max=0.5)
     scheduler: str = _f("linear", "Learning-rate schedule after warm-up.",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import hardware
+from . import distributed, hardware
 from .config import TrainConfig
 from .errors import UserError
 from .tokenization import IGNORE
@@ -50,7 +50,8 @@ class ConsoleProgress(Callback):
         self.start = time.perf_counter()
         self.max_steps = info["max_steps"]
         self.print(f"training: {info['max_steps']} steps, {info['train_rows']:,} rows, effective batch "
-                   f"{info['effective_batch']}, {info['trainable']:,} trainable parameters, "
+                   f"{info['effective_batch']} ({info['batch_size']} per process x {info['processes']} "
+                   f"process(es) x {info['grad_accum']} accumulation), {info['trainable']:,} trainable parameters, "
                    f"precision {info['precision']}")
 
     def _line(self, row, text):
@@ -116,7 +117,8 @@ def _bridge_class():
                 cb.on_train_begin(self.info | {"max_steps": state.max_steps})
 
         def _check_stop(self, control):
-            if self.stop is not None and self.stop.is_set():
+            # Under several processes a stop asked for on any one of them stops them all at this step.
+            if distributed.any_process(self.stop is not None and self.stop.is_set()):
                 self.stopped = True
                 control.should_training_stop = True
                 control.should_save = True  # keep what was trained
@@ -182,6 +184,18 @@ def _argmax_logits(logits, labels):
     return logits.argmax(dim=-1)
 
 
+def accumulation(cfg: TrainConfig) -> int:
+    """Forward passes per optimizer step, keeping train.effective_batch when it is set."""
+    if not cfg.effective_batch:
+        return cfg.grad_accum
+    per_pass = cfg.batch_size * distributed.world_size()
+    if cfg.effective_batch % per_pass:
+        raise UserError(f"train.effective_batch={cfg.effective_batch} is not a multiple of batch_size "
+                        f"{cfg.batch_size} x {distributed.world_size()} process(es) = {per_pass}; choose a multiple, "
+                        "or another batch_size")
+    return cfg.effective_batch // per_pass
+
+
 def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool):
     from transformers import TrainingArguments
     save_steps = cfg.save_steps or cfg.eval_steps
@@ -189,7 +203,7 @@ def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool):
         output_dir=str(Path(cfg.output_dir) / "checkpoints"),
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        gradient_accumulation_steps=accumulation(cfg), learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.scheduler,
         logging_steps=cfg.logging_steps, eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=save_steps, save_total_limit=2,
@@ -226,11 +240,14 @@ def _trainer_class():
                 super()._save_checkpoint(model, trial)  # into staging/checkpoint-N
             finally:
                 self._staging = None
-            final = os.path.join(run_dir, name)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, use_mtime=True)
+            distributed.barrier()  # every process has written its part (each writes its own RNG state)
+            if distributed.is_main():
+                final = os.path.join(run_dir, name)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(os.path.join(staging, name), final)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(run_dir, self.args.save_total_limit, use_mtime=True)
+            distributed.barrier()
 
     return SafeTrainer
 
@@ -276,6 +293,8 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
     from transformers.trainer_utils import get_last_checkpoint
 
     check_disk(model, cfg)
+    # Only the main process reports: one console, one history, one set of files.
+    callbacks = list(callbacks) if distributed.is_main() else []
     args = training_arguments(cfg, precision, has_eval=val_ds is not None and len(val_ds) > 0)
     bridge = _bridge_class()(list(callbacks), stop, cfg.early_stopping_patience, info or {})
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds,
@@ -303,8 +322,9 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
             raise UserError(_oom_advice(cfg)) from None
         raise
     finally:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        bridge.history.to_csv(Path(cfg.output_dir) / "history.csv", index=False)
+        if distributed.is_main():
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            bridge.history.to_csv(Path(cfg.output_dir) / "history.csv", index=False)
     seconds = time.perf_counter() - start
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     if bridge.nonfinite:
@@ -314,8 +334,8 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
                         "(use bf16 or fp32); the last good checkpoint is "
                         f"{last or 'none (no checkpoint was saved before it)'}")
     adapter_dir = Path(cfg.output_dir) / "adapter"
-    trainer.save_model(str(adapter_dir))
-    if tokenizer is not None:
+    trainer.save_model(str(adapter_dir))  # the Trainer writes on the main process only
+    if tokenizer is not None and distributed.is_main():
         tokenizer.save_pretrained(str(adapter_dir))
     result = TrainResult(bridge.history, bridge.stopped, bridge.early_stopped, adapter_dir,
                          Path(last) if last else None, trainer.state.global_step, seconds)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import data as data_mod
-from . import engine, evaluation, hardware, modeling
+from . import distributed, engine, evaluation, hardware, modeling
 from .config import RunConfig
 from .errors import UserError
 from .redact import redact
@@ -101,10 +101,13 @@ class Session:
             self.load_model()
         t = self.cfg.train
         trainable, total = modeling.trainable_parameters(self.model)
-        info = {"train_rows": len(self.datasets["train"]), "effective_batch": t.batch_size * t.grad_accum,
+        accum, processes = engine.accumulation(t), distributed.world_size()
+        info = {"train_rows": len(self.datasets["train"]), "effective_batch": t.batch_size * accum * processes,
+                "batch_size": t.batch_size, "processes": processes, "grad_accum": accum,
                 "trainable": trainable, "total": total, "precision": self.precision}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.output_dir / "config.yaml")
+        if distributed.is_main():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.output_dir / "config.yaml")
         self.train_result = engine.train(self.model, self.datasets["train"], self.datasets["validation"],
                                          self.collator, t, callbacks, stop, self.precision, self.tokenizer, info)
         return self.train_result
@@ -118,8 +121,11 @@ class Session:
 
     # -- files -------------------------------------------------------------------------
     def write_outputs(self) -> Path:
-        """Reports into output_dir, every text file passed through `redact` (no access tokens)."""
+        """Reports into output_dir, every text file passed through `redact` (no access tokens).
+        Under several processes only the main one writes."""
         out = self.output_dir
+        if not distributed.is_main():
+            return out
         out.mkdir(parents=True, exist_ok=True)
         self.cfg.save(out / "config.yaml")
 
@@ -167,6 +173,8 @@ def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progr
             session.write_outputs()
     if session.train_result.stopped:  # the user asked to stop: keep what was trained, skip the test
         session.write_outputs()
+        return session
+    if not distributed.is_main():  # the test runs once, on the main process
         return session
     session.evaluate()
     session.write_outputs()
