@@ -196,9 +196,19 @@ def accumulation(cfg: TrainConfig) -> int:
     return cfg.effective_batch // per_pass
 
 
-def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool):
+def optimizer_and_checkpointing(cfg: TrainConfig, quantized: bool) -> tuple[str, bool]:
+    """QLoRA on a GPU: paged 8-bit AdamW (optimizer state paged to CPU on memory spikes) and
+    gradient checkpointing; otherwise plain AdamW and no recomputation."""
+    qlora_gpu = quantized and hardware.cuda_available()
+    optim = cfg.optimizer if cfg.optimizer != "auto" else ("paged_adamw_8bit" if qlora_gpu else "adamw_torch")
+    checkpointing = cfg.gradient_checkpointing == "yes" or (cfg.gradient_checkpointing == "auto" and qlora_gpu)
+    return optim, checkpointing
+
+
+def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool, quantized: bool = False):
     from transformers import TrainingArguments
     save_steps = cfg.save_steps or cfg.eval_steps
+    optim, checkpointing = optimizer_and_checkpointing(cfg, quantized)
     return TrainingArguments(
         output_dir=str(Path(cfg.output_dir) / "checkpoints"),
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
@@ -212,7 +222,8 @@ def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool):
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         logging_nan_inf_filter=False,  # a NaN must reach our check, not be averaged away
         train_sampling_strategy="group_by_length", remove_unused_columns=False,
-        label_names=["labels"],
+        label_names=["labels"], optim=optim, gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     )
 
 
@@ -285,7 +296,8 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), stop: threading.Event | None = None,
-          precision: str = "float32", tokenizer=None, info: dict | None = None) -> TrainResult:
+          precision: str = "float32", tokenizer=None, info: dict | None = None, quantized: bool = False
+          ) -> TrainResult:
     """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter.
 
     The history is written to cfg.output_dir/history.csv however training ends."""
@@ -295,7 +307,7 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
     check_disk(model, cfg)
     # Only the main process reports: one console, one history, one set of files.
     callbacks = list(callbacks) if distributed.is_main() else []
-    args = training_arguments(cfg, precision, has_eval=val_ds is not None and len(val_ds) > 0)
+    args = training_arguments(cfg, precision, has_eval=val_ds is not None and len(val_ds) > 0, quantized=quantized)
     bridge = _bridge_class()(list(callbacks), stop, cfg.early_stopping_patience, info or {})
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds,
                                eval_dataset=val_ds if args.eval_strategy != "no" else None,

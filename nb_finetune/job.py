@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import data as data_mod
-from . import distributed, engine, evaluation, hardware, modeling
+from . import distributed, engine, evaluation, hardware, memory, modeling
 from .config import RunConfig
 from .errors import UserError
 from .redact import redact
@@ -28,6 +28,8 @@ class Session:
         self.datasets: dict = {}
         self.token_stats: dict = {}
         self.train_result: engine.TrainResult | None = None
+        self.memory_estimate: memory.MemoryEstimate | None = None
+        self.peak_memory: int | None = None
         self.eval_result: evaluation.EvalResult | None = None
 
     @property
@@ -86,6 +88,9 @@ class Session:
             self.tokenize()
         import transformers
         transformers.set_seed(self.cfg.train.seed)  # LoRA's initialisation draws random numbers too
+        self.memory_estimate = memory.estimate(self.cfg, self.objective, len(self.prep.labels))
+        self.progress(self.memory_estimate.summary())
+        memory.reset_peak()
         self.progress(f"loading model: {self.cfg.model.name} ({self.objective}, {self.precision})")
         base = modeling.load_base(self.cfg.model, self.objective, self.prep.labels, self.tokenizer.pad_token_id,
                                   self.progress)
@@ -109,7 +114,12 @@ class Session:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.output_dir / "config.yaml")
         self.train_result = engine.train(self.model, self.datasets["train"], self.datasets["validation"],
-                                         self.collator, t, callbacks, stop, self.precision, self.tokenizer, info)
+                                         self.collator, t, callbacks, stop, self.precision, self.tokenizer, info,
+                                         quantized=self.cfg.model.quantization != "none")
+        self.peak_memory = memory.measured_peak()
+        if self.memory_estimate is not None:
+            self.progress(f"peak memory measured: {self.peak_memory / 2**30:.2f} GiB "
+                          f"(estimated {self.memory_estimate.total / 2**30:.2f} GiB before loading)")
         return self.train_result
 
     def evaluate(self) -> evaluation.EvalResult:
@@ -152,6 +162,8 @@ class Session:
                 "steps": self.train_result.global_step, "seconds": round(self.train_result.seconds, 1),
                 "stopped": self.train_result.stopped, "early_stopped": self.train_result.early_stopped,
                 "adapter": str(self.train_result.adapter_dir)},
+            "memory": {"estimate_bytes": None if self.memory_estimate is None else self.memory_estimate.parts,
+                       "peak_bytes": self.peak_memory, "device": hardware.device()},
             "test_metrics": None if ev is None else ev.metrics.reset_index().to_dict(orient="records"),
         }
         write("report.json", json.dumps(report, indent=2, default=str))

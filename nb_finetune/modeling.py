@@ -117,9 +117,10 @@ def load_base(cfg: ModelConfig, objective: str, labels: list[str] | None = None,
     # 393 vs 276 tokens/s on SmolLM2-135M); on CUDA, half-precision weights save memory.
     dtype = torch.float32 if not hardware.cuda_available() else getattr(torch, hardware.compute_dtype(cfg.compute_dtype))
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    local_gpu = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process under a launcher
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0 if hardware.cuda_available() else "cpu"}
+        kwargs["device_map"] = {"": local_gpu if hardware.cuda_available() else "cpu"}
     name = resolve(cfg.name, progress)
     if not cfg.allow_pickle:
         _refuse_pickle_only(name)
@@ -134,14 +135,15 @@ def load_base(cfg: ModelConfig, objective: str, labels: list[str] | None = None,
     else:
         model = _load(AutoModelForCausalLM.from_pretrained, name, **kwargs)
     if quant is None and hardware.cuda_available():
-        model.to("cuda")
+        model.to(f"cuda:{local_gpu}")
     return model
 
 
 def add_lora(model, cfg: ModelConfig, objective: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     if cfg.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hardware.cuda_available())
+        # Casts norms to fp32 and makes inputs require grad; checkpointing itself is the Trainer's.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
         [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

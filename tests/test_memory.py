@@ -1,0 +1,44 @@
+"""The memory estimate made before loading, against the peak measured after training."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from nb_finetune import load_preset
+from nb_finetune.memory import estimate
+
+from conftest import SUBPROCESS_ENV
+
+
+def test_estimate_parts_follow_the_settings():
+    base = estimate(load_preset("demo"))
+    q4 = estimate(load_preset("demo").with_overrides({"model.quantization": "4bit"}))
+    assert q4.parts["base weights"] < base.parts["base weights"] / 3  # 4-bit vs fp32 linear weights
+    longer = estimate(load_preset("demo").with_overrides({"train.max_length": 512}))
+    assert longer.parts["activations"] == 2 * base.parts["activations"]
+    assert longer.parts["logits"] == 2 * base.parts["logits"]
+    assert "GiB" in base.summary()
+
+
+RUN = textwrap.dedent("""
+    import json, sys
+    from nb_finetune import load_preset
+    from nb_finetune.job import Session
+    cfg = load_preset("demo").with_overrides({"train.max_steps": 2, "train.eval_steps": 100,
+        "train.batch_size": 4, "train.max_length": 192, "train.output_dir": sys.argv[1]})
+    s = Session(cfg, progress=lambda m: None)
+    s.prepare_data(); s.tokenize(); s.load_model(); s.train()
+    print(json.dumps({"estimate": s.memory_estimate.total, "peak": s.peak_memory}))
+""")
+
+
+@pytest.mark.slow
+def test_estimate_is_close_to_the_measured_peak(tmp_path):
+    """SmolLM2-135M, batch 4 x 192 tokens, in a fresh process (peak memory is per process)."""
+    proc = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "run")], capture_output=True, text=True,
+                          env=SUBPROCESS_ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.8 < got["estimate"] / got["peak"] < 1.2, got
