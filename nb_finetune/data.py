@@ -284,6 +284,10 @@ class DataReport:
         for r in self.checks.itertuples():
             mark = {"ok": " ", "warning": "!", "error": "x"}[r.severity]
             lines.append(f" {mark} {r.check}: {r.count:,} ({r.share:.0%}) {r.detail}".rstrip())
+        if self.token_lengths is not None and len(self.token_lengths):
+            q = self.token_lengths.quantile([0.5, 0.95])
+            lines.append(f"   token lengths: median {q[0.5]:.0f}, 95th percentile {q[0.95]:.0f}, "
+                         f"max {self.token_lengths.max()}")
         if self.split_sizes:
             lines.append("   split: " + ", ".join(f"{k} {v:,}" for k, v in self.split_sizes.items()))
         return "\n".join(lines)

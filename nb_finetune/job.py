@@ -174,8 +174,8 @@ def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progr
     """Every stage in order; returns the session with all results (files written to output_dir)."""
     session = Session(cfg, progress)
     session.prepare_data(source)
-    progress("data report:\n" + session.prep.report.summary())
     session.tokenize()
+    progress("data report:\n" + session.prep.report.summary())
     progress("tokenization (train): " + session.token_stats["train"].summary(cfg.train.max_length))
     session.load_model()
     try:

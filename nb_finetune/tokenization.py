@@ -179,7 +179,9 @@ class TokenizationStats:
     lengths: list = field(default_factory=list, repr=False)
 
     def summary(self, max_length: int) -> str:
-        return (f"{self.rows:,} rows, {self.tokens:,} tokens ({self.trained_tokens:,} trained); "
+        lengths = np.asarray(self.lengths or [0])
+        return (f"{self.rows:,} rows, {self.tokens:,} tokens ({self.trained_tokens:,} trained), length median "
+                f"{np.median(lengths):.0f} / 95th percentile {np.percentile(lengths, 95):.0f} / max {lengths.max()}; "
                 f"max_length {max_length}: {self.prompt_truncated} prompts cut in the middle, "
                 f"{self.response_truncated} responses cut, {self.dropped_no_trained} rows dropped "
                 "with no trained token left")
