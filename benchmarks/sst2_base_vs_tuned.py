@@ -26,15 +26,13 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import pandas as pd
+import torch
+import transformers
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from nb_finetune import engine  # noqa: E402
-from nb_finetune.config import RunConfig  # noqa: E402
-from nb_finetune.job import Session  # noqa: E402
+from nb_finetune import engine
+from nb_finetune.config import RunConfig
+from nb_finetune.job import Session
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 SEED = 42
@@ -91,7 +89,7 @@ def run_one(name: str, train: pd.DataFrame, test_path: Path, args) -> dict:
     print(ev.summary(), flush=True)
 
     m = ev.metrics
-    majority = m.loc[[i for i in m.index if str(i).startswith("majority")][0]]
+    majority = m.loc[next(i for i in m.index if str(i).startswith("majority"))]
     # Throughput over what the Trainer counts (non-padding tokens), every epoch.
     tokens = session.token_stats["train"].tokens * cfg.train.epochs
     return {
@@ -119,6 +117,7 @@ def main() -> None:
     p.add_argument("--max-test-rows", type=int, default=0, help="test on at most this many rows (0: all)")
     args = p.parse_args()
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # read when a process forks, not on import
     transformers.logging.set_verbosity_error()
     # Timings only compare on an otherwise idle machine: record how busy it was.
     load_before, wall_start, cpu_start = os.getloadavg()[0], time.perf_counter(), os.times()
