@@ -76,3 +76,17 @@ def test_qlora_preset_runs_small(tiny_model_dir, tmp_path):
     assert s.prep.labels == ["yes", "no"]  # BoolQ's True/False, worded by the preset's asset defaults
     assert list(s.eval_result.metrics.index)[:2] == ["tuned", "base"]
     assert (tmp_path / "q" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_here(tmp_path):
+    """The GPU check script runs on this CPU too (small), printing both runs side by side."""
+    import subprocess
+    import sys
+    from conftest import REPO, SUBPROCESS_ENV
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--steps", "2", "--output",
+                           str(tmp_path)], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["run", "device"] and "peak MiB" in lines[0]
+    assert lines[1].split()[0] == "LoRA" and lines[2].startswith("QLoRA 4-bit")
