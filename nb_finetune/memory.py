@@ -95,14 +95,30 @@ def estimate(cfg: RunConfig, objective: str = "completion", num_labels: int = 2)
 
 
 def reset_peak() -> None:
+    """Start measuring the peak from now."""
     if hardware.cuda_available():
         import torch
         torch.cuda.reset_peak_memory_stats()
+        return
+    # Linux keeps a process's peak resident memory across exec, so a child of a large process
+    # would report its parent's peak; writing 5 to clear_refs resets that high-water mark.
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
 
 def measured_peak() -> int:
-    """Peak bytes: CUDA memory allocated on a GPU, else the process's peak resident memory."""
+    """Peak bytes since `reset_peak`: CUDA memory allocated on a GPU, else peak resident memory."""
     if hardware.cuda_available():
         import torch
         return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -42,3 +42,13 @@ def test_estimate_is_close_to_the_measured_peak(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.8 < got["estimate"] / got["peak"] < 1.2, got
+
+
+def test_peak_is_the_process_own_not_its_parents():
+    """Linux carries a peak resident size across exec; a child of a big process must not report it."""
+    import numpy as np
+    big = np.ones(1_500_000_000 // 8)  # 1.5 GB held by this (parent) process
+    code = "from nb_finetune import memory; memory.reset_peak(); print(memory.measured_peak())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert int(proc.stdout.strip().splitlines()[-1]) < 1_000_000_000, proc.stderr[-2000:]
+    del big
