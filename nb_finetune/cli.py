@@ -140,25 +140,31 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _add_overrides(parser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. train.max_steps=5 (repeatable)")
+
+
+def _add_config_source(parser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="config file (YAML or JSON)")
+    src.add_argument("--preset", help="a shipped preset (see `nb-finetune presets`)")
+    _add_overrides(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nb-finetune", description="Fine-tune language models with LoRA/QLoRA.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="SmolLM2-135M-Instruct learns IMDB sentiment, offline, in minutes on a CPU")
     d.add_argument("--output", help="output folder (default runs/demo)")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=1")
+    _add_overrides(d)
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("run", help="run a saved config (YAML or JSON)")
-    src = r.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="config file")
-    src.add_argument("--preset", help="a shipped preset (see `nb-finetune presets`)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=5")
+    _add_config_source(r)
     r.set_defaults(func=cmd_run)
     e = sub.add_parser("export", help="write a job folder for torchrun / accelerate (config + launch scripts)")
-    src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="config file")
-    src.add_argument("--preset", help="a shipped preset")
+    _add_config_source(e)
     e.add_argument("--output", required=True, help="job folder to write")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=1")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("validate", help="check a config and its data without training")
     v.add_argument("--config", required=True)
