@@ -198,10 +198,6 @@ class TokenizedDataset(torch.utils.data.Dataset):
         f = self.features[i]
         return {"input_ids": f["input_ids"], "labels": f["labels"]}
 
-    @property
-    def lengths(self) -> list[int]:
-        return [len(f["input_ids"]) for f in self.features]
-
 
 def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None = None
                    ) -> tuple[TokenizedDataset, TokenizationStats]:
