@@ -222,8 +222,8 @@ def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool, quantiz
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         logging_nan_inf_filter=False,  # a NaN must reach our check, not be averaged away
         train_sampling_strategy="group_by_length", remove_unused_columns=False,
-        label_names=["labels"], optim=optim, gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        label_names=["labels"], optim=optim, activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     )
 
 

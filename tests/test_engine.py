@@ -141,3 +141,11 @@ def test_completion_task_reports_loss_and_perplexity(tiny_model_dir, tmp_path, s
         assert np.isfinite(loss) and ev.metrics.loc[name, "perplexity"] == pytest.approx(math.exp(loss))
     assert ev.errors["tuned_loss"].is_monotonic_decreasing
     assert len(ev.errors) == min(10, len(s.prep.splits["test"]))  # eval.worst_errors caps it at 10
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path, sst2_frame):
+    runs = {}
+    for mode in ("no", "yes"):
+        cfg = _cfg(tiny_model_dir, tmp_path / mode, max_steps=3, eval_steps=3, gradient_checkpointing=mode)
+        runs[mode] = _session(cfg, sst2_frame).train().history["train_loss"].to_numpy()
+    np.testing.assert_allclose(runs["yes"], runs["no"], rtol=1e-4)
