@@ -210,3 +210,15 @@ def _samples(model, fmt, test, cfg: EvalConfig, precision, progress) -> pd.DataF
     reference = chosen["label"] if "label" in chosen else chosen["completion"]
     return pd.DataFrame({"prompt": [_short(fmt.prompt_text(r), 120) for r in chosen.to_dict("records")],
                          "reference": reference.values, "base": base, "tuned": tuned})
+
+
+def compare_prompt(model, fmt: Formatter, text: str, task: str, max_new_tokens: int = 40,
+                   precision: str = "float32") -> dict:
+    """Base and tuned generations for a prompt the user typed, formatted as training rows were
+    (a classification text gets the same instruction the model was trained with)."""
+    row = {"text": text, "label": ""} if task == "classification" else {"prompt": text, "completion": ""}
+    frame = pd.DataFrame([row])
+    tuned = generate(model, fmt, frame, max_new_tokens, precision)[0]
+    with _base(model):
+        base = generate(model, fmt, frame, max_new_tokens, precision)[0]
+    return {"prompt": text, "base": base, "tuned": tuned}

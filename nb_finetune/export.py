@@ -8,6 +8,7 @@ parameters of the scripts (environment variables with defaults).
 from __future__ import annotations
 
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 from .config import RunConfig
@@ -140,4 +141,31 @@ def export_job(cfg: RunConfig, folder: str | Path) -> Path:
         path.write_text(text, encoding="utf-8")
         if name.endswith(".sh"):
             path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return folder
+
+
+def save_adapter(model, tokenizer, folder: str | Path) -> Path:
+    """The trained LoRA adapter (a few MB) and the tokenizer, loadable with peft's
+    `AutoPeftModelForCausalLM.from_pretrained(folder)` on top of the same base."""
+    folder = Path(folder)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def save_merged(cfg: RunConfig, adapter_dir: str | Path, folder: str | Path, objective: str,
+                labels: list[str] | None = None, progress=print) -> Path:
+    """A standalone model: the base loaded again unquantized (a 4-bit base cannot take merged
+    weights exactly), the adapter added into its weights, saved as safetensors."""
+    from peft import PeftModel
+
+    from .modeling import load_base, load_tokenizer
+    folder = Path(folder)
+    progress(f"merging the adapter from {adapter_dir} into {cfg.model.name}")
+    model_cfg = replace(cfg.model, quantization="none")
+    tokenizer = load_tokenizer(model_cfg, progress)
+    base = load_base(model_cfg, objective, labels, tokenizer.pad_token_id, progress)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
     return folder

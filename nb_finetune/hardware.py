@@ -77,3 +77,27 @@ def describe() -> dict:
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
     return info
+
+
+def device_memory() -> int:
+    """Bytes of memory on the device that trains: the first GPU's, else the machine's RAM."""
+    if cuda_available():
+        import torch
+        return torch.cuda.get_device_properties(0).total_memory
+    import psutil
+    return psutil.virtual_memory().total
+
+
+def summary() -> str:
+    """One line for a panel: the GPU found and its memory, or the CPU, with what it supports."""
+    import os
+    ok, why = bitsandbytes_available()
+    if cuda_available():
+        import torch
+        props = torch.cuda.get_device_properties(0)
+        count = torch.cuda.device_count()
+        where = f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB" + (f" (x{count})" if count > 1 else "")
+    else:
+        where = f"CPU only: {os.cpu_count()} cores, {device_memory() / 2**30:.0f} GiB RAM"
+    return (f"{where}; bf16 {'yes' if bf16_supported() else 'no'}; "
+            f"4/8-bit (bitsandbytes) {'yes' if ok else 'no: ' + why}")

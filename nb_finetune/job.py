@@ -23,7 +23,7 @@ class Session:
     def __init__(self, cfg: RunConfig, progress=print):
         self.cfg = cfg.validate()
         self.progress = progress
-        self.prep = self.tokenizer = self.formatter = self.model = None
+        self.prep = self.tokenizer = self.formatter = self.model = self.source = None
         self.objective = None
         self.datasets: dict = {}
         self.token_stats: dict = {}
@@ -31,6 +31,25 @@ class Session:
         self.memory_estimate: memory.MemoryEstimate | None = None
         self.peak_memory: int | None = None
         self.eval_result: evaluation.EvalResult | None = None
+
+    def reconfigure(self, cfg: RunConfig, source_changed: bool = False) -> None:
+        """Take new settings and drop only the results they make stale, so a panel can re-run
+        one stage without redoing the others: new data settings drop everything; new model
+        settings or max_length drop the tokens and the model; a trained model is dropped
+        before the next training run by `discard_training`."""
+        cfg = cfg.validate()
+        old, self.cfg = self.cfg, cfg
+        if source_changed or cfg.data != old.data:
+            self.prep = None
+        tokens_stale = self.prep is None or cfg.model != old.model or cfg.train.max_length != old.train.max_length
+        if tokens_stale:
+            self.tokenizer = self.formatter = self.objective = None
+            self.datasets, self.token_stats = {}, {}
+            self.discard_training()
+
+    def discard_training(self) -> None:
+        """Forget the model and what was trained with it; the next stage loads a fresh base."""
+        self.model = self.train_result = self.eval_result = self.memory_estimate = None
 
     @property
     def output_dir(self) -> Path:
@@ -42,6 +61,10 @@ class Session:
 
     # -- stages ------------------------------------------------------------------------
     def prepare_data(self, source=None) -> data_mod.PreparedData:
+        """`source` (a DataFrame or Dataset) replaces cfg.data.source and is kept for re-runs."""
+        if source is not None:
+            self.source = source
+        source = self.source
         self.progress(f"loading data: {self.cfg.data.source if source is None else type(source).__name__}")
         self.prep = data_mod.prepare(self.cfg.data, source)
         return self.prep

@@ -30,6 +30,8 @@ from .config import RunConfig
 class MemoryEstimate:
     parts: dict          # name -> bytes
     device: str
+    trainable: int = 0   # parameters the optimizer updates: LoRA matrices (+ a classification head)
+    total_params: int = 0
 
     @property
     def total(self) -> int:
@@ -91,7 +93,8 @@ def estimate(cfg: RunConfig, objective: str = "completion", num_labels: int = 2)
         if hardware.compute_dtype(cfg.model.compute_dtype) == "bfloat16" and quant == "none":
             parts["bf16 weight copies"] = linear * 2
         parts["process now"] = psutil.Process().memory_info().rss
-    return MemoryEstimate({k: int(v) for k, v in parts.items()}, "cuda" if cuda else "cpu")
+    head = hidden * max(num_labels, 2) if objective == "head" else 0
+    return MemoryEstimate({k: int(v) for k, v in parts.items()}, "cuda" if cuda else "cpu", lora + head, total)
 
 
 def reset_peak() -> None:

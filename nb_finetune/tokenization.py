@@ -256,3 +256,44 @@ class CompletionOnlyCollator:
             if per_token:
                 labels[i, cols] = torch.as_tensor(f["labels"])
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# -- preview: what one row and one batch look like ----------------------------------------
+
+def token_table(fmt: Formatter, row, pad_to: int = 0) -> pd.DataFrame:
+    """One row's tokens after encoding and collating: id, text, role and the label the loss sees.
+
+    role: 'response' (trained), 'prompt' (not trained), 'special' (a special token not trained)
+    or 'padding' (added by the collator up to `pad_to` tokens)."""
+    f = fmt.encode(row)
+    ids, labels = f["input_ids"], f["labels"]
+    special = set(fmt.tokenizer.all_special_ids)
+    pad_id = fmt.tokenizer.pad_token_id
+    pad = max(0, pad_to - len(ids))
+    rows = [{"id": i, "token": fmt.tokenizer.decode([i]), "label": lab,
+             "role": "response" if lab != IGNORE else "special" if i in special else "prompt"}
+            for i, lab in zip(ids, labels)]
+    rows += [{"id": pad_id, "token": fmt.tokenizer.decode([pad_id]), "label": IGNORE, "role": "padding"}] * pad
+    out = pd.DataFrame(rows, columns=["id", "token", "label", "role"])
+    out.attrs.update(prompt_truncated=f["prompt_truncated"], response_truncated=f["response_truncated"])
+    return out
+
+
+def batch_padding(lengths: list[int], batch_size: int, pad_to_multiple_of: int = 0) -> dict:
+    """Padding share when rows of these lengths are batched in order, with and without rounding
+    each batch's width up to a multiple (e.g. 8: widths 13 and 21 become 16 and 24)."""
+    def padded(multiple: int) -> int:
+        total = 0
+        for start in range(0, len(lengths), batch_size):
+            chunk = lengths[start:start + batch_size]
+            width = max(chunk)
+            if multiple:
+                width = -(-width // multiple) * multiple
+            total += width * len(chunk)
+        return total
+
+    real = sum(lengths)
+    plain, rounded = padded(0), padded(pad_to_multiple_of)
+    return {"rows": len(lengths), "tokens": real, "padding_share": 1 - real / plain if plain else 0.0,
+            "padding_share_rounded": 1 - real / rounded if rounded else 0.0,
+            "extra_tokens_from_rounding": rounded - plain}

@@ -1,0 +1,164 @@
+"""Pictures and tables for the panels: pure functions, data in, a Figure or HTML out.
+
+Figures are `matplotlib.figure.Figure` objects drawn with seaborn's `ax=` API, never
+pyplot's global state, so they are safe to draw from a training thread and leave nothing
+behind in the notebook. `to_png` turns one into bytes for an `ipywidgets.Image`: one trait
+update, no flicker, and it reaches every front end (Colab included).
+"""
+from __future__ import annotations
+
+import html
+import io
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .redact import redact
+
+# One palette for every picture: trained tokens and the tuned model share a colour.
+COLORS = {"train": "#1f77b4", "validation": "#d62728", "accuracy": "#2ca02c", "base": "#7f7f7f"}
+ROLE_COLORS = {"prompt": "#e8e8e8", "response": "#b7e4c7", "special": "#ffd6a5", "padding": "#f8f9fa"}
+
+
+def to_png(fig: Figure, dpi: int = 90) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(width: float = 6.0, height: float = 3.0, cols: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(1, cols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+# -- training ----------------------------------------------------------------------------
+
+def history_figure(history: pd.DataFrame, max_steps: int | None = None, title: str = "") -> Figure:
+    """Training and validation loss (left) and validation accuracy (right) against step."""
+    fig, (loss_ax, acc_ax) = _figure(8.0, 3.0, cols=2)
+    train = history.dropna(subset=["train_loss"]) if len(history) else history
+    val = history.dropna(subset=["val_loss"]) if len(history) else history
+    if len(train):
+        loss_ax.plot(train["step"], train["train_loss"], color=COLORS["train"], label="training")
+    if len(val):
+        loss_ax.plot(val["step"], val["val_loss"], "o-", color=COLORS["validation"], label="validation")
+    loss_ax.set(xlabel="step", ylabel="loss", title=title or "loss")
+    if len(train) or len(val):
+        loss_ax.legend(loc="upper right", frameon=False)
+    acc = val.dropna(subset=["val_accuracy"]) if len(val) else val
+    if len(acc):
+        acc_ax.plot(acc["step"], acc["val_accuracy"], "o-", color=COLORS["accuracy"])
+    acc_ax.set(xlabel="step", ylabel="accuracy", title="validation accuracy (trained tokens)", ylim=(0, 1.02))
+    for ax in (loss_ax, acc_ax):
+        if max_steps:
+            ax.set_xlim(0, max_steps)
+        ax.grid(alpha=0.3)
+    if not len(history):
+        loss_ax.text(0.5, 0.5, "waiting for the first step", ha="center", va="center",
+                     transform=loss_ax.transAxes, color="gray")
+    return fig
+
+
+# -- data --------------------------------------------------------------------------------
+
+def class_balance_figure(balance: pd.Series) -> Figure:
+    import seaborn as sns
+    fig, (ax,) = _figure(4.0, max(1.6, 0.35 * len(balance) + 0.8))
+    frame = balance.rename_axis("label").reset_index(name="rows")
+    frame["label"] = frame["label"].astype(str)
+    sns.barplot(data=frame, y="label", x="rows", ax=ax, color=COLORS["train"], orient="h")
+    ax.set(title="class balance", xlabel="rows", ylabel="")
+    for i, v in enumerate(frame["rows"]):
+        ax.text(v, i, f" {v:,}", va="center")
+    return fig
+
+
+def token_length_figure(lengths: pd.Series, max_length: int) -> Figure:
+    import seaborn as sns
+    fig, (ax,) = _figure(4.5, 2.6)
+    sns.histplot(x=np.asarray(lengths), ax=ax, bins=min(40, max(5, len(lengths) // 5)), color=COLORS["train"])
+    ax.axvline(max_length, color=COLORS["validation"], linestyle="--", label=f"max_length {max_length}")
+    ax.set(title="tokens per row (train)", xlabel="tokens", ylabel="rows")
+    ax.legend(frameon=False)
+    return fig
+
+
+def confusion_figure(confusion: pd.DataFrame) -> Figure:
+    import seaborn as sns
+    n = len(confusion)
+    fig, (ax,) = _figure(1.2 + 0.8 * n, 0.9 + 0.7 * n)
+    sns.heatmap(confusion, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (tuned)")
+    return fig
+
+
+# -- tables ------------------------------------------------------------------------------
+
+_TABLE_STYLE = ("<style>.nbft-table{border-collapse:collapse;font-size:12px}"
+                ".nbft-table td,.nbft-table th{border:1px solid #ddd;padding:2px 6px;text-align:left;"
+                "vertical-align:top;max-width:28em}"
+                ".nbft-warning{background:#fff3cd}.nbft-error{background:#f8d7da}</style>")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        text = "" if math.isnan(value) else f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    else:
+        text = str(value)
+    if len(text) > 300:  # a long review would stretch the table; the middle is the least useful part
+        text = text[:200] + " ... " + text[-80:]
+    return html.escape(redact(text))
+
+
+def table_html(frame: pd.DataFrame, index: bool = False, row_class: pd.Series | None = None) -> str:
+    """A DataFrame as a small escaped HTML table; `row_class` gives a CSS class per row."""
+    cols = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    rows = []
+    for i, (key, row) in enumerate(frame.iterrows()):
+        cells = ([_cell(key)] if index else []) + [_cell(v) for v in row]
+        cls = f' class="nbft-{row_class.iloc[i]}"' if row_class is not None else ""
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f'{_TABLE_STYLE}<table class="nbft-table"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def report_html(checks: pd.DataFrame) -> str:
+    """The data report, warnings in yellow and errors in red."""
+    shown = checks.assign(share=checks["share"].map(lambda s: f"{s:.0%}"))
+    return table_html(shown, row_class=checks["severity"].where(checks["severity"] != "ok", "ok"))
+
+
+def tokens_html(tokens: pd.DataFrame) -> str:
+    """Tokens as coloured chips by role, each with its id and label under it (-100: not trained)."""
+    chips = []
+    for r in tokens.itertuples():
+        text = html.escape(redact(r.token)).replace(" ", "&middot;").replace("\n", "&#8629;") or "&nbsp;"
+        label = "" if r.label == -100 else f"<br><span style='color:#1b4332'>&rarr;{r.label}</span>"
+        chips.append(f"<span title='{r.role}' style='display:inline-block;margin:1px;padding:1px 3px;"
+                     f"border-radius:3px;background:{ROLE_COLORS[r.role]};font-family:monospace;"
+                     f"font-size:11px;text-align:center'>{text}<br><span style='color:#666'>{r.id}</span>"
+                     f"{label}</span>")
+    legend = " ".join(f"<span style='background:{c};padding:1px 6px;border-radius:3px'>{k}"
+                      f"{' (trained)' if k == 'response' else ''}</span>" for k, c in ROLE_COLORS.items())
+    return f"<div style='line-height:1.1'>{legend}<br><br>{''.join(chips)}</div>"
+
+
+def memory_figure(parts: dict, available: int | None = None, measured: int | None = None) -> Figure:
+    """The memory estimate as one stacked bar (GiB), beside what the device has."""
+    fig, (ax,) = _figure(7.0, 1.5)
+    gib = 2 ** 30
+    left = 0.0
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    for i, (name, value) in enumerate(parts.items()):
+        ax.barh([0], [value / gib], left=left, color=palette[i % len(palette)], label=name)
+        left += value / gib
+    if available:
+        ax.axvline(available / gib, color="black", linestyle="--", label=f"device {available / gib:.0f} GiB")
+    if measured:
+        ax.axvline(measured / gib, color="#d62728", linestyle=":", label=f"measured {measured / gib:.2f} GiB")
+    ax.set(yticks=[], xlabel="GiB", title=f"memory estimate: {left:.2f} GiB")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
+    return fig

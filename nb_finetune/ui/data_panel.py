@@ -1,0 +1,78 @@
+"""Data: pick a source, map its columns, load it and read the validation report."""
+from __future__ import annotations
+
+import ipywidgets as widgets
+import pandas as pd
+
+from .. import assets, plots
+from .common import Form, Panel, image
+
+SOURCE_KEYS = ["data.task", "data.format", "data.skip_bad_lines"]
+COLUMN_KEYS = ["data.text_column", "data.text_template", "data.label_column", "data.label_names",
+               "data.prompt_column", "data.completion_column", "data.messages_column", "data.instruction"]
+SPLIT_KEYS = ["data.max_rows", "data.val_fraction", "data.test_fraction", "data.test_source",
+              "data.drop_duplicates", "data.seed"]
+
+
+class DataPanel(Panel):
+    """Load and check a data set: a built-in name, a file path, a Hub id, or `data=` a DataFrame."""
+
+    title = "Data"
+
+    def __init__(self, shared=None, config=None, data=None, **kwargs):
+        super().__init__(shared, config, data, **kwargs)
+        builtin = [a["name"] for a in assets.listing() if a["kind"] == "data"]
+        self.source = widgets.Combobox(options=builtin, value=str(self.shared.get("data.source")),
+                                       description="source", ensure_option=False,
+                                       placeholder="built-in name, file path or Hub id",
+                                       style={"description_width": "150px"}, layout=widgets.Layout(width="420px"))
+        self.source.observe(lambda c: self.shared.set("data.source", c["new"]), names="value")
+        self.source_note = widgets.HTML()
+        if self.shared.source is not None:
+            self._show_frame_source(self.shared.source)
+        self.forms = [Form(self.shared, SOURCE_KEYS), Form(self.shared, COLUMN_KEYS), Form(self.shared, SPLIT_KEYS)]
+        self.load_button = self.button("Load and check", self.load, "primary", "table")
+        self.report = widgets.HTML()
+        self.balance_image, self.length_image = image(), image()
+        self.splits = widgets.HTML()
+        self.rows = widgets.HTML()
+        settings = widgets.Accordion(children=[self.forms[1].widget, self.forms[2].widget])
+        settings.set_title(0, "columns")
+        settings.set_title(1, "rows and split")
+        settings.selected_index = None
+        self.children = [widgets.HBox([self.source, self.source_note]), self.forms[0].widget, settings,
+                         self.load_button, self.status, self.error, self.warnings, self.report,
+                         widgets.HBox([self.balance_image, self.length_image]), self.splits, self.rows]
+
+    def _show_frame_source(self, frame) -> None:
+        self.source.disabled = True
+        n = len(frame)
+        self.source_note.value = (f"<span style='color:#444'>using the DataFrame given ({n:,} rows; columns "
+                                  f"{', '.join(map(str, getattr(frame, 'columns', [])))})</span>")
+
+    def set_data(self, frame: pd.DataFrame) -> None:
+        """Use an in-memory DataFrame instead of the source named in the settings."""
+        self.shared.set_source(frame)
+        self._show_frame_source(frame)
+
+    def load(self) -> None:
+        session = self.session()
+        prep = session.prepare_data()
+        self._show(prep, None)
+        self.shared.notify("data")
+        # Token lengths need the tokenizer; the report is already shown if that fails.
+        session.tokenize()
+        self._show(prep, session)
+        self.say(f"loaded {sum(prep.report.split_sizes.values()):,} rows and checked them")
+        self.shared.notify("tokens")
+
+    def _show(self, prep, session) -> None:
+        report = prep.report
+        self.report.value = plots.report_html(report.checks)
+        if report.class_balance is not None:
+            self.balance_image.value = plots.to_png(plots.class_balance_figure(report.class_balance))
+        if session is not None and report.token_lengths is not None:
+            self.length_image.value = plots.to_png(
+                plots.token_length_figure(report.token_lengths, session.cfg.train.max_length))
+        self.splits.value = "<b>split</b>: " + ", ".join(f"{k} {v:,}" for k, v in report.split_sizes.items())
+        self.rows.value = "<b>first training rows</b>" + plots.table_html(prep.splits["train"].head(5))

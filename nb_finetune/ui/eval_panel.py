@@ -1,0 +1,78 @@
+"""Evaluation: test metrics beside the baselines, the confusion matrix, the worst errors, and
+generations of the base and the tuned model side by side, for test prompts and for yours."""
+from __future__ import annotations
+
+import ipywidgets as widgets
+import pandas as pd
+
+from .. import evaluation, plots
+from .common import Form, Panel, image, message_html
+
+KEYS = ["eval.baselines", "eval.max_test_rows", "eval.num_samples", "eval.max_new_tokens", "eval.worst_errors"]
+
+
+class EvalPanel(Panel):
+    title = "Evaluate"
+
+    def __init__(self, shared=None, config=None, data=None, **kwargs):
+        super().__init__(shared, config, data, **kwargs)
+        self.forms = [Form(self.shared, KEYS)]
+        self.after_training = widgets.Checkbox(value=True, description="evaluate when training ends", indent=False)
+        self.evaluate_button = self.button("Evaluate", self.evaluate, "primary", "check")
+        self.note = widgets.HTML()
+        self.metrics = widgets.HTML()
+        self.confusion = image()
+        self.errors = widgets.HTML()
+        self.samples = widgets.HTML()
+        self.prompt = widgets.Textarea(placeholder="type a prompt (or a text to classify)",
+                                       layout=widgets.Layout(width="420px", height="60px"))
+        self.generate_button = self.button("Generate: base vs tuned", self.generate_for_prompt, "", "comments")
+        self.generated = widgets.HTML()
+        self.shared.observe(self._on_event)
+        self.children = [self.forms[0].widget, widgets.HBox([self.evaluate_button, self.after_training]),
+                         self.status, self.error, self.warnings, self.note, self.metrics, self.confusion, self.errors,
+                         self.samples, widgets.HTML("<b>your prompt</b>"),
+                         widgets.HBox([self.prompt, self.generate_button]), self.generated]
+
+    def _on_event(self, event: str) -> None:
+        # Runs on the thread that finished training: the test stays off the main thread too.
+        if event == "train" and self.after_training.value:
+            self.run_action(self.evaluate_button, self.evaluate)
+
+    def evaluate(self) -> None:
+        session = self.session()  # while a run holds it, the session is used as it is
+        trained = session.train_result is not None
+        self.note.value = "" if trained else message_html(
+            "no training run yet: the 'tuned' model is the base with fresh (zero) adapters", "warning")
+        result = session.evaluate()
+        session.write_outputs()
+        self.show(result)
+        stopped = trained and session.train_result.stopped
+        self.say(f"evaluated on {len(result.predictions):,} test rows"
+                 + (f" (training was stopped at step {session.train_result.global_step})" if stopped else ""))
+        self.shared.notify("eval")
+
+    def show(self, result: evaluation.EvalResult) -> None:
+        self.metrics.value = "<b>test metrics</b>" + plots.table_html(result.metrics, index=True)
+        if result.confusion is not None:
+            self.confusion.value = plots.to_png(plots.confusion_figure(result.confusion))
+        self.errors.value = ("<b>worst errors</b> (most confident first)" + plots.table_html(result.errors)
+                             if len(result.errors) else "")
+        self.samples.value = ("<b>samples</b>: base and tuned side by side" + plots.table_html(result.samples)
+                              if len(result.samples) else "")
+
+    def generate_for_prompt(self) -> None:
+        text = self.prompt.value.strip()
+        if not text:
+            self.show_error("type a prompt first")
+            return
+        session = self.shared.current
+        if session is None or session.model is None:
+            self.show_error("no model yet: train one (or press Evaluate) first")
+            return
+        cfg = session.cfg
+        self.say("generating with the base and the tuned model")
+        out = evaluation.compare_prompt(session.model, session.formatter, text, session.prep.task,
+                                        cfg.eval.max_new_tokens, session.precision)
+        self.generated.value = plots.table_html(pd.DataFrame([out]))
+        self.say("")

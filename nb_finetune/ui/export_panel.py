@@ -1,0 +1,65 @@
+"""Export: the adapter, optionally a merged model, the config that `nb-finetune run --config`
+reproduces, and a job folder for torchrun / accelerate."""
+from __future__ import annotations
+
+import dataclasses
+import html
+from pathlib import Path
+
+import ipywidgets as widgets
+
+from .. import export
+from .common import Panel
+
+
+class ExportPanel(Panel):
+    title = "Export"
+
+    def __init__(self, shared=None, config=None, data=None, **kwargs):
+        super().__init__(shared, config, data, **kwargs)
+        style = {"description_width": "150px"}
+        self.folder = widgets.Text(value=str(Path(self.shared.get("train.output_dir")) / "export"),
+                                   description="folder", style=style, layout=widgets.Layout(width="420px"))
+        self.adapter = widgets.Checkbox(value=True, description="adapter (needs a trained model)", indent=False)
+        self.merged = widgets.Checkbox(value=False, description="merged model (base + adapter, full size)",
+                                       indent=False)
+        self.job = widgets.Checkbox(value=True, description="job folder for torchrun / accelerate", indent=False)
+        self.export_button = self.button("Export", self.export, "primary", "download")
+        self.written = widgets.HTML()
+        self.children = [self.folder, self.adapter, self.merged, self.job, self.export_button, self.status,
+                         self.error, self.warnings, self.written]
+
+    def export(self) -> list[Path]:
+        folder = Path(self.folder.value).expanduser()
+        session = self.shared.current
+        cfg = self.shared.config()
+        written = []
+        if self.shared.source is not None:
+            # The config must name a file to be re-runnable: the in-memory data goes beside it.
+            data_file = folder / "data.jsonl"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.shared.source.to_json(data_file, orient="records", lines=True, force_ascii=False)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(data_file.resolve())))
+            written.append(data_file)
+        written.append(cfg.save(folder / "config.yaml"))
+        wants_model = self.adapter.value or self.merged.value
+        trained = session is not None and session.train_result is not None and session.model is not None
+        if wants_model and not trained:
+            self._list(written)
+            self.show_error("no trained model to export yet: train one first (the config was saved)")
+            return written
+        if self.adapter.value:
+            self.say("saving the adapter")
+            written.append(export.save_adapter(session.model, session.tokenizer, folder / "adapter"))
+        if self.merged.value:
+            written.append(export.save_merged(session.cfg, session.train_result.adapter_dir, folder / "merged",
+                                              session.objective, session.prep.labels, self.say))
+        if self.job.value:
+            written.append(export.export_job(cfg, folder / "job"))
+        self._list(written)
+        self.say(f"exported to {folder}; re-run with: nb-finetune run --config {folder / 'config.yaml'}")
+        return written
+
+    def _list(self, paths: list[Path]) -> None:
+        self.written.value = "<b>written</b><ul>" + "".join(f"<li><code>{html.escape(str(p))}</code></li>"
+                                                            for p in paths) + "</ul>"

@@ -1,0 +1,100 @@
+"""Tokenization preview: one row's tokens coloured by role, with the labels the collator
+produces, and what padding and truncation do to batches at the chosen settings."""
+from __future__ import annotations
+
+import ipywidgets as widgets
+import pandas as pd
+
+from .. import modeling, plots
+from ..tokenization import Formatter, batch_padding, token_table
+from .common import Form, Panel
+
+KEYS = ["train.max_length", "train.batch_size", "train.pad_to_multiple_of", "model.chat_template"]
+SAMPLE_ROWS = 256  # rows encoded for the batch statistics: enough for stable shares, fast to redo
+
+
+class TokenizationPanel(Panel):
+    """Which tokens are trained: changes to max length, batch size, padding or the chat template
+    redraw the preview at once."""
+
+    title = "Tokens"
+
+    def __init__(self, shared=None, config=None, data=None, **kwargs):
+        super().__init__(shared, config, data, **kwargs)
+        self.forms = [Form(self.shared, KEYS)]
+        self.row = widgets.BoundedIntText(value=0, min=0, max=0, description="row",
+                                          style={"description_width": "150px"},
+                                          layout=widgets.Layout(width="260px"))
+        self.row.observe(lambda c: self._auto_refresh(), names="value")
+        self.preview_button = self.button("Preview", self.refresh, "primary", "search")
+        self.row_info = widgets.HTML()
+        self.tokens = widgets.HTML()
+        self.batch = widgets.HTML()
+        self._tokenizers: dict = {}
+        self._last_formatter = None
+        self._shown = False
+        self.shared.observe(self._on_event)
+        self.children = [self.forms[0].widget, widgets.HBox([self.row, self.preview_button]), self.status,
+                         self.error, self.warnings, self.row_info, self.tokens, self.batch]
+
+    def _on_event(self, event: str) -> None:
+        if event in ("config", "data"):
+            self._auto_refresh()
+
+    def _auto_refresh(self) -> None:
+        # Redraw on every change once the user has asked for a preview (not before: the first
+        # one loads a tokenizer).
+        if self._shown:
+            self.run_action(None, self.refresh)
+
+    def _tokenizer(self, cfg):
+        key = (cfg.model.name, cfg.model.trust_remote_code)
+        if key not in self._tokenizers:
+            self._tokenizers[key] = modeling.load_tokenizer(cfg.model, self.say)
+        return self._tokenizers[key]
+
+    def refresh(self) -> None:
+        cfg = self.shared.config()
+        session = self.session()
+        prep = session.prep or session.prepare_data()
+        train = prep.splits["train"]
+        self.row.max = len(train) - 1
+        fmt = Formatter.build(self._tokenizer(cfg), prep.task, prep.labels, cfg.train.max_length,
+                              cfg.model.chat_template, prep.config.instruction)
+        self._last_formatter = fmt
+        t = cfg.train
+        i = min(self.row.value, len(train) - 1)
+        # The batch the row would sit in (rows in order), and its padded width.
+        batch = train.iloc[i - i % t.batch_size:][: t.batch_size].to_dict("records")
+        lengths = [len(fmt.encode(r)["input_ids"]) for r in batch]
+        width = max(lengths)
+        if t.pad_to_multiple_of:
+            width = -(-width // t.pad_to_multiple_of) * t.pad_to_multiple_of
+        table = token_table(fmt, train.iloc[i].to_dict(), pad_to=width)
+        counts = table["role"].value_counts()
+        cut = [name for name in ("prompt", "response") if table.attrs[f"{name}_truncated"]]
+        self.row_info.value = (f"<b>row {i}</b>: {len(table) - counts.get('padding', 0)} tokens, "
+                               f"{counts.get('response', 0)} trained, {counts.get('padding', 0)} padding to the "
+                               f"batch width {width}" + (f"; <b>{' and '.join(cut)} cut</b> to max_length "
+                                                         f"{t.max_length}" if cut else ""))
+        self.tokens.value = plots.tokens_html(table)
+        self.batch.value = self._batch_stats(fmt, train, t)
+        self.say(f"{'chat template' if fmt.use_chat else 'plain text'}, max_length {t.max_length}, "
+                 f"batch size {t.batch_size}, pad to a multiple of {t.pad_to_multiple_of or 1}")
+        self._shown = True
+
+    def _batch_stats(self, fmt, train: pd.DataFrame, t) -> str:
+        rows = train.head(SAMPLE_ROWS).to_dict("records")
+        encoded = [fmt.encode(r) for r in rows]
+        stats = batch_padding([len(e["input_ids"]) for e in encoded], t.batch_size, t.pad_to_multiple_of)
+        table = pd.DataFrame([
+            {"measure": "rows sampled", "value": f"{stats['rows']:,}"},
+            {"measure": "padding share of the batches (to the longest row)", "value": f"{stats['padding_share']:.1%}"},
+            {"measure": f"padding share with pad_to_multiple_of {t.pad_to_multiple_of}",
+             "value": f"{stats['padding_share_rounded']:.1%} (+{stats['extra_tokens_from_rounding']:,} tokens)"},
+            {"measure": f"prompts cut in the middle at max_length {t.max_length}",
+             "value": f"{sum(e['prompt_truncated'] for e in encoded):,}"},
+            {"measure": "responses cut (trained tokens lost)",
+             "value": f"{sum(e['response_truncated'] for e in encoded):,}"},
+        ])
+        return "<b>batches</b>" + plots.table_html(table)
