@@ -75,8 +75,8 @@ def diagnose(history: pd.DataFrame) -> str:
     """A plain-words reading of the curves so far: over-fitting, under-fitting or learning.
 
     Over-fitting: the last two validations rose above the best one while training loss kept
-    falling. Under-fitting: after enough steps, training loss is still above 80% of where it
-    started and validation loss has not improved by 5%."""
+    falling. Under-fitting: after 10 logged steps and 3 validations, training loss is still
+    above 80% of where it started and validation loss has not improved by 5%."""
     train = history["train_loss"].dropna() if len(history) else pd.Series(dtype=float)
     val = history.dropna(subset=["val_loss"]) if len(history) else history
     if len(train) < 3 and len(val) < 2:
@@ -92,7 +92,7 @@ def diagnose(history: pd.DataFrame) -> str:
             return (f"over-fitting: validation loss is up from {losses[best]:.3f} at step {steps[best]} to "
                     f"{losses[-1]:.3f} while training loss keeps falling; stop here, train fewer epochs, use "
                     "early stopping (train.early_stopping_patience), more data or a smaller LoRA rank")
-    if len(train) >= 6 and len(val) >= 2:
+    if len(train) >= 10 and len(val) >= 3:
         val_gain = 1 - val["val_loss"].iloc[-1] / val["val_loss"].iloc[0]
         if last > 0.8 * first and val_gain < 0.05:
             return (f"under-fitting: training loss only went from {first:.3f} to {last:.3f} and validation loss "

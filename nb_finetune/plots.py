@@ -36,8 +36,9 @@ def _figure(width: float = 6.0, height: float = 3.0, cols: int = 1) -> tuple[Fig
 
 # -- training ----------------------------------------------------------------------------
 
-def history_figure(history: pd.DataFrame, max_steps: int | None = None, title: str = "") -> Figure:
-    """Training and validation loss (left) and validation accuracy (right) against step."""
+def history_figure(history: pd.DataFrame, title: str = "") -> Figure:
+    """Training and validation loss (left) and validation accuracy (right) against step.
+    The step axis spans the steps done so far (the progress bar shows how many remain)."""
     fig, (loss_ax, acc_ax) = _figure(8.0, 3.0, cols=2)
     train = history.dropna(subset=["train_loss"]) if len(history) else history
     val = history.dropna(subset=["val_loss"]) if len(history) else history
@@ -53,8 +54,6 @@ def history_figure(history: pd.DataFrame, max_steps: int | None = None, title: s
         acc_ax.plot(acc["step"], acc["val_accuracy"], "o-", color=COLORS["accuracy"])
     acc_ax.set(xlabel="step", ylabel="accuracy", title="validation accuracy (trained tokens)", ylim=(0, 1.02))
     for ax in (loss_ax, acc_ax):
-        if max_steps:
-            ax.set_xlim(0, max_steps)
         ax.grid(alpha=0.3)
     if not len(history):
         loss_ax.text(0.5, 0.5, "waiting for the first step", ha="center", va="center",
@@ -155,10 +154,13 @@ def memory_figure(parts: dict, available: int | None = None, measured: int | Non
     for i, (name, value) in enumerate(parts.items()):
         ax.barh([0], [value / gib], left=left, color=palette[i % len(palette)], label=name)
         left += value / gib
+    title = f"memory estimate: {left:.2f} GiB"
     if available:
-        ax.axvline(available / gib, color="black", linestyle="--", label=f"device {available / gib:.0f} GiB")
+        title += f" of {available / gib:.0f} GiB on the device"
+        if available < 3 * left:  # only where the limit is near enough to read beside the bar
+            ax.axvline(available / gib, color="black", linestyle="--", label="device memory")
     if measured:
         ax.axvline(measured / gib, color="#d62728", linestyle=":", label=f"measured {measured / gib:.2f} GiB")
-    ax.set(yticks=[], xlabel="GiB", title=f"memory estimate: {left:.2f} GiB")
+    ax.set(yticks=[], xlabel="GiB", title=title)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
     return fig

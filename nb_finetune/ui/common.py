@@ -238,11 +238,16 @@ class Form:
         self.notes[key].value = f"<span style='color:#666'>{html.escape(reason)}</span>"
 
 
-def image(fig=None, width: str = "") -> widgets.Image:
-    w = widgets.Image(format="png", layout=widgets.Layout(width=width) if width else widgets.Layout())
-    if fig is not None:
-        w.value = to_png(fig)
-    return w
+def image() -> widgets.Image:
+    return widgets.Image(format="png")
+
+
+def show_figure(widget: widgets.Image, fig) -> None:
+    """Put a figure into an Image widget at its own pixel size (front ends otherwise stretch a
+    small picture to the panel's width)."""
+    png = to_png(fig)
+    widget.width = str(int.from_bytes(png[16:20], "big"))  # PNG header: width at bytes 16-19
+    widget.value = png
 
 
 def message_html(text: str, kind: str = "error", details: str = "") -> str:

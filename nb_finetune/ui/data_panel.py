@@ -5,7 +5,7 @@ import ipywidgets as widgets
 import pandas as pd
 
 from .. import assets, plots
-from .common import Form, Panel, image
+from .common import Form, Panel, image, show_figure
 
 SOURCE_KEYS = ["data.task", "data.format", "data.skip_bad_lines"]
 COLUMN_KEYS = ["data.text_column", "data.text_template", "data.label_column", "data.label_names",
@@ -41,8 +41,9 @@ class DataPanel(Panel):
         settings.set_title(1, "rows and split")
         settings.selected_index = None
         self.children = [widgets.HBox([self.source, self.source_note]), self.forms[0].widget, settings,
-                         self.load_button, self.status, self.error, self.warnings, self.report,
-                         widgets.HBox([self.balance_image, self.length_image]), self.splits, self.rows]
+                         widgets.HBox([self.load_button]), self.status, self.error, self.warnings,
+                         self.report, widgets.HBox([self.balance_image, self.length_image]), self.splits,
+                         self.rows]
 
     def _show_frame_source(self, frame) -> None:
         self.source.disabled = True
@@ -70,9 +71,9 @@ class DataPanel(Panel):
         report = prep.report
         self.report.value = plots.report_html(report.checks)
         if report.class_balance is not None:
-            self.balance_image.value = plots.to_png(plots.class_balance_figure(report.class_balance))
+            show_figure(self.balance_image, plots.class_balance_figure(report.class_balance))
         if session is not None and report.token_lengths is not None:
-            self.length_image.value = plots.to_png(
-                plots.token_length_figure(report.token_lengths, session.cfg.train.max_length))
+            lengths = plots.token_length_figure(report.token_lengths, session.cfg.train.max_length)
+            show_figure(self.length_image, lengths)
         self.splits.value = "<b>split</b>: " + ", ".join(f"{k} {v:,}" for k, v in report.split_sizes.items())
         self.rows.value = "<b>first training rows</b>" + plots.table_html(prep.splits["train"].head(5))

@@ -6,7 +6,7 @@ import ipywidgets as widgets
 import pandas as pd
 
 from .. import evaluation, plots
-from .common import Form, Panel, image, message_html
+from .common import Form, Panel, image, message_html, show_figure
 
 KEYS = ["eval.baselines", "eval.max_test_rows", "eval.num_samples", "eval.max_new_tokens", "eval.worst_errors"]
 
@@ -21,6 +21,7 @@ class EvalPanel(Panel):
         self.evaluate_button = self.button("Evaluate", self.evaluate, "primary", "check")
         self.note = widgets.HTML()
         self.metrics = widgets.HTML()
+        self.metrics.add_class("nbft-eval-metrics")
         self.confusion = image()
         self.errors = widgets.HTML()
         self.samples = widgets.HTML()
@@ -55,7 +56,7 @@ class EvalPanel(Panel):
     def show(self, result: evaluation.EvalResult) -> None:
         self.metrics.value = "<b>test metrics</b>" + plots.table_html(result.metrics, index=True)
         if result.confusion is not None:
-            self.confusion.value = plots.to_png(plots.confusion_figure(result.confusion))
+            show_figure(self.confusion, plots.confusion_figure(result.confusion))
         self.errors.value = ("<b>worst errors</b> (most confident first)" + plots.table_html(result.errors)
                              if len(result.errors) else "")
         self.samples.value = ("<b>samples</b>: base and tuned side by side" + plots.table_html(result.samples)

@@ -26,8 +26,8 @@ class ExportPanel(Panel):
         self.job = widgets.Checkbox(value=True, description="job folder for torchrun / accelerate", indent=False)
         self.export_button = self.button("Export", self.export, "primary", "download")
         self.written = widgets.HTML()
-        self.children = [self.folder, self.adapter, self.merged, self.job, self.export_button, self.status,
-                         self.error, self.warnings, self.written]
+        self.children = [self.folder, self.adapter, self.merged, self.job, widgets.HBox([self.export_button]),
+                         self.status, self.error, self.warnings, self.written]
 
     def export(self) -> list[Path]:
         folder = Path(self.folder.value).expanduser()

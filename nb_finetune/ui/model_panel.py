@@ -7,7 +7,7 @@ from pathlib import Path
 import ipywidgets as widgets
 
 from .. import assets, hardware, memory, modeling, plots
-from .common import Form, Panel, image
+from .common import Form, Panel, image, show_figure
 
 MODEL_KEYS = ["model.name", "model.objective", "model.compute_dtype", "model.trust_remote_code",
               "model.allow_pickle"]
@@ -46,8 +46,8 @@ class ModelPanel(Panel):
         sections.selected_index = 1
         self._estimated = False
         self.shared.observe(self._on_event)
-        self.children = [self.hardware, sections, self.estimate_button, self.status, self.error, self.warnings,
-                         self.estimate_text, self.memory_image]
+        self.children = [self.hardware, sections, widgets.HBox([self.estimate_button]), self.status,
+                         self.error, self.warnings, self.estimate_text, self.memory_image]
         if _cheap_to_inspect(self.shared.get("model.name")):
             self.run_action(None, self.estimate)
 
@@ -82,6 +82,6 @@ class ModelPanel(Panel):
             f"<b>{cfg.model.name}</b> ({objective}): {est.total_params:,} parameters, "
             f"<b>{est.trainable:,} trainable</b> ({share:.2%}); memory estimate "
             f"<b>{est.total / 2**30:.2f} GiB</b> on {est.device}, {fits} in {available / 2**30:.0f} GiB")
-        self.memory_image.value = plots.to_png(plots.memory_figure(est.parts, available))
+        show_figure(self.memory_image, plots.memory_figure(est.parts, available))
         self.say("estimated from the model's config alone; nothing was loaded")
         self._estimated = True

@@ -18,7 +18,7 @@ import ipywidgets as widgets
 
 from .. import engine, plots
 from ..engine import Callback
-from .common import Panel, image, message_html, on_colab
+from .common import Panel, image, message_html, on_colab, show_figure
 
 REDRAW_SECONDS = 1.0  # at most one plot per second: a redraw costs ~0.1 s of the training thread
 
@@ -74,7 +74,7 @@ class PanelProgress(Callback):
         self.last_draw = now
         import pandas as pd
         history = self.history if self.history is not None else pd.DataFrame(columns=engine.HISTORY_COLUMNS)
-        self.panel.plot.value = plots.to_png(plots.history_figure(history, self.max_steps))
+        show_figure(self.panel.plot, plots.history_figure(history))
         self.panel.redraws += 1
 
 
@@ -102,6 +102,11 @@ class TrainPanel(Panel):
         self.plot = image()
         self.diagnosis = widgets.HTML()
         self.outcome = widgets.HTML()
+        # Class names let a browser test (or a user's CSS) find these among the widgets.
+        self.plot.add_class("nbft-train-plot")
+        self.start_button.add_class("nbft-train-start")
+        self.stop_button.add_class("nbft-train-stop")
+        self.outcome.add_class("nbft-train-outcome")
         self.redraws = 0
         self.running = False
         self.result = None
@@ -167,6 +172,7 @@ class TrainPanel(Panel):
             session.discard_training()  # a new run starts from fresh adapters
         events = PanelProgress(self)
         self.result = session.train([events], self._stop)
+        self.stop_button.disabled = True  # training is over; the test may still run on this thread
         session.write_outputs()
         r = self.result
         where = session.output_dir
