@@ -292,6 +292,13 @@ class DataReport:
             lines.append("   split: " + ", ".join(f"{k} {v:,}" for k, v in self.split_sizes.items()))
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        from .display import report_html
+        return report_html(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.summary())
+
     def to_dict(self) -> dict:
         return {"checks": self.checks.to_dict(orient="records"),
                 "class_balance": None if self.class_balance is None else self.class_balance.to_dict(),
@@ -306,7 +313,9 @@ def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataRepor
     report = DataReport(pd.DataFrame(columns=["check", "count", "share", "severity", "detail"]))
     if n == 0:
         raise UserError("the data set has no rows; give a file with at least two rows")
-    report.add("rows", n, n, "ok", f"{len(raw.columns)} columns in the source")
+    names = [str(c) for c in raw.columns]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    report.add("rows", n, n, "ok", f"source columns: {shown}")
     skipped = raw.attrs.get("skipped_lines", 0)
     if skipped:
         report.add("unreadable lines skipped", skipped, n + skipped, "warning", "data.skip_bad_lines is on")

@@ -122,6 +122,14 @@ class TrainResult:
     global_step: int
     seconds: float
 
+    def _repr_html_(self) -> str:
+        from .display import train_result_html
+        return train_result_html(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        from .display import train_result_text
+        p.text(train_result_text(self))
+
 
 def _bridge_class():
     from transformers import TrainerCallback
@@ -336,6 +344,7 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
 
     The history is written to cfg.output_dir/history.csv however training ends."""
     from transformers import PrinterCallback, ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     check_disk(model, cfg)
@@ -348,8 +357,8 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
                                data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
                                preprocess_logits_for_metrics=_argmax_logits)
     # Nothing prints from the training loop: events go to our callbacks instead.
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
+    for printer in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+        trainer.remove_callback(printer)
     resume = None
     if cfg.resume_from == "last":
         resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None

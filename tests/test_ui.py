@@ -45,6 +45,32 @@ def wait_for(condition, timeout=60.0, every=0.05) -> bool:
     return False
 
 
+# -- defaults -----------------------------------------------------------------------------
+
+def test_panels_work_with_no_arguments(smollm2_dir):
+    """The built-in demo: every panel builds, and the data panel loads and checks its data."""
+    from nb_finetune.ui import DataPanel, EvalPanel, ExportPanel, Studio, TokenizationPanel, TrainPanel
+    studio = Studio()
+    assert [p.title for p in studio.panels] == ["Data", "Tokens", "Model", "Train", "Evaluate", "Export"]
+    assert all(p.error.value == "" for p in studio.panels)
+    for panel in (TokenizationPanel(), TrainPanel(), EvalPanel(), ExportPanel()):
+        assert panel.shared.config().data.source == "imdb-sample"
+    data = DataPanel()
+    data.load_button.click()
+    assert data.error.value == "", data.error.value
+    assert "imdb-sample" == data.source.value and sum(data.shared.current.prep.report.split_sizes.values()) == 200
+
+
+def test_colab_runs_training_in_the_foreground(monkeypatch, ui_config):
+    import types
+
+    from nb_finetune.ui import TrainPanel
+    assert not TrainPanel(config=ui_config).foreground  # here: a background thread
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    panel = TrainPanel(config=ui_config)
+    assert panel.foreground and panel.stop_button.disabled and "interrupt the cell" in panel.mode.value
+
+
 # -- data ---------------------------------------------------------------------------------
 
 def test_data_panel_loads_a_frame_and_shows_report_plots_and_split(ui_config, sst2_120):
@@ -187,7 +213,7 @@ def test_batch_padding_matches_the_collator(tokenizer, sst2_frame):
 
 # -- training -----------------------------------------------------------------------------
 
-def test_train_panel_plots_live_stops_on_click_and_keeps_checkpoint_and_history(ui_config, sst2_120):
+def test_train_panel_plots_live_stops_on_click_and_keeps_checkpoint_and_history(ui_config, sst2_120, capfd):
     from nb_finetune.ui import TrainPanel
     ui_config["train"].update(max_steps=400, eval_steps=3)
     panel = TrainPanel(config=ui_config, data=sst2_120, foreground=False)
@@ -210,6 +236,9 @@ def test_train_panel_plots_live_stops_on_click_and_keeps_checkpoint_and_history(
     # One run only: one history, with each step once.
     assert r.history["step"].is_unique
     assert len([t for t in threading.enumerate() if t.name == "nb_finetune-train"]) == 0
+    # Nothing printed from the training thread (it would land in whichever cell is running).
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
 
 
 def test_training_errors_appear_in_the_train_panel(ui_config, sst2_120, tmp_path):

@@ -83,6 +83,11 @@ class Shared:
             self.raw[section][name] = value
             self.notify("config")
 
+    def use(self, config) -> None:
+        """Replace every setting (a RunConfig, dict, preset name or path); panels follow."""
+        self.raw = as_config(config).to_dict()
+        self.notify("config")
+
     def set_source(self, source) -> None:
         self.source, self._source_changed = source, True
         self.notify("config")
@@ -171,6 +176,9 @@ class Form:
         kind = config_mod._field_type(f)
         common = {"description": key.split(".")[1], "style": {"description_width": label_width},
                   "layout": widgets.Layout(width="420px")}
+        # Text is read when the user presses Enter or leaves the box, not at every keystroke:
+        # each change re-validates and may redraw previews and estimates.
+        text = {"continuous_update": False}
         if f.metadata.get("choices"):
             w = widgets.Dropdown(options=list(f.metadata["choices"]), value=value, **common)
         elif kind is bool:
@@ -181,12 +189,12 @@ class Form:
             w = widgets.FloatText(value=value, **common)
         elif kind in (dict, list):
             w = widgets.Text(value=json.dumps(value) if value else "", placeholder="{}" if kind is dict else "[]",
-                             **common)
+                             **common, **text)
         elif key in self.suggestions:
             w = widgets.Combobox(value=str(value), options=list(self.suggestions[key]), ensure_option=False,
-                                 **common)
+                                 **common, **text)
         else:
-            w = widgets.Text(value=str(value), **common)
+            w = widgets.Text(value=str(value), **common, **text)
         _tooltip(w, f.metadata.get("help", ""))
         return w
 

@@ -24,7 +24,7 @@ class DataPanel(Panel):
         builtin = [a["name"] for a in assets.listing() if a["kind"] == "data"]
         self.source = widgets.Combobox(options=builtin, value=str(self.shared.get("data.source")),
                                        description="source", ensure_option=False,
-                                       placeholder="built-in name, file path or Hub id",
+                                       placeholder="built-in name, file path or Hub id", continuous_update=False,
                                        style={"description_width": "150px"}, layout=widgets.Layout(width="420px"))
         self.source.observe(lambda c: self.shared.set("data.source", c["new"]), names="value")
         self.source_note = widgets.HTML()
