@@ -5,3 +5,14 @@ from .errors import ConfigError, UserError
 __all__ = ["DataConfig", "EvalConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_preset",
            "ConfigError", "UserError"]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(shell) -> None:
+    """`%load_ext nb_finetune`: the `%finetune` and `%%finetune_config` magics."""
+    from .magics import load
+    load(shell)
+
+
+def unload_ipython_extension(shell) -> None:
+    from .magics import unload
+    unload(shell)

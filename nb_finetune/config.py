@@ -190,6 +190,14 @@ class RunConfig:
             raise ConfigError(problems)
         return RunConfig.from_dict(raw)
 
+    # -- display in a notebook ---------------------------------------------------------
+    def _repr_html_(self) -> str:
+        from .display import config_html
+        return config_html(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(redact(self.to_yaml()))
+
     # -- validation -----------------------------------------------------------------
     def problems(self) -> list[Problem]:
         found: list[Problem] = []

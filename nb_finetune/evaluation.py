@@ -32,6 +32,13 @@ class EvalResult:
     def summary(self) -> str:
         return self.metrics.to_string(float_format=lambda v: f"{v:.3f}")
 
+    def _repr_html_(self) -> str:
+        from .display import eval_html
+        return eval_html(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.summary())
+
 
 def label_candidates(prep) -> list[str]:
     """The label words when the task's answers are a few short labels, else []."""

@@ -51,6 +51,14 @@ class Session:
         """Forget the model and what was trained with it; the next stage loads a fresh base."""
         self.model = self.train_result = self.eval_result = self.memory_estimate = None
 
+    def _repr_html_(self) -> str:
+        from .display import session_html
+        return session_html(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        from .display import session_text
+        p.text(session_text(self))
+
     @property
     def output_dir(self) -> Path:
         return Path(self.cfg.train.output_dir)

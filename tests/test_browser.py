@@ -1,6 +1,7 @@
 """The studio in a real browser: JupyterLab on 127.0.0.1, driven by Playwright with Debian's
 Chromium (no browser download). Opens a notebook, runs it, clicks Start, sees the plot image
-change while training, clicks Stop, and sees the run stop and the evaluation appear.
+change while training, clicks Stop, and sees the run stop and the evaluation appear: once with
+the studio made in Python, once through `%load_ext nb_finetune` and a config cell.
 
 Needs `chromium` (Debian package) and the `playwright` and `jupyterlab` Python packages;
 `.ci/run` installs them and sets NB_FINETUNE_REQUIRE_BROWSER=1 so that their absence fails
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import SUBPROCESS_ENV
 
@@ -56,16 +58,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _notebook(config: dict, sst2: Path) -> dict:
-    source = (
-        "import csv\nimport pandas as pd\nfrom nb_finetune.ui import Studio\n"
-        f"frame = pd.read_csv({str(sst2)!r}, sep='\\t', quoting=csv.QUOTE_NONE, dtype=str)\n"
-        "frame = frame.groupby('label').head(60).reset_index(drop=True)\n"
-        f"studio = Studio({config!r}, data=frame)\n"
-        "studio.tabs.selected_index = studio.panels.index(studio.train)\n"
-        "studio\n")
-    return {"cells": [{"cell_type": "code", "execution_count": None, "id": "studio", "metadata": {},
-                       "outputs": [], "source": source}],
+def _notebook(config: dict, sst2: Path, style: str) -> dict:
+    """The studio made from Python (`import`), or through the IPython extension (`magic`)."""
+    show = "studio.tabs.selected_index = studio.panels.index(studio.train)\nstudio\n"
+    if style == "import":
+        sources = [
+            "import csv\nimport pandas as pd\nfrom nb_finetune.ui import Studio\n"
+            f"frame = pd.read_csv({str(sst2)!r}, sep='\\t', quoting=csv.QUOTE_NONE, dtype=str)\n"
+            "frame = frame.groupby('label').head(60).reset_index(drop=True)\n"
+            f"studio = Studio({config!r}, data=frame)\n" + show]
+    else:
+        config = config | {"data": config["data"] | {"source": str(sst2), "text_column": "sentence",
+                                                     "max_rows": 120}}
+        sources = ["%load_ext nb_finetune", "%%finetune_config\n" + yaml.safe_dump(config),
+                   "studio = %finetune studio\n" + show]
+    cells = [{"cell_type": "code", "execution_count": None, "id": f"cell{i}", "metadata": {}, "outputs": [],
+              "source": source} for i, source in enumerate(sources)]
+    return {"cells": cells,
             "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
             "nbformat": 4, "nbformat_minor": 5}
 
@@ -100,7 +109,8 @@ def lab(tmp_path, browser_ready):
     log.close()
 
 
-def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_dir, shared_data):
+@pytest.mark.parametrize("style", ["import", "magic"])
+def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_dir, shared_data, style):
     from playwright.sync_api import sync_playwright
     url, token, root = lab
     config = {"data": {"task": "classification", "label_names": {"0": "negative", "1": "positive"}},
@@ -108,7 +118,7 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
               "train": {"output_dir": str(root / "run"), "max_steps": 5000, "batch_size": 4, "eval_steps": 5,
                         "logging_steps": 1, "max_length": 64},
               "eval": {"num_samples": 2, "max_new_tokens": 4}}
-    (root / "studio.ipynb").write_text(json.dumps(_notebook(config, shared_data / "sst2" / "dev.tsv")))
+    (root / "studio.ipynb").write_text(json.dumps(_notebook(config, shared_data / "sst2" / "dev.tsv", style)))
     # Start the notebook's kernel through the server's API, so the page attaches to it instead
     # of asking which kernel to start.
     request = urllib.request.Request(
@@ -166,6 +176,10 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
             text = metrics.inner_text()
             assert "base" in text and "majority class" in text
             page.screenshot(path=str(shots / "evaluated.png"))
+            # Nothing but the widget in the cell's output: no text printed by the training thread.
+            printed = page.evaluate("Array.from(document.querySelectorAll('.jp-OutputArea-output'))"
+                                    ".filter(e => e.querySelector('.jp-RenderedText')).map(e => e.innerText)")
+            assert printed == [], printed
         finally:
             page.screenshot(path=str(shots / "last.png"))
             browser.close()

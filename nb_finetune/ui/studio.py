@@ -16,11 +16,13 @@ class Studio(widgets.VBox):
     """`Studio()` uses the built-in demo; `Studio(config="run.yaml", data=frame)` your own.
 
     `config`: a RunConfig, a dict, a preset name or a YAML/JSON path. `data`: a DataFrame used
-    instead of data.source. `foreground`: run training on the main thread (default: on Colab only)."""
+    instead of data.source. `foreground`: run training on the main thread (default: on Colab only).
+    `shared`: settings and session to share with other panels (as `%finetune` does)."""
 
-    def __init__(self, config=None, data=None, foreground: bool | None = None, **kwargs):
+    def __init__(self, config=None, data=None, foreground: bool | None = None, shared: Shared | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.shared = Shared(config, data)
+        self.shared = shared or Shared(config, data)
         self.data = DataPanel(self.shared)
         self.tokens = TokenizationPanel(self.shared)
         self.model = ModelPanel(self.shared)
