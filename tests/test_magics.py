@@ -123,3 +123,13 @@ def test_rich_display_of_configs_reports_results_and_sessions(ip, tiny_yaml, tmp
     evaluated = fmt(session.eval_result)[0]
     assert "tuned" in evaluated["text/html"] and "majority class" in evaluated["text/plain"]
     assert "evaluation" in fmt(session)[0]["text/html"]
+
+
+def test_each_panel_subcommand_shows_its_panel(ip):
+    magics(ip).widgets = True
+    expected = {"studio": "Studio", "data": "DataPanel", "preview": "TokenizationPanel", "model": "ModelPanel",
+                "train": "TrainPanel", "evaluate": "EvalPanel", "export": "ExportPanel"}
+    for command, name in expected.items():
+        shown = ip.run_line_magic("finetune", command)
+        assert type(shown).__name__ == name
+        assert shown.shared is magics(ip).shared  # one session behind every panel
