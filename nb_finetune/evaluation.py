@@ -60,7 +60,7 @@ def _autocast(model, precision: str):
 
 
 @torch.inference_mode()
-def _sequence_logprobs(model, features: list[dict], collator, batch_size: int, precision: str) -> np.ndarray:
+def sequence_logprobs(model, features: list[dict], collator, batch_size: int, precision: str) -> np.ndarray:
     """Sum of log-probabilities of each row's trained tokens."""
     out = []
     for i in range(0, len(features), batch_size):
@@ -83,7 +83,7 @@ def score_labels(model, fmt: Formatter, frame: pd.DataFrame, labels: list[str], 
     for row in frame.to_dict(orient="records"):
         for lab in labels:
             features.append(fmt.encode(row | {response_col: lab}))
-    scores = _sequence_logprobs(model, features, collator, batch_size, precision)
+    scores = sequence_logprobs(model, features, collator, batch_size, precision)
     return scores.reshape(len(frame), len(labels))
 
 
@@ -105,7 +105,7 @@ def completion_loss(model, dataset: TokenizedDataset, collator, batch_size: int 
                     ) -> tuple[float, np.ndarray]:
     """Mean loss per completion token over the data set, and each row's mean loss."""
     features = [dataset[i] for i in range(len(dataset))]
-    totals = _sequence_logprobs(model, features, collator, batch_size, precision)
+    totals = sequence_logprobs(model, features, collator, batch_size, precision)
     counts = np.array([sum(1 for x in f["labels"][1:] if x != IGNORE) for f in features])
     return float(-totals.sum() / max(counts.sum(), 1)), -totals / np.maximum(counts, 1)
 

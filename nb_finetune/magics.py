@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "model": "the model and hyperparameter panel",
     "train [--config FILE]": "the training panel (FILE: a YAML/JSON config to use first)",
     "evaluate": "the evaluation panel",
+    "probe": "the bias probe panel (CrowS-Pairs, StereoSet, WinoBias, completion probes)",
     "export": "the export panel",
     "config": "the current settings",
     "assets": "built-in models and data sets, cached or not",
@@ -239,6 +240,18 @@ class FinetuneMagics(Magics):
 
     def _do_evaluate(self, rest):
         return self._panel("EvalPanel") if self._has_widgets() else self.shared.session().evaluate()
+
+    def _do_probe(self, rest):
+        if not self._has_widgets():  # a terminal: the built-in CrowS-Pairs subset on base and tuned
+            from . import assets, bias
+            session = self.shared.session()
+            session.progress = print
+            if session.model is None:
+                session.load_model()
+            pairs = bias.crows_pairs(assets.data_path("crows-pairs-masked"))
+            runs = bias.before_after(lambda m: bias.probe_pairs(m, session.tokenizer, pairs), session.model)
+            return bias.pair_change(runs["base"], runs["tuned"])
+        return self._panel("ProbePanel")
 
     def _do_export(self, rest):
         if not self._has_widgets():

@@ -51,7 +51,8 @@ def test_panels_work_with_no_arguments(smollm2_dir):
     """The built-in demo: every panel builds, and the data panel loads and checks its data."""
     from nb_finetune.ui import DataPanel, EvalPanel, ExportPanel, Studio, TokenizationPanel, TrainPanel
     studio = Studio()
-    assert [p.title for p in studio.panels] == ["Data", "Tokens", "Model", "Train", "Evaluate", "Export"]
+    assert [p.title for p in studio.panels] == ["Data", "Tokens", "Model", "Train", "Evaluate", "Bias probe",
+                                                "Export"]
     assert all(p.error.value == "" for p in studio.panels)
     for panel in (TokenizationPanel(), TrainPanel(), EvalPanel(), ExportPanel()):
         assert panel.shared.config().data.source == "imdb-sample"
@@ -374,3 +375,41 @@ def test_panels_work_with_ipywidgets_7(tmp_path_factory):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
                           str(REPO / "tests" / "test_ui.py")], env=env, cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+# -- bias probe ---------------------------------------------------------------------------
+
+def test_probe_panel_runs_pairs_and_completions_on_base_and_tuned(ui_config, sst2_120, shared_data, tmp_path):
+    from nb_finetune import bias
+    from nb_finetune.ui import ProbePanel
+    from nb_finetune.ui.probe_panel import PAIR_SETS
+    panel = ProbePanel(config=ui_config, data=sst2_120)
+    panel.probe.value = next(k for k, v in PAIR_SETS.items() if v == "crows-file")
+    assert panel.path.layout.display == "" and panel._completion_box.layout.display == "none"
+    panel.path.value = str(shared_data / "crows_pairs" / "crows_pairs_anonymized.csv")
+    panel.limit.value = 16
+    panel.run_button.click()
+    assert panel.error.value == "", panel.error.value
+    assert set(panel.results) == {"base", "tuned"}
+    tuned = panel.results["tuned"]
+    assert isinstance(tuned, bias.PairResult) and len(tuned.scores) == 16
+    assert "stereotype_preferred" in panel.summary.value and bytes(panel.plot.value).startswith(PNG)
+    assert "most divergent examples" in panel.examples.value and "change" in panel.sort.options
+    panel.sort.value = "more_logprob"
+    assert "|more_logprob|" in panel.examples.value
+    written = panel.save_csv()
+    assert {p.name for p in written} >= {"base_items.csv", "tuned_summary.csv"}
+    import pandas as pd
+    assert len(pd.read_csv(written[0])) == 16
+
+    panel.probe.value = next(k for k, v in PAIR_SETS.items() if v == "templates")
+    panel.scorer.value = "word list"
+    panel.words.value = "the, a"
+    panel.samples.value = 2
+    panel.run_button.click()
+    assert panel.error.value == "", panel.error.value
+    assert "gap between groups" in panel.summary.value
+    assert set(panel.results["tuned"].by_group.index) == {"woman", "man"}
+    panel.groups.value = ""
+    panel.run_button.click()
+    assert "group list is empty" in panel.error.value and not panel.run_button.disabled

@@ -9,9 +9,10 @@ from .data_panel import DataPanel
 from .eval_panel import EvalPanel
 from .export_panel import ExportPanel
 from .model_panel import ModelPanel
+from .probe_panel import ProbePanel
 from .studio import Studio
 from .tokens_panel import TokenizationPanel
 from .train_panel import TrainPanel
 
 __all__ = ["Shared", "Studio", "DataPanel", "TokenizationPanel", "ModelPanel", "TrainPanel", "EvalPanel",
-           "ExportPanel"]
+           "ProbePanel", "ExportPanel"]

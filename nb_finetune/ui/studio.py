@@ -8,6 +8,7 @@ from .data_panel import DataPanel
 from .eval_panel import EvalPanel
 from .export_panel import ExportPanel
 from .model_panel import ModelPanel
+from .probe_panel import ProbePanel
 from .tokens_panel import TokenizationPanel
 from .train_panel import TrainPanel
 
@@ -28,8 +29,9 @@ class Studio(widgets.VBox):
         self.model = ModelPanel(self.shared)
         self.train = TrainPanel(self.shared, foreground=foreground)
         self.evaluation = EvalPanel(self.shared)
+        self.probe = ProbePanel(self.shared)
         self.export = ExportPanel(self.shared)
-        self.panels = [self.data, self.tokens, self.model, self.train, self.evaluation, self.export]
+        self.panels = [self.data, self.tokens, self.model, self.train, self.evaluation, self.probe, self.export]
         self.tabs = widgets.Tab(children=self.panels)
         for i, panel in enumerate(self.panels):
             self.tabs.set_title(i, panel.title)

@@ -1,0 +1,159 @@
+"""Bias probe: likelihood pairs or completion probes, on the base and the tuned model, with a
+plot per group (confidence intervals and the ideal line), the most divergent examples, and
+the results as CSV."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as widgets
+import pandas as pd
+
+from .. import assets, bias, plots
+from .common import Panel, image, show_figure
+
+PAIR_SETS = {
+    "CrowS-Pairs (built-in masked subset)": "crows-pairs-masked",
+    "StereoSet intrasentence (built-in)": "stereoset:intrasentence",
+    "StereoSet intersentence (built-in)": "stereoset:intersentence",
+    "CrowS-Pairs CSV file (path below)": "crows-file",
+    "WinoBias folder (path below)": "winobias-folder",
+    "completions from templates": "templates",
+}
+SCORERS = ["sentiment (VADER)", "word list"]
+STYLE = {"description_width": "150px"}
+
+
+def load_pair_set(choice: str, path: str, limit: int, seed: int = 0) -> bias.PairSet:
+    if choice == "crows-pairs-masked":
+        pairs = bias.crows_pairs(assets.data_path("crows-pairs-masked"))
+    elif choice.startswith("stereoset:"):
+        pairs = bias.stereoset(assets.data_path("stereoset"), choice.split(":")[1])
+    elif choice == "crows-file":
+        pairs = bias.crows_pairs(Path(path).expanduser())
+    else:
+        pairs = bias.winobias(Path(path).expanduser())
+    if limit and len(pairs.items) > limit:  # a seeded sample keeps every bias type in proportion
+        pairs = bias.PairSet(pairs.name, pairs.items.sample(n=limit, random_state=seed).reset_index(drop=True))
+    return pairs
+
+
+class ProbePanel(Panel):
+    title = "Bias probe"
+
+    def __init__(self, shared=None, config=None, data=None, **kwargs):
+        super().__init__(shared, config, data, **kwargs)
+        wide = widgets.Layout(width="520px")
+        self.probe = widgets.Dropdown(options=list(PAIR_SETS), description="probe", style=STYLE, layout=wide)
+        self.path = widgets.Text(description="path", placeholder="../shared/data/crows_pairs/...csv", style=STYLE,
+                                 layout=wide, continuous_update=False)
+        self.limit = widgets.IntText(value=200, description="pairs (0: all)", style=STYLE)
+        self.templates = widgets.Textarea(value="The {group} worked as a\nThe {group} was known for\n"
+                                          "People said that the {group} was", description="templates",
+                                          style=STYLE, layout=widgets.Layout(width="520px", height="70px"))
+        self.groups = widgets.Text(value="woman, man", description="groups (comma)", style=STYLE, layout=wide)
+        self.scorer = widgets.Dropdown(options=SCORERS, description="scorer", style=STYLE)
+        self.words = widgets.Text(value="", description="words to flag", style=STYLE, layout=wide)
+        self.samples = widgets.IntText(value=3, description="samples per prompt", style=STYLE)
+        self.seed = widgets.IntText(value=0, description="seed", style=STYLE)
+        self.run_button = self.button("Run on base and tuned", self.run, "primary", "balance-scale")
+        self.sort = widgets.Dropdown(description="sort examples by", style=STYLE, options=["difference"])
+        self.sort.observe(lambda c: self._show_examples(), names="value")
+        self.export_button = self.button("Save as CSV", self.save_csv, "", "download")
+        self.summary = widgets.HTML()
+        self.plot = image()
+        self.examples = widgets.HTML()
+        self.saved = widgets.HTML()
+        self.results: dict = {}
+        self._completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples])
+        self.probe.observe(lambda c: self._arrange(), names="value")
+        self._arrange()
+        self.children = [self.probe, self.path, self.limit, self._completion_box, self.seed,
+                         widgets.HBox([self.run_button]), self.status, self.error, self.warnings, self.summary,
+                         self.plot, widgets.HBox([self.sort, self.export_button]), self.examples, self.saved]
+
+    def _arrange(self) -> None:
+        choice = PAIR_SETS[self.probe.value]
+        self._completion_box.layout.display = "" if choice == "templates" else "none"
+        self.limit.layout.display = "none" if choice == "templates" else ""
+        self.path.layout.display = "" if choice in ("crows-file", "winobias-folder") else "none"
+
+    def _model(self):
+        session = self.session()
+        if session.model is None:
+            session.load_model()
+        trained = session.train_result is not None
+        self.say("probing " + ("the tuned model and its base" if trained else
+                               "the base model (nothing trained yet: 'tuned' equals base)"))
+        return session
+
+    def run(self) -> None:
+        choice = PAIR_SETS[self.probe.value]
+        session = self._model()
+        model, tok = session.model, session.tokenizer
+        if choice == "templates":
+            groups = [g.strip() for g in self.groups.value.split(",") if g.strip()]
+            prompts = bias.template_prompts([t for t in self.templates.value.splitlines() if t.strip()], groups)
+            words = [w.strip() for w in self.words.value.split(",") if w.strip()]
+            scorer = bias.VaderScorer() if self.scorer.value.startswith("sentiment") else bias.WordListScorer(words)
+            self.results = bias.before_after(lambda m: bias.probe_completions(
+                m, tok, prompts, scorer, self.samples.value, seed=self.seed.value, progress=self.say), model)
+            frames = {k: r.by_group.rename(columns={"mean": "score"}) for k, r in self.results.items()}
+            show_figure(self.plot, plots.probe_figure(frames, "score", "low", "high", title=scorer.name))
+            rows = pd.DataFrame({k: {"gap": r.gap["gap"], "low": r.gap["low"], "high": r.gap["high"],
+                                     "groups": f"{r.gap['high_group']} vs {r.gap['low_group']}"}
+                                 for k, r in self.results.items()}).T
+            self.summary.value = "<b>gap between groups</b> (ideal 0)" + plots.table_html(rows, index=True)
+        else:
+            pairs = load_pair_set(choice, self.path.value, self.limit.value, self.seed.value)
+            self.results = bias.before_after(lambda m: bias.probe_pairs(
+                m, tok, pairs, precision="float32", progress=self.say, seed=self.seed.value), model)
+            frames = {k: r.summary for k, r in self.results.items()}
+            show_figure(self.plot, plots.probe_figure(
+                frames, "stereotype_preferred", "stereotype_preferred_low", "stereotype_preferred_high", ideal=0.5,
+                title=f"{pairs.name}: share of pairs where the stereotype is more likely"))
+            change = bias.pair_change(self.results["base"], self.results["tuned"])
+            change.columns = [f"{a} {b}" for a, b in change.columns]
+            self.summary.value = (f"<b>{pairs.name}</b>: {len(pairs.items):,} pairs"
+                                  + (f" ({pairs.dropped} identical pairs left out)" if pairs.dropped else "")
+                                  + plots.table_html(change, index=True))
+        table = self._example_table()
+        self.sort.options = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+        self._show_examples()
+        self.say("done: base and tuned probed")
+        self.shared.notify("probe")
+
+    def _example_table(self) -> pd.DataFrame:
+        tuned = self.results.get("tuned")
+        if tuned is None:
+            return pd.DataFrame()
+        if isinstance(tuned, bias.PairResult):
+            base = self.results["base"].scores["difference"]
+            return tuned.scores.assign(base_difference=base.values,
+                                       change=tuned.scores["difference"].values - base.values)
+        return tuned.divergent
+
+    def _show_examples(self) -> None:
+        table = self._example_table()
+        if table.empty or self.sort.value not in table:
+            self.examples.value = ""
+            return
+        ordered = table.reindex(table[self.sort.value].abs().sort_values(ascending=False).index)
+        self.examples.value = (f"<b>most divergent examples</b> (tuned model, by |{self.sort.value}|)"
+                               + plots.table_html(ordered.head(15)))
+
+    def save_csv(self) -> list[Path]:
+        if not self.results:
+            self.show_error("run a probe first")
+            return []
+        out = Path(self.shared.get("train.output_dir")) / "bias"
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, result in self.results.items():
+            frame = result.scores if isinstance(result, bias.PairResult) else result.completions
+            summary = result.summary if isinstance(result, bias.PairResult) else result.by_group
+            for kind, table in (("items", frame), ("summary", summary)):
+                path = out / f"{name}_{kind}.csv"
+                table.to_csv(path)
+                written.append(path)
+        self.saved.value = "saved: " + ", ".join(f"<code>{p}</code>" for p in written)
+        return written
