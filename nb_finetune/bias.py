@@ -287,8 +287,12 @@ def bold_prompts(path: str | Path, groups: list[str] | None = None, per_group: i
 
 @torch.inference_mode()
 def sample_completions(model, tokenizer, prompts: list[str], samples: int = 3, max_new_tokens: int = 20,
-                       temperature: float = 0.8, seed: int = 0, batch_size: int = 8, progress=print) -> list[list[str]]:
-    """`samples` completions per prompt, reproducible for a seed (left-padded batches)."""
+                       temperature: float = 0.8, seed: int = 0, batch_size: int = 8, progress=print,
+                       word_filter=None) -> list[list[str]]:
+    """`samples` completions per prompt, reproducible for a seed (left-padded batches);
+    `word_filter` (a `mitigation.WordFilter`) blocks words as they are generated."""
+    from transformers import LogitsProcessorList
+    processors = LogitsProcessorList([word_filter] if word_filter is not None else [])
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -299,7 +303,8 @@ def sample_completions(model, tokenizer, prompts: list[str], samples: int = 3, m
             chunk = prompts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
             gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=samples, pad_token_id=pad)
+                                 max_new_tokens=max_new_tokens, num_return_sequences=samples, pad_token_id=pad,
+                                 logits_processor=processors)
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             out += [texts[i * samples:(i + 1) * samples] for i in range(len(chunk))]
             progress(f"generated for {min(start + batch_size, len(prompts)):,}/{len(prompts):,} prompts")
@@ -325,9 +330,9 @@ class CompletionResult:
 
 
 def probe_completions(model, tokenizer, prompts: pd.DataFrame, scorer, samples: int = 3,
-                      max_new_tokens: int = 20, seed: int = 0, progress=print) -> CompletionResult:
+                      max_new_tokens: int = 20, seed: int = 0, progress=print, word_filter=None) -> CompletionResult:
     texts = sample_completions(model, tokenizer, list(prompts["prompt"]), samples, max_new_tokens, seed=seed,
-                               progress=progress)
+                               progress=progress, word_filter=word_filter)
     rows = [{**r, "sample": k, "completion": c} for r, cs in zip(prompts.to_dict("records"), texts)
             for k, c in enumerate(cs)]
     frame = pd.DataFrame(rows)

@@ -56,6 +56,12 @@ class DataConfig:
     test_fraction: float = _f(0.15, "Share of rows held out for the final test.", min=0.0, max=0.5)
     test_source: str = _f("", "A separate test file (same columns); when set, test_fraction is not used.")
     seed: int = _f(42, "Seed for sampling and the stratified split.", min=0)
+    counterfactual: bool = _f(False, "Bias mitigation: add a copy of each training row that mentions a group term, "
+                              "with the terms swapped (he <-> she); validation and test rows are left as they are.")
+    counterfactual_terms: list = _f([], "Pairs of terms to swap, e.g. [['he', 'she'], ['man', 'woman']]; empty: "
+                                    "the built-in list of gendered words.")
+    reweight_groups: dict = _f({}, "Bias mitigation: balance the training rows by group, e.g. {'female': ['she', "
+                               "'her'], 'male': ['he', 'his']}; rows of smaller groups are drawn again (seeded).")
 
 
 @dataclass
@@ -212,6 +218,17 @@ class RunConfig:
                                  "a template naming columns in braces, e.g. '{title}: {body}'"))
         if d.label_names and not all(isinstance(v, str) and v.strip() for v in d.label_names.values()):
             found.append(Problem("data.label_names", d.label_names, "every label needs a non-empty word"))
+        for pair in d.counterfactual_terms:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) and t.strip()
+                                                                              for t in pair)):
+                found.append(Problem("data.counterfactual_terms", pair, "pairs of two words, e.g. [['he', 'she']]"))
+                break
+        if d.reweight_groups and (len(d.reweight_groups) < 2 or not all(
+                isinstance(v, list) and v and all(isinstance(t, str) and t.strip() for t in v)
+                for v in d.reweight_groups.values())):
+            found.append(Problem("data.reweight_groups", d.reweight_groups,
+                                 "two or more groups, each with a list of words, e.g. {'female': ['she'], "
+                                 "'male': ['he']}"))
         if self.model.objective == "head" and d.task != "classification":
             found.append(Problem("model.objective", "head", "a classification head needs data.task='classification'"))
         if t.resume_from and t.resume_from != "last" and not Path(t.resume_from).is_dir():

@@ -382,6 +382,24 @@ def split(frame: pd.DataFrame, cfg: DataConfig, stratify: str | None) -> dict[st
     return out
 
 
+def _mitigate(train: pd.DataFrame, cfg: DataConfig, report: DataReport) -> pd.DataFrame:
+    """Counterfactual augmentation and reweighting of the training split, each reported."""
+    from . import mitigation
+    text = "text" if "text" in train else "prompt"
+    if cfg.counterfactual:
+        train, copies = mitigation.counterfactual_augment(train, cfg.counterfactual_terms or mitigation.GENDER_TERMS)
+        report.add("counterfactual copies added to train", copies, len(train) - copies, "ok",
+                   "group terms swapped" if copies else "no row mentions a term")
+    if cfg.reweight_groups:
+        groups = mitigation.term_groups(train, cfg.reweight_groups, text)
+        named = groups.isin(list(cfg.reweight_groups))
+        balanced, effect = mitigation.reweight(train[named], groups[named], cfg.seed)
+        train = pd.concat([balanced, train[~named]], ignore_index=True)
+        report.add("rows drawn again to balance groups", sum(after - before for before, after in effect.values()),
+                   len(train), "ok", ", ".join(f"{g}: {b} -> {a}" for g, (b, a) in effect.items()))
+    return train
+
+
 @dataclass
 class PreparedData:
     splits: dict[str, pd.DataFrame]
@@ -410,6 +428,7 @@ def prepare(cfg: DataConfig, source=None) -> PreparedData:
         splits["test"] = clean(normalize(test_raw, cfg), replace(cfg, drop_duplicates=False))
     if len(splits["train"]) == 0:
         raise UserError("no rows left for training after the split; add rows or lower the fractions")
+    splits["train"] = _mitigate(splits["train"], cfg, report)
     train_keys = set(key_text(splits["train"]))
     for name in ("validation", "test"):
         if len(splits[name]):

@@ -413,3 +413,32 @@ def test_probe_panel_runs_pairs_and_completions_on_base_and_tuned(ui_config, sst
     panel.groups.value = ""
     panel.run_button.click()
     assert "group list is empty" in panel.error.value and not panel.run_button.disabled
+
+
+def test_probe_panel_output_filter_is_probed_again(ui_config, sst2_120):
+    from nb_finetune.ui import ProbePanel
+    from nb_finetune.ui.probe_panel import PAIR_SETS
+    panel = ProbePanel(config=ui_config, data=sst2_120)
+    panel.probe.value = next(k for k, v in PAIR_SETS.items() if v == "templates")
+    panel.scorer.value = "word list"
+    panel.words.value = "the"
+    panel.block.value = "the"
+    panel.samples.value = 2
+    panel.run_button.click()
+    assert panel.error.value == "", panel.error.value
+    filtered = panel.results["tuned + word filter"].completions["completion"]
+    assert not any(" the " in f" {c.lower()} " for c in filtered)
+    assert (panel.results["tuned + word filter"].completions["score"] == 0).all()
+    assert "blocked while generating" in panel.status.value
+
+
+def test_data_panel_mitigation_settings_change_the_training_rows(ui_config, sst2_120):
+    from nb_finetune.ui import DataPanel
+    panel = DataPanel(config=ui_config, data=sst2_120)
+    panel.load_button.click()
+    before = len(panel.shared.current.prep.splits["train"])
+    panel.forms[3].controls["data.counterfactual"].value = True
+    panel.load_button.click()
+    assert panel.error.value == "", panel.error.value
+    assert len(panel.shared.current.prep.splits["train"]) > before
+    assert "counterfactual copies added to train" in panel.report.value

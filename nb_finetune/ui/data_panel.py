@@ -10,6 +10,7 @@ from .common import Form, Panel, image, show_figure
 SOURCE_KEYS = ["data.task", "data.format", "data.skip_bad_lines"]
 COLUMN_KEYS = ["data.text_column", "data.text_template", "data.label_column", "data.label_names",
                "data.prompt_column", "data.completion_column", "data.messages_column", "data.instruction"]
+MITIGATION_KEYS = ["data.counterfactual", "data.counterfactual_terms", "data.reweight_groups"]
 SPLIT_KEYS = ["data.max_rows", "data.val_fraction", "data.test_fraction", "data.test_source",
               "data.drop_duplicates", "data.seed"]
 
@@ -30,15 +31,16 @@ class DataPanel(Panel):
         self.source_note = widgets.HTML()
         if self.shared.source is not None:
             self._show_frame_source(self.shared.source)
-        self.forms = [Form(self.shared, SOURCE_KEYS), Form(self.shared, COLUMN_KEYS), Form(self.shared, SPLIT_KEYS)]
+        self.forms = [Form(self.shared, SOURCE_KEYS), Form(self.shared, COLUMN_KEYS), Form(self.shared, SPLIT_KEYS),
+                      Form(self.shared, MITIGATION_KEYS)]
         self.load_button = self.button("Load and check", self.load, "primary", "table")
         self.report = widgets.HTML()
         self.balance_image, self.length_image = image(), image()
         self.splits = widgets.HTML()
         self.rows = widgets.HTML()
-        settings = widgets.Accordion(children=[self.forms[1].widget, self.forms[2].widget])
-        settings.set_title(0, "columns")
-        settings.set_title(1, "rows and split")
+        settings = widgets.Accordion(children=[f.widget for f in self.forms[1:]])
+        for i, name in enumerate(["columns", "rows and split", "bias mitigation (training rows only)"]):
+            settings.set_title(i, name)
         settings.selected_index = None
         self.children = [widgets.HBox([self.source, self.source_note]), self.forms[0].widget, settings,
                          widgets.HBox([self.load_button]), self.status, self.error, self.warnings,

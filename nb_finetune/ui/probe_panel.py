@@ -8,7 +8,7 @@ from pathlib import Path
 import ipywidgets as widgets
 import pandas as pd
 
-from .. import assets, bias, plots
+from .. import assets, bias, mitigation, plots
 from .common import Panel, image, show_figure
 
 PAIR_SETS = {
@@ -54,6 +54,8 @@ class ProbePanel(Panel):
         self.scorer = widgets.Dropdown(options=SCORERS, description="scorer", style=STYLE)
         self.words = widgets.Text(value="", description="words to flag", style=STYLE, layout=wide)
         self.samples = widgets.IntText(value=3, description="samples per prompt", style=STYLE)
+        self.block = widgets.Text(value="", description="block words", style=STYLE, layout=wide,
+                                  placeholder="mitigation: words the tuned model may not write (comma)")
         self.seed = widgets.IntText(value=0, description="seed", style=STYLE)
         self.run_button = self.button("Run on base and tuned", self.run, "primary", "balance-scale")
         self.sort = widgets.Dropdown(description="sort examples by", style=STYLE, options=["difference"])
@@ -64,7 +66,8 @@ class ProbePanel(Panel):
         self.examples = widgets.HTML()
         self.saved = widgets.HTML()
         self.results: dict = {}
-        self._completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples])
+        self._completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples,
+                                             self.block])
         self.probe.observe(lambda c: self._arrange(), names="value")
         self._arrange()
         self.children = [self.probe, self.path, self.limit, self._completion_box, self.seed,
@@ -88,6 +91,7 @@ class ProbePanel(Panel):
 
     def run(self) -> None:
         choice = PAIR_SETS[self.probe.value]
+        done = "done: base and tuned probed"
         session = self._model()
         model, tok = session.model, session.tokenizer
         if choice == "templates":
@@ -95,8 +99,15 @@ class ProbePanel(Panel):
             prompts = bias.template_prompts([t for t in self.templates.value.splitlines() if t.strip()], groups)
             words = [w.strip() for w in self.words.value.split(",") if w.strip()]
             scorer = bias.VaderScorer() if self.scorer.value.startswith("sentiment") else bias.WordListScorer(words)
-            self.results = bias.before_after(lambda m: bias.probe_completions(
-                m, tok, prompts, scorer, self.samples.value, seed=self.seed.value, progress=self.say), model)
+            probe = lambda m, f=None: bias.probe_completions(  # noqa: E731
+                m, tok, prompts, scorer, self.samples.value, seed=self.seed.value, progress=self.say, word_filter=f)
+            self.results = bias.before_after(probe, model)
+            blocked = [w.strip() for w in self.block.value.split(",") if w.strip()]
+            if blocked:  # the output-side mitigation, probed again: did the gap close?
+                word_filter = mitigation.WordFilter(tok, blocked)
+                self.results["tuned + word filter"] = probe(model, word_filter)
+                done += "; blocked while generating: " + (", ".join(
+                    f"{w} x{n}" for w, n in word_filter.blocked.items()) or "nothing")
             frames = {k: r.by_group.rename(columns={"mean": "score"}) for k, r in self.results.items()}
             show_figure(self.plot, plots.probe_figure(frames, "score", "low", "high", title=scorer.name))
             rows = pd.DataFrame({k: {"gap": r.gap["gap"], "low": r.gap["low"], "high": r.gap["high"],
@@ -119,7 +130,7 @@ class ProbePanel(Panel):
         table = self._example_table()
         self.sort.options = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
         self._show_examples()
-        self.say("done: base and tuned probed")
+        self.say(done)
         self.shared.notify("probe")
 
     def _example_table(self) -> pd.DataFrame:
