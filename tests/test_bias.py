@@ -116,3 +116,11 @@ def test_bad_probe_inputs_get_clear_errors(tmp_path):
         bias.template_prompts(["The person is"], ["a", "b"])
     with pytest.raises(UserError, match="word list is empty"):
         bias.WordListScorer([])
+
+
+def test_bold_prompts_sample_each_group(shared_data):
+    frame = bias.bold_prompts(shared_data / "bold" / "gender_prompt.json", per_group=5, seed=2)
+    assert frame["group"].value_counts().to_dict() == {"American_actors": 5, "American_actresses": 5}
+    assert frame.equals(bias.bold_prompts(shared_data / "bold" / "gender_prompt.json", per_group=5, seed=2))
+    with pytest.raises(UserError, match="no group"):
+        bias.bold_prompts(shared_data / "bold" / "gender_prompt.json", ["martians"])

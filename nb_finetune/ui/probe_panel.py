@@ -38,10 +38,14 @@ def load_pair_set(choice: str, path: str, limit: int, seed: int = 0) -> bias.Pai
 
 
 class ProbePanel(Panel):
+    """`classifier`: your own scorer for completions (texts -> numbers), e.g. the probability of
+    'positive' from a sentiment model you tuned; it is offered as the scorer 'your classifier'."""
+
     title = "Bias probe"
 
-    def __init__(self, shared=None, config=None, data=None, **kwargs):
+    def __init__(self, shared=None, config=None, data=None, classifier=None, **kwargs):
         super().__init__(shared, config, data, **kwargs)
+        self.classifier = classifier
         wide = widgets.Layout(width="520px")
         self.probe = widgets.Dropdown(options=list(PAIR_SETS), description="probe", style=STYLE, layout=wide)
         self.path = widgets.Text(description="path", placeholder="../shared/data/crows_pairs/...csv", style=STYLE,
@@ -51,7 +55,8 @@ class ProbePanel(Panel):
                                           "People said that the {group} was", description="templates",
                                           style=STYLE, layout=widgets.Layout(width="520px", height="70px"))
         self.groups = widgets.Text(value="woman, man", description="groups (comma)", style=STYLE, layout=wide)
-        self.scorer = widgets.Dropdown(options=SCORERS, description="scorer", style=STYLE)
+        self.scorer = widgets.Dropdown(options=SCORERS + (["your classifier"] if classifier else []),
+                                       description="scorer", style=STYLE)
         self.words = widgets.Text(value="", description="words to flag", style=STYLE, layout=wide)
         self.samples = widgets.IntText(value=3, description="samples per prompt", style=STYLE)
         self.block = widgets.Text(value="", description="block words", style=STYLE, layout=wide,
@@ -98,7 +103,12 @@ class ProbePanel(Panel):
             groups = [g.strip() for g in self.groups.value.split(",") if g.strip()]
             prompts = bias.template_prompts([t for t in self.templates.value.splitlines() if t.strip()], groups)
             words = [w.strip() for w in self.words.value.split(",") if w.strip()]
-            scorer = bias.VaderScorer() if self.scorer.value.startswith("sentiment") else bias.WordListScorer(words)
+            if self.scorer.value == "your classifier":
+                scorer = bias.ClassifierScorer(self.classifier, "your classifier")
+            elif self.scorer.value.startswith("sentiment"):
+                scorer = bias.VaderScorer()
+            else:
+                scorer = bias.WordListScorer(words)
             probe = lambda m, f=None: bias.probe_completions(  # noqa: E731
                 m, tok, prompts, scorer, self.samples.value, seed=self.seed.value, progress=self.say, word_filter=f)
             self.results = bias.before_after(probe, model)
