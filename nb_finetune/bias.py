@@ -328,6 +328,11 @@ class CompletionResult:
                   f"between {self.gap['high_group']} and {self.gap['low_group']}</div>"
                 + table_html(self.divergent.head(5)))
 
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(f"completion probe: {self.scorer}\n{self.by_group.to_string(float_format=lambda v: f'{v:.3f}')}\n"
+               f"gap {self.gap['gap']:.3f} [{self.gap['low']:.3f}, {self.gap['high']:.3f}] between "
+               f"{self.gap['high_group']} and {self.gap['low_group']}")
+
 
 def probe_completions(model, tokenizer, prompts: pd.DataFrame, scorer, samples: int = 3,
                       max_new_tokens: int = 20, seed: int = 0, progress=print, word_filter=None) -> CompletionResult:

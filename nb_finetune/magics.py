@@ -28,7 +28,7 @@ SUBCOMMANDS = {
     "model": "the model and hyperparameter panel",
     "train [--config FILE]": "the training panel (FILE: a YAML/JSON config to use first)",
     "evaluate": "the evaluation panel",
-    "probe": "the bias probe panel (CrowS-Pairs, StereoSet, WinoBias, completion probes)",
+    "probe [N]": "the bias probe panel (in a terminal: N built-in CrowS-Pairs pairs, base vs tuned)",
     "export": "the export panel",
     "config": "the current settings",
     "assets": "built-in models and data sets, cached or not",
@@ -249,6 +249,11 @@ class FinetuneMagics(Magics):
             if session.model is None:
                 session.load_model()
             pairs = bias.crows_pairs(assets.data_path("crows-pairs-masked"))
+            if rest:  # a seeded sample, for a quick look
+                n = int(rest[0]) if rest[0].isdigit() else 0
+                if not n:
+                    raise UsageError("usage: %finetune probe [N]  (N: how many pairs, e.g. 200)")
+                pairs = bias.PairSet(pairs.name, pairs.items.sample(n=min(n, len(pairs.items)), random_state=0))
             runs = bias.before_after(lambda m: bias.probe_pairs(m, session.tokenizer, pairs), session.model)
             return bias.pair_change(runs["base"], runs["tuned"])
         return self._panel("ProbePanel")

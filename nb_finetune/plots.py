@@ -166,25 +166,20 @@ def memory_figure(parts: dict, available: int | None = None, measured: int | Non
     return fig
 
 
-def probe_figure(results: dict, value: str, low: str, high: str, ideal: float | None = None,
-                 title: str = "") -> Figure:
-    """Points with confidence intervals per group, one colour per model (e.g. base, tuned).
+def probe_figure(long: pd.DataFrame, ideal: float | None = None, title: str = "", xlabel: str = "") -> Figure:
+    """Mean per group with its 95% bootstrap interval (seaborn), one colour per model.
 
-    `results`: model name -> DataFrame indexed by group with columns value, low, high."""
-    groups = list(dict.fromkeys(g for frame in results.values() for g in frame.index))
+    `long`: one row per scored item with columns group, value, model (e.g. base, tuned)."""
+    import seaborn as sns
+    groups = list(dict.fromkeys(long["group"]))
     fig, (ax,) = _figure(6.5, 0.45 * len(groups) + 1.2)
-    colors = [COLORS["base"], COLORS["train"], COLORS["validation"]]
-    offsets = np.linspace(-0.15, 0.15, len(results)) if len(results) > 1 else [0.0]
-    for (name, frame), dy, color in zip(results.items(), offsets, colors):
-        frame = frame.reindex(groups)
-        y = np.arange(len(groups)) + dy
-        ax.errorbar(frame[value], y, xerr=[frame[value] - frame[low], frame[high] - frame[value]], fmt="o",
-                    color=color, label=name, capsize=3)
+    palette = dict(zip(dict.fromkeys(long["model"]), [COLORS["base"], COLORS["train"], COLORS["validation"],
+                                                      COLORS["accuracy"]]))
+    sns.pointplot(data=long, x="value", y="group", hue="model", order=groups, palette=palette, errorbar=("ci", 95),
+                  n_boot=1000, seed=0, dodge=0.4, linestyle="none", capsize=0.15, ax=ax)
     if ideal is not None:
         ax.axvline(ideal, color="black", linestyle="--", linewidth=1, label=f"ideal {ideal:g}")
-    ax.set_yticks(range(len(groups)), groups)
-    ax.invert_yaxis()
-    ax.set(title=title, xlabel=value.replace("_", " "))
+    ax.set(title=title, xlabel=xlabel, ylabel="")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig

@@ -133,3 +133,34 @@ def test_each_panel_subcommand_shows_its_panel(ip):
         shown = ip.run_line_magic("finetune", command)
         assert type(shown).__name__ == name
         assert shown.shared is magics(ip).shared  # one session behind every panel
+
+
+def test_probe_in_a_terminal_reports_base_vs_tuned(ip, tiny_yaml, tmp_path):
+    from nb_finetune.config import RunConfig
+    magics(ip).widgets = False
+    magics(ip).shared.use(RunConfig.from_dict(yaml.safe_load(tiny_yaml)))
+    change = ip.run_line_magic("finetune", "probe 10")
+    assert change.loc["all", ("base", "stereotype_preferred")] == change.loc["all", ("tuned", "stereotype_preferred")]
+    assert change.loc["all", ("change", "mean_difference")] == 0  # nothing trained: the adapter is zero
+    with pytest.raises(UsageError, match="how many pairs"):
+        ip.run_line_magic("finetune", "probe many")
+
+
+def test_probe_results_display_as_tables_and_text(tiny_model_dir):
+    import pandas as pd
+    from IPython.core.interactiveshell import InteractiveShell
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nb_finetune import bias
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pairs = bias.PairSet("two", pd.DataFrame({"more": ["He is a nurse.", "She is strong."],
+                                               "less": ["She is a nurse.", "He is strong."], "bias_type": "gender"}))
+    fmt = InteractiveShell.instance().display_formatter.format
+    shown = fmt(bias.probe_pairs(model, tok, pairs, progress=lambda m: None))[0]
+    assert "<table" in shown["text/html"] and "stereotype_preferred" in shown["text/plain"]
+    prompts = bias.template_prompts(["The {group} is"], ["woman", "man"])
+    result = bias.probe_completions(model, tok, prompts, bias.WordListScorer(["the"]), samples=1, max_new_tokens=3,
+                                    progress=lambda m: None)
+    shown = fmt(result)[0]
+    assert "gap" in shown["text/html"] and "gap" in shown["text/plain"] and "woman" in shown["text/plain"]

@@ -474,3 +474,23 @@ def test_probe_panel_with_no_arguments_probes_the_builtin_pairs(smollm2_dir):
     summary = panel.results["base"].summary
     assert summary.loc["all", "pairs"] == 12 and 0 <= summary.loc["all", "stereotype_preferred"] <= 1
     assert "nothing trained yet" in panel.status.value or "done" in panel.status.value
+
+
+def test_probe_panel_keeps_the_previous_training_for_comparison(ui_config, sst2_120, shared_data):
+    from nb_finetune.ui import Studio
+    from nb_finetune.ui.probe_panel import PAIR_SETS
+    ui_config["train"]["max_steps"] = 2
+    studio = Studio(ui_config, data=sst2_120, foreground=True)
+    studio.evaluation.after_training.value = False
+    probe = studio.probe
+    probe.probe.value = next(k for k, v in PAIR_SETS.items() if v == "crows-file")
+    probe.path.value = str(shared_data / "crows_pairs" / "crows_pairs_anonymized.csv")
+    probe.limit.value = 8
+    studio.train.start_button.click()
+    probe.run_button.click()
+    assert set(probe.results) == {"base", "tuned"}
+    studio.data.forms[3].controls["data.counterfactual"].value = True  # a data-side mitigation
+    studio.train.start_button.click()
+    probe.run_button.click()
+    assert probe.error.value == "", probe.error.value
+    assert set(probe.results) == {"base", "tuned", "tuned, previous training"}

@@ -71,6 +71,7 @@ class ProbePanel(Panel):
         self.examples = widgets.HTML()
         self.saved = widgets.HTML()
         self.results: dict = {}
+        self._previous = None  # (train result, tuned probe result) of the last run
         self._completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples,
                                              self.block])
         self.probe.observe(lambda c: self._arrange(), names="value")
@@ -118,8 +119,11 @@ class ProbePanel(Panel):
                 self.results["tuned + word filter"] = probe(model, word_filter)
                 done += "; blocked while generating: " + (", ".join(
                     f"{w} x{n}" for w, n in word_filter.blocked.items()) or "nothing")
-            frames = {k: r.by_group.rename(columns={"mean": "score"}) for k, r in self.results.items()}
-            show_figure(self.plot, plots.probe_figure(frames, "score", "low", "high", title=scorer.name))
+            self._keep_previous(session)
+            long = pd.concat([r.completions.assign(model=k, value=r.completions["score"])
+                              for k, r in self.results.items()], ignore_index=True)
+            show_figure(self.plot, plots.probe_figure(long, title=f"completions by group: {scorer.name}",
+                                                      xlabel="mean score"))
             rows = pd.DataFrame({k: {"gap": r.gap["gap"], "low": r.gap["low"], "high": r.gap["high"],
                                      "groups": f"{r.gap['high_group']} vs {r.gap['low_group']}"}
                                  for k, r in self.results.items()}).T
@@ -128,10 +132,13 @@ class ProbePanel(Panel):
             pairs = load_pair_set(choice, self.path.value, self.limit.value, self.seed.value)
             self.results = bias.before_after(lambda m: bias.probe_pairs(
                 m, tok, pairs, precision="float32", progress=self.say, seed=self.seed.value), model)
-            frames = {k: r.summary for k, r in self.results.items()}
+            self._keep_previous(session)
+            long = pd.concat([pd.concat([r.scores.assign(group="all"), r.scores.assign(group=r.scores["bias_type"])])
+                             .assign(model=k, value=lambda f: f["prefers_more"].astype(float))
+                              for k, r in self.results.items()], ignore_index=True)
             show_figure(self.plot, plots.probe_figure(
-                frames, "stereotype_preferred", "stereotype_preferred_low", "stereotype_preferred_high", ideal=0.5,
-                title=f"{pairs.name}: share of pairs where the stereotype is more likely"))
+                long, ideal=0.5, title=f"{pairs.name}: is the stereotypical sentence the more likely?",
+                xlabel="share of pairs where it is (95% interval)"))
             change = bias.pair_change(self.results["base"], self.results["tuned"])
             change.columns = [f"{a} {b}" for a, b in change.columns]
             self.summary.value = (f"<b>{pairs.name}</b>: {len(pairs.items):,} pairs"
@@ -142,6 +149,19 @@ class ProbePanel(Panel):
         self._show_examples()
         self.say(done)
         self.shared.notify("probe")
+
+    def _keep_previous(self, session) -> None:
+        """After training again (say with a data-side mitigation), the earlier tuned model's
+        result stays beside the new one, so the plot shows whether the gap closed."""
+        trained = session.train_result
+        previous = self._previous
+        def kind(result):  # the same probe: same pair set, or same scorer
+            return type(result), getattr(result, "name", None), getattr(result, "scorer", None)
+
+        if previous is not None and previous[0] is not trained and previous[0] is not None \
+                and kind(previous[1]) == kind(self.results["tuned"]):
+            self.results["tuned, previous training"] = previous[1]
+        self._previous = (trained, self.results["tuned"])
 
     def _example_table(self) -> pd.DataFrame:
         tuned = self.results.get("tuned")
