@@ -38,8 +38,8 @@ class DataConfig:
                      choices=("auto", "csv", "tsv", "json", "jsonl", "parquet"))
     column_names: list = _f([], "Names for the columns of a file without a header row (empty: the file has one).")
     text_column: str = _f("", "Column with the text to classify (classification). Empty: 'text' or the asset's default.")
-    text_template: str = _f("", "Build the text from several columns, e.g. '{passage}\\nQuestion: {question}?'. "
-                            "Empty: use text_column as it is.")
+    text_template: str = _f("", "Build the text (classification) or the prompt (completion) from several "
+                            "columns, e.g. '{passage}\\nQuestion: {question}?'. Empty: use the column as it is.")
     label_column: str = _f("", "Column with the label (classification). Empty: 'label'.")
     label_names: dict = _f({}, "Words for raw labels, e.g. {'0': 'negative', '1': 'positive'}; the model "
                            "learns to write these words when classification is trained as completion.")

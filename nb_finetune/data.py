@@ -201,13 +201,17 @@ def normalize(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return _normalize_completion(df, cfg)
 
 
+def _fill_template(df: pd.DataFrame, template: str) -> pd.Series:
+    missing = [c for c in _template_fields(template) if c not in df.columns]
+    if missing:
+        raise UserError(f"data.text_template names missing column(s) {', '.join(missing)}; the columns "
+                        f"are: {', '.join(map(str, df.columns))}")
+    return df.apply(lambda r: template.format(**{k: r[k] for k in df.columns}), axis=1)
+
+
 def _normalize_classification(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     if cfg.text_template:
-        missing = [c for c in _template_fields(cfg.text_template) if c not in df.columns]
-        if missing:
-            raise UserError(f"data.text_template names missing column(s) {', '.join(missing)}; the columns "
-                            f"are: {', '.join(map(str, df.columns))}")
-        text = df.apply(lambda r: cfg.text_template.format(**{k: r[k] for k in df.columns}), axis=1)
+        text = _fill_template(df, cfg.text_template)
     else:
         col = cfg.text_column or next((c for c in ("text", "sentence", "review") if c in df.columns), "text")
         text = _as_text(_need_column(df, col, "data.text_column"))
@@ -241,7 +245,10 @@ def _normalize_completion(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         extra = _as_text(df["input"]) if "input" in df.columns else pd.Series([""] * len(df), index=df.index)
         prompt = [i if not x.strip() else f"{i}\n\n{x}" for i, x in zip(instruction, extra)]
         return pd.DataFrame({"prompt": prompt, "completion": output.values})
-    prompt = _as_text(_need_column(df, cfg.prompt_column or "prompt", "data.prompt_column"))
+    if cfg.text_template:  # the prompt built from several columns
+        prompt = _as_text(_fill_template(df, cfg.text_template))
+    else:
+        prompt = _as_text(_need_column(df, cfg.prompt_column or "prompt", "data.prompt_column"))
     completion = _as_text(_need_column(df, cfg.completion_column or "completion", "data.completion_column"))
     return pd.DataFrame({"prompt": prompt.values, "completion": completion.values})
 
