@@ -184,7 +184,7 @@ def test_token_preview_colours_the_trained_tokens_and_follows_max_length(ui_conf
     panel.preview_button.click()
     assert panel.error.value == "", panel.error.value
     prep = panel.shared.current.prep
-    fmt = panel._last_formatter
+    fmt = panel.formatter
     table = token_table(fmt, prep.splits["train"].iloc[3].to_dict())
     trained = int((table["label"] != IGNORE).sum())
     assert trained >= 2  # the label word and the end-of-turn token

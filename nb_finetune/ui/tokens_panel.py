@@ -31,7 +31,7 @@ class TokenizationPanel(Panel):
         self.tokens = widgets.HTML()
         self.batch = widgets.HTML()
         self._tokenizers: dict = {}
-        self._last_formatter = None
+        self.formatter = None  # the Formatter of the last preview, for use from code
         self._shown = False
         self.shared.observe(self._on_event)
         self.children = [self.forms[0].widget, widgets.HBox([self.row, self.preview_button]), self.status,
@@ -61,7 +61,7 @@ class TokenizationPanel(Panel):
         self.row.max = len(train) - 1
         fmt = Formatter.build(self._tokenizer(cfg), prep.task, prep.labels, cfg.train.max_length,
                               cfg.model.chat_template, prep.config.instruction)
-        self._last_formatter = fmt
+        self.formatter = fmt
         t = cfg.train
         i = min(self.row.value, len(train) - 1)
         # The batch the row would sit in (rows in order), and its padded width.
