@@ -32,8 +32,8 @@ def test_notebook_is_committed_clean_with_badges_install_and_parameters(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.outputs == [] and c.execution_count is None for c in code), "strip the outputs"
     first = nb.cells[0].source
-    assert f"colab.research.google.com/github/" in first and f"/notebooks/{path.name})" in first
-    assert f"mybinder.org/v2/gh/" in first and f"labpath=notebooks/{path.name})" in first
+    assert "colab.research.google.com/github/" in first and f"/notebooks/{path.name})" in first
+    assert "mybinder.org/v2/gh/" in first and f"labpath=notebooks/{path.name})" in first
     install = code[0].source
     assert "find_spec(\"nb_finetune\") is None" in install and "ipywidgets" not in install.split("\n", 2)[-1]
     assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
@@ -81,3 +81,30 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch, smollm2_dir):
                      for o in c.outputs)
     assert shown  # every notebook shows something: panels, tables, reports
     assert (tmp_path / "runs").is_dir()
+
+
+@pytest.mark.slow
+def test_quickstart_fits_binder_memory(tmp_path, monkeypatch, smollm2_dir):
+    """With Binder's sizes (as BINDER_LAUNCH_HOST switches on), the kernel's measured peak during
+    training stays under mybinder.org's 2 GB, fp32 as on Binder's CPUs."""
+    from nbclient import NotebookClient
+    path = REPO / "notebooks" / "01_quickstart.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell("MAX_STEPS = 3\nEPOCHS = 1"))
+    # Binder's CPUs have no bf16: compute in fp32 as they would (no bf16 weight copies).
+    made = next(i for i, c in enumerate(nb.cells) if "studio = Studio(" in c.source)
+    nb.cells.insert(made + 1, nbformat.v4.new_code_cell(
+        "studio.shared.set('model.compute_dtype', 'float32')\nstudio.shared.set('eval.max_test_rows', 8)"))
+    nb.cells.append(nbformat.v4.new_code_cell("print(studio.shared.current.peak_memory)"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("BINDER_LAUNCH_HOST", "https://mybinder.org/")
+    start = (REPO / "binder" / "start").read_text()
+    assert "export MALLOC_ARENA_MAX=2" in start  # what Binder sets before starting the server
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    peak = int(nb.cells[-1].outputs[0]["text"])
+    print(f"kernel peak with Binder's settings: {peak / 10**9:.2f} GB")
+    assert peak < 2 * 10**9, f"peak {peak / 10**9:.2f} GB"
+    cfg = __import__("yaml").safe_load((tmp_path / "runs" / "quickstart" / "config.yaml").read_text())
+    assert cfg["train"]["batch_size"] == 1 and cfg["train"]["grad_accum"] == 8
