@@ -62,17 +62,19 @@ def history_html(history: pd.DataFrame, title: str = "") -> str:
             f"{html.escape(diagnose(history))}</div>" + plots.table_html(history.tail(5)))
 
 
-def train_result_html(result) -> str:
+def _ending(result) -> str:
     how = "stopped" if result.stopped else "early-stopped" if result.early_stopped else "finished"
-    head = (f"training {how} at step {result.global_step} in {result.seconds:.0f} s; adapter "
-            f"<code>{html.escape(str(result.adapter_dir))}</code>")
+    return f"training {how} at step {result.global_step} in {result.seconds:.0f} s; adapter "
+
+
+def train_result_html(result) -> str:
+    head = _ending(result) + f"<code>{html.escape(str(result.adapter_dir))}</code>"
     return plots._TABLE_STYLE + f"<div>{head}</div>" + history_html(result.history)
 
 
 def train_result_text(result) -> str:
-    how = "stopped" if result.stopped else "early-stopped" if result.early_stopped else "finished"
     from .engine import diagnose
-    return (f"training {how} at step {result.global_step} in {result.seconds:.0f} s; adapter {result.adapter_dir}\n"
+    return (f"{_ending(result)}{result.adapter_dir}\n"
             f"{diagnose(result.history)}\n{result.history.tail(5).to_string(index=False)}")
 
 
@@ -87,11 +89,15 @@ def eval_html(result) -> str:
     return "".join(out)
 
 
-def session_html(session) -> str:
-    done = [("data", session.prep is not None), ("tokens", bool(session.token_stats)),
+def _stages(session) -> list[tuple[str, bool]]:
+    """Each stage of the job and whether the session has its result."""
+    return [("data", session.prep is not None), ("tokens", bool(session.token_stats)),
             ("model", session.model is not None), ("training", session.train_result is not None),
             ("evaluation", session.eval_result is not None)]
-    marks = " &rarr; ".join(f"{'&#10003;' if ok else '&#9675;'} {name}" for name, ok in done)
+
+
+def session_html(session) -> str:
+    marks = " &rarr; ".join(f"{'&#10003;' if ok else '&#9675;'} {name}" for name, ok in _stages(session))
     parts = [f"<div><b>Session</b> ({html.escape(session.cfg.model.name)} on "
              f"{html.escape(str(session.cfg.data.source))}): {marks}</div>"]
     if session.eval_result is not None:
@@ -104,8 +110,5 @@ def session_html(session) -> str:
 
 
 def session_text(session) -> str:
-    done = [name for name, ok in [("data", session.prep is not None), ("tokens", bool(session.token_stats)),
-                                  ("model", session.model is not None),
-                                  ("training", session.train_result is not None),
-                                  ("evaluation", session.eval_result is not None)] if ok]
+    done = [name for name, ok in _stages(session) if ok]
     return f"Session({session.cfg.model.name} on {session.cfg.data.source}; done: {', '.join(done) or 'nothing yet'})"

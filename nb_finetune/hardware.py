@@ -69,13 +69,20 @@ def compute_dtype(choice: str = "auto") -> str:
     return "float16" if cuda_available() else "float32"
 
 
+def gpus() -> list[str]:
+    """Each CUDA device as 'name, N GiB'; empty without CUDA."""
+    if not cuda_available():
+        return []
+    import torch
+    return [f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
+            for p in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))]
+
+
 def describe() -> dict:
     ok, why = bitsandbytes_available()
     info = {"device": device(), "bf16": bf16_supported(), "bitsandbytes": ok or why}
     if cuda_available():
-        import torch
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        info["gpu"] = gpus()[0]
     return info
 
 
@@ -92,11 +99,9 @@ def summary() -> str:
     """One line for a panel: the GPU found and its memory, or the CPU, with what it supports."""
     import os
     ok, why = bitsandbytes_available()
-    if cuda_available():
-        import torch
-        props = torch.cuda.get_device_properties(0)
-        count = torch.cuda.device_count()
-        where = f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB" + (f" (x{count})" if count > 1 else "")
+    found = gpus()
+    if found:
+        where = f"GPU: {found[0]}" + (f" (x{len(found)})" if len(found) > 1 else "")
     else:
         where = f"CPU only: {os.cpu_count()} cores, {device_memory() / 2**30:.0f} GiB RAM"
     return (f"{where}; bf16 {'yes' if bf16_supported() else 'no'}; "

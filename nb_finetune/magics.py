@@ -133,13 +133,9 @@ def environment(shell) -> Table:
                }.get(where, "training runs in the background: the Stop button works while it runs")
     rows = [("front end", where, meaning),
             ("ipywidgets", ipywidgets.__version__, "7.7 and 8.x are supported")]
-    if hardware.cuda_available():
-        import torch
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            rows.append((f"GPU {i}", f"{props.name}, {props.total_memory / 2**30:.0f} GiB",
-                         "QLoRA (4-bit) and bf16/fp16 training on the GPU"))
-    else:
+    for i, gpu in enumerate(hardware.gpus()):
+        rows.append((f"GPU {i}", gpu, "QLoRA (4-bit) and bf16/fp16 training on the GPU"))
+    if not hardware.cuda_available():
         rows.append(("GPU", "none", f"training runs on the CPU ({os.cpu_count()} cores); keep models small "
                                     "(SmolLM2-135M trains at a few hundred tokens/s)"))
     bf16 = hardware.bf16_supported()
@@ -195,6 +191,12 @@ class FinetuneMagics(Magics):
             raise UsageError(redact(str(err))) from None
 
     # -- subcommands ----------------------------------------------------------------------
+    def _session(self):
+        """The shared session, reporting to the console (no panel shows its status here)."""
+        session = self.shared.session()
+        session.progress = print
+        return session
+
     def _panel(self, name: str):
         from . import ui
         return getattr(ui, name)(self.shared)
@@ -209,16 +211,14 @@ class FinetuneMagics(Magics):
         if rest:
             self.shared.set("data.source", rest[0])
         if not self._has_widgets():
-            session = self.shared.session()
-            session.progress = print
+            session = self._session()
             return session.prepare_data().report
         return self._panel("DataPanel")
 
     def _do_preview(self, rest):
         if not self._has_widgets():
             from .tokenization import token_table
-            session = self.shared.session()
-            session.progress = print
+            session = self._session()
             session.tokenize()
             table = token_table(session.formatter, session.prep.splits["train"].iloc[0].to_dict())
             return table
@@ -244,8 +244,7 @@ class FinetuneMagics(Magics):
     def _do_probe(self, rest):
         if not self._has_widgets():  # a terminal: the built-in CrowS-Pairs subset on base and tuned
             from . import assets, bias
-            session = self.shared.session()
-            session.progress = print
+            session = self._session()
             if session.model is None:
                 session.load_model()
             pairs = bias.crows_pairs(assets.data_path("crows-pairs-masked"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import html
 import json
 import sys
@@ -71,6 +72,7 @@ class Shared:
         self._session: Session | None = None
         self._listeners = []
         self.busy = False  # a run is using the session: new settings wait for the next one
+        self._problems: list[Problem] | None = None  # validated once per change, read by every form
 
     # -- settings -------------------------------------------------------------------------
     def get(self, key: str):
@@ -97,11 +99,13 @@ class Shared:
         return RunConfig.from_dict(copy.deepcopy(self.raw))
 
     def problems(self) -> list[Problem]:
-        try:
-            self.config()
-        except ConfigError as err:
-            return err.problems
-        return []
+        if self._problems is None:
+            try:
+                self.config()
+                self._problems = []
+            except ConfigError as err:
+                self._problems = err.problems
+        return self._problems
 
     # -- session --------------------------------------------------------------------------
     def session(self) -> Session:
@@ -129,6 +133,8 @@ class Shared:
         self._listeners.append(fn)
 
     def notify(self, event: str) -> None:
+        if event == "config":
+            self._problems = None
         for fn in list(self._listeners):
             fn(event)
 
@@ -141,6 +147,7 @@ def _tooltip(widget, text: str) -> None:
         widget.description_tooltip = text
 
 
+@functools.cache
 def _field(key: str) -> dataclasses.Field:
     section, name = key.split(".")
     klass = type(getattr(RunConfig(), section))
