@@ -99,12 +99,16 @@ def test_quickstart_fits_binder_memory(tmp_path, monkeypatch, smollm2_dir):
     nb.cells.append(nbformat.v4.new_code_cell("print(studio.shared.current.peak_memory)"))
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("BINDER_LAUNCH_HOST", "https://mybinder.org/")
-    start = (REPO / "binder" / "start").read_text()
-    assert "export MALLOC_ARENA_MAX=2" in start  # what Binder sets before starting the server
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    # What binder/start exports before starting the server, the kernel inherits.
+    exports = re.findall(r"^export (\w+)=(\S+)$", (REPO / "binder" / "start").read_text(), re.M)
+    assert exports
+    for name, value in exports:
+        monkeypatch.setenv(name, value)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     peak = int(nb.cells[-1].outputs[0]["text"])
     print(f"kernel peak with Binder's settings: {peak / 10**9:.2f} GB")
-    assert peak < 2 * 10**9, f"peak {peak / 10**9:.2f} GB"
+    # 2 GB in all, and the notebook server beside the kernel takes about 0.1 GB.
+    assert peak < 1.8 * 10**9, f"peak {peak / 10**9:.2f} GB"
     cfg = __import__("yaml").safe_load((tmp_path / "runs" / "quickstart" / "config.yaml").read_text())
     assert cfg["train"]["batch_size"] == 1 and cfg["train"]["grad_accum"] == 8
+    assert cfg["train"]["gradient_checkpointing"] == "yes"
