@@ -11,6 +11,7 @@ import math
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,6 +270,48 @@ def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool, quantiz
     )
 
 
+def trained_positions(labels):
+    """For a causal LM batch: which positions predict a trained token (bool, batch x length),
+    and those tokens in order. Position t predicts the token at t + 1."""
+    import torch
+    following = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    keep = following != IGNORE
+    return keep, following[keep]
+
+
+def keeps_logits_selectively(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+@contextmanager
+def frozen_weights_in(model, precision: str):
+    """Hold the frozen weights of the adapted linear layers in `precision` while training.
+
+    Under bf16 autocast every linear layer casts its fp32 weight to bf16 on every forward
+    pass (autocast caches only weights that are trained): a full copy of the model per step,
+    about a tenth of a step on a CPU. Casting the frozen weights once gives the same bf16
+    values, so the same results. The fp32 originals are put back afterwards, so evaluation
+    and export see the weights as loaded."""
+    import torch
+    dtype = getattr(torch, precision)
+    originals = []
+    if precision in ("bfloat16", "float16"):
+        for module in model.modules():
+            base = getattr(module, "base_layer", None)  # a LoRA-wrapped layer's frozen part
+            if isinstance(base, torch.nn.Linear) and not base.weight.requires_grad \
+                    and base.weight.dtype == torch.float32:
+                originals.append((base, base.weight.data))
+                base.weight.data = base.weight.data.to(dtype)
+    try:
+        yield
+    finally:
+        for base, weight in originals:
+            base.weight.data = weight
+
+
 def _trainer_class():
     import shutil
 
@@ -277,8 +320,22 @@ def _trainer_class():
 
     class SafeTrainer(Trainer):
         """Writes each checkpoint under a temporary name and renames it once complete, so a
-        process killed mid-save never leaves a `checkpoint-N` that resume would load."""
+        process killed mid-save never leaves a `checkpoint-N` that resume would load.
+
+        With `trained_logits_only`, training computes the vocabulary projection and the loss
+        at the positions that predict a trained token only. The prompt's positions have no
+        loss, so their logits (a hidden x vocabulary matmul and a softmax over ~50k entries
+        each, forward and backward) were work thrown away. The loss and gradients are the same
+        (tests/test_speed.py); evaluation keeps every position for its accuracy."""
         _staging: str | None = None
+        trained_logits_only = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            if self.trained_logits_only and model.training and labels is not None and labels.dim() == 2:
+                keep, following = trained_positions(labels)
+                inputs = {**inputs, "logits_to_keep": keep, "shift_labels": following}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _get_output_dir(self, trial):
             return self._staging or super()._get_output_dir(trial)
@@ -356,6 +413,7 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
                                eval_dataset=val_ds if args.eval_strategy != "no" else None,
                                data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
                                preprocess_logits_for_metrics=_argmax_logits)
+    trainer.trained_logits_only = keeps_logits_selectively(model)
     # Nothing prints from the training loop: events go to our callbacks instead.
     for printer in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
         trainer.remove_callback(printer)
@@ -366,7 +424,8 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
         resume = cfg.resume_from
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        with frozen_weights_in(model, precision):
+            trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         # A kernel interrupt (or a second Ctrl-C) is a stop too: keep what the finished steps trained.
         bridge.stopped = True

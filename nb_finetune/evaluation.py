@@ -79,10 +79,8 @@ def score_labels(model, fmt: Formatter, frame: pd.DataFrame, labels: list[str], 
                  batch_size: int = 8, precision: str = "float32") -> np.ndarray:
     """[rows, labels] log-likelihood of each label as the response to each row's prompt."""
     response_col = "label" if "label" in frame else "completion"
-    features = []
-    for row in frame.to_dict(orient="records"):
-        for lab in labels:
-            features.append(fmt.encode(row | {response_col: lab}))
+    features = fmt.encode_many([row | {response_col: lab} for row in frame.to_dict(orient="records")
+                                for lab in labels])
     scores = sequence_logprobs(model, features, collator, batch_size, precision)
     return scores.reshape(len(frame), len(labels))
 

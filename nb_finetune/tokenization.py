@@ -96,11 +96,27 @@ class Formatter:
     # -- encoding ----------------------------------------------------------------------
     def encode(self, row) -> dict:
         """{"input_ids", "labels"} plus flags saying what truncation did."""
-        text, spans = self.render(row)
-        enc = self.tokenizer(text, add_special_tokens=not self.use_chat, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        trained = np.array([any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]], bool)
+        return self.encode_many([row])[0]
+
+    def encode_many(self, rows) -> list[dict]:
+        """`encode` for many rows, with one batched tokenizer call (the fast tokenizer works
+        through a batch in Rust, several times quicker than one call per row)."""
         special = set(self.tokenizer.all_special_ids)
+        out = []
+        for start in range(0, len(rows), 1024):  # bounded memory for large data sets
+            rendered = [self.render(row) for row in rows[start:start + 1024]]
+            enc = self.tokenizer([text for text, _ in rendered], add_special_tokens=not self.use_chat,
+                                 return_offsets_mapping=True)
+            out += [self._label(ids, offsets, spans, special)
+                    for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered)]
+        return out
+
+    def _label(self, ids, offsets, spans, special: set) -> dict:
+        ids = list(ids)
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        trained = np.zeros(len(ids), bool)
+        for a, b in spans:  # a token overlapping a response's characters is trained
+            trained |= (offsets[:, 0] < b) & (offsets[:, 1] > a)
         # Train the token that closes each response (e.g. <|im_end|>) so the model learns to stop.
         ends = np.flatnonzero(trained[:-1] & ~trained[1:]) + 1
         for i in ends:
@@ -204,8 +220,9 @@ def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None
     """Encode every row; rows with no trained token left are dropped and counted."""
     stats = TokenizationStats()
     kept = []
-    for row in frame.to_dict(orient="records"):
-        f = fmt.encode_classification(row, head_labels) if head_labels else fmt.encode(row)
+    rows = frame.to_dict(orient="records")
+    encoded = [fmt.encode_classification(row, head_labels) for row in rows] if head_labels else fmt.encode_many(rows)
+    for f in encoded:
         stats.rows += 1
         stats.lengths.append(len(f["input_ids"]))
         stats.prompt_truncated += f["prompt_truncated"]

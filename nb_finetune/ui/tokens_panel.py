@@ -66,7 +66,7 @@ class TokenizationPanel(Panel):
         i = min(self.row.value, len(train) - 1)
         # The batch the row would sit in (rows in order), and its padded width.
         batch = train.iloc[i - i % t.batch_size:][: t.batch_size].to_dict("records")
-        lengths = [len(fmt.encode(r)["input_ids"]) for r in batch]
+        lengths = [len(e["input_ids"]) for e in fmt.encode_many(batch)]
         width = max(lengths)
         if t.pad_to_multiple_of:
             width = -(-width // t.pad_to_multiple_of) * t.pad_to_multiple_of
@@ -85,7 +85,7 @@ class TokenizationPanel(Panel):
 
     def _batch_stats(self, fmt, train: pd.DataFrame, t) -> str:
         rows = train.head(SAMPLE_ROWS).to_dict("records")
-        encoded = [fmt.encode(r) for r in rows]
+        encoded = fmt.encode_many(rows)
         stats = batch_padding([len(e["input_ids"]) for e in encoded], t.batch_size, t.pad_to_multiple_of)
         table = pd.DataFrame([
             {"measure": "rows sampled", "value": f"{stats['rows']:,}"},

@@ -1,0 +1,289 @@
+"""Training speed: nb_finetune vs a plain TRL script, side by side in one run.
+
+What it prints (figures, never pass/fail):
+1. This machine's matmul peak, measured: bf16 and fp32 TFLOP/s (best of a few square sizes).
+2. Training throughput on SmolLM2-135M-Instruct, LoRA r16 on every linear layer, batch 8,
+   the same optimizer steps, learning rate and seed, for each data set (Alpaca demo, SST-2):
+   - nb_finetune: its engine with its defaults (bf16 autocast where the CPU has bf16,
+     length-grouped batches, dynamic padding to a multiple of 8);
+   - TRL: `SFTTrainer` + `DataCollatorForCompletionOnlyLM` (trl 0.19.1, its defaults, fp32),
+     fed the same rendered chat strings, as a hand-written script would do.
+   Runs alternate (ours, TRL, ours, TRL, ...) in this process; the median of the repeats is
+   reported. Tokens/s counts the non-padding tokens of the batches each trainer consumed (a
+   padded position is computed but is not work anyone asked for) over the wall time of
+   `trainer.train()`. Quality: each trained model's loss on the same validation rows, on the
+   response tokens only, computed the same way (fp32) for both.
+3. Model FLOPs utilisation of each: (4 N + 6 N_lora + 6 L d s) FLOPs per non-padding token
+   (a frozen base: 2N forward, 2N backward to the activations; the adapters' own gradients;
+   causal attention over rows of mean length s) times tokens/s, over the measured bf16 peak
+   (and the fp32 peak, which is the fair ceiling for an fp32 run).
+4. Time to the first training step of `nb-finetune demo` from a cold process with a warm asset
+   cache, with the time each stage's message appeared.
+5. Tokenization throughput: `tokenize_frame` (render, offsets, masks) vs the tokenizer's own
+   batched call on the same strings (no masks), rows/s.
+
+Run from the repository root (the default takes about 10-15 minutes on a 2-core CPU):
+    python benchmarks/train_speed.py
+    python benchmarks/train_speed.py --steps 4 --repeats 1 --data alpaca   # a quick try
+Peak memory of LoRA vs QLoRA is printed by benchmarks/gpu_check.py (RSS on a CPU), and bias
+probe scoring throughput by benchmarks/crows_pairs_probe.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+SEED = 42
+LR = 2e-4
+RESPONSE_TEMPLATE = "<|im_start|>assistant\n"  # where TRL's collator starts the trained tokens
+
+
+# -- 1. the machine ---------------------------------------------------------------------------
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best FLOP/s of a square matmul over a few sizes, on every thread torch uses."""
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: kernel choice, caches
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            count += 1
+        best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
+    return best
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def load_rows(name: str, n_train: int, n_val: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Normalised {prompt, completion} rows and the task kind our Formatter is built for."""
+    from nb_finetune import config, data
+    if name == "alpaca":
+        raw = pd.DataFrame(json.loads((SHARED / "alpaca_demo" / "alpaca_en_demo.json").read_text(encoding="utf-8")))
+        frame, task = data.normalize(raw, config.DataConfig(task="completion")), "completion"
+    else:  # sst2: the sentence and a one-word answer
+        raw = pd.read_csv(SHARED / "sst2" / "train.tsv", sep="\t")
+        frame = data.normalize(raw, config.DataConfig(task="classification", label_names={"0": "negative",
+                                                                                           "1": "positive"}))
+        task = "classification"
+    frame = frame.sample(frac=1.0, random_state=SEED).reset_index(drop=True)
+    return frame.iloc[:n_train], frame.iloc[n_train:n_train + n_val], task
+
+
+# -- the two trainers -----------------------------------------------------------------------
+
+class Counting:
+    """Wraps a collator and counts the non-padding tokens of every batch it makes."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens, self.padded = collator, 0, 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch["attention_mask"]
+        self.tokens += int(mask.sum())
+        self.padded += mask.numel()
+        return batch
+
+
+def run_ours(train: pd.DataFrame, task: str, labels: list[str], args, out: str) -> tuple[dict, object, object]:
+    from nb_finetune import config, engine, hardware, modeling
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+    mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
+    tcfg = config.TrainConfig(output_dir=out, max_steps=args.steps, learning_rate=LR, batch_size=args.batch_size,
+                              max_length=args.max_length, eval_steps=10**6, save_steps=10**6,
+                              logging_steps=max(1, args.steps // 4), warmup_ratio=0.0, seed=SEED)
+    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
+    fmt = Formatter.build(tok, task, labels, args.max_length)
+    dataset, _ = tokenize_frame(train, fmt)
+    import transformers
+    transformers.set_seed(SEED)
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    collator = Counting(CompletionOnlyCollator(tok.pad_token_id, tcfg.pad_to_multiple_of))
+    precision = hardware.compute_dtype(mcfg.compute_dtype)
+    start = time.perf_counter()
+    engine.train(model, dataset, None, collator, tcfg, precision=precision)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": collator.tokens, "padded": collator.padded, "precision": precision}, model, fmt
+
+
+def run_trl(train: pd.DataFrame, fmt, args, out: str) -> tuple[dict, object]:
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from datasets import Dataset
+    from trl import DataCollatorForCompletionOnlyLM, SFTConfig, SFTTrainer
+    from nb_finetune import modeling
+    path = modeling.resolve("smollm2-135m-instruct", progress=lambda m: None)
+    tok = fmt.tokenizer
+    texts = [fmt.render(row)[0] for row in train.to_dict(orient="records")]
+    import transformers
+    transformers.set_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(path)  # fp32, as loaded by default
+    collator = Counting(DataCollatorForCompletionOnlyLM(response_template=RESPONSE_TEMPLATE, tokenizer=tok))
+    cfg = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                    learning_rate=LR, max_length=args.max_length, logging_steps=max(1, args.steps // 4),
+                    save_strategy="no", report_to="none", seed=SEED, use_cpu=not torch.cuda.is_available(),
+                    dataset_text_field="text", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"text": texts}),
+                         processing_class=tok, data_collator=collator,
+                         peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": collator.tokens, "padded": collator.padded, "precision": "float32"}, \
+        trainer.model
+
+
+@torch.no_grad()
+def validation_loss(model, features: list[dict], batch_size: int = 8) -> float:
+    """Mean cross-entropy over the response tokens of `features`, fp32, the same for both."""
+    from nb_finetune.tokenization import IGNORE, CompletionOnlyCollator
+    model.eval()
+    collate = CompletionOnlyCollator(pad_token_id=0, pad_to_multiple_of=None)
+    total, count = 0.0, 0
+    for i in range(0, len(features), batch_size):
+        batch = collate(features[i:i + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+        total += float(loss)
+        count += int((labels != IGNORE).sum())
+    return total / count
+
+
+def flops_per_token(model, mean_length: float) -> float:
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base = total - lora
+    return 4 * base + 6 * lora + 6 * cfg.num_hidden_layers * cfg.hidden_size * mean_length
+
+
+def compare_training(name: str, args, peaks: dict) -> list[dict]:
+    train, val, task = load_rows(name, args.steps * args.batch_size, args.val_rows)
+    labels = ["negative", "positive"] if task == "classification" else []
+    rows = []
+    for repeat in range(args.repeats):
+        for who in ("nb_finetune", "trl"):
+            with tempfile.TemporaryDirectory() as out:
+                if who == "nb_finetune":
+                    figures, model, fmt = run_ours(train, task, labels, args, out)
+                else:
+                    figures, model = run_trl(train, fmt, args, out)
+            val_features = [fmt.encode(r) for r in val.to_dict(orient="records")]
+            mean_length = figures["padded"] / (args.steps * args.batch_size)
+            tps = figures["tokens"] / figures["seconds"]
+            achieved = tps * flops_per_token(model, mean_length)
+            rows.append({"data": name, "trainer": who, "repeat": repeat, "precision": figures["precision"],
+                         "train s": figures["seconds"], "tokens": figures["tokens"],
+                         "padding share": 1 - figures["tokens"] / figures["padded"], "tokens/s": tps,
+                         "MFU bf16 peak": achieved / peaks["bfloat16"], "MFU fp32 peak": achieved / peaks["float32"],
+                         "val loss": validation_loss(model, val_features)})
+            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=repeat == 0 and who == "nb_finetune",
+                                                    float_format=lambda v: f"{v:.4g}"), flush=True)
+            del model
+    return rows
+
+
+# -- 4. time to first step -------------------------------------------------------------------
+
+def time_to_first_step() -> pd.DataFrame:
+    """Run `nb-finetune demo` in a fresh process; time each line it prints until step 1."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-u", "-m", "nb_finetune", "demo", "--output", out,
+               "--set", "train.max_steps=2", "--set", "train.logging_steps=1"]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        marks = []
+        for line in proc.stdout:
+            marks.append({"seconds": round(time.perf_counter() - start, 2), "printed": line.rstrip()[:90]})
+            if re.search(r"step\s+1/", line):
+                break
+        proc.kill()
+        proc.wait()
+    return pd.DataFrame(marks)
+
+
+# -- 5. tokenization --------------------------------------------------------------------------
+
+def tokenization_speed(args) -> pd.DataFrame:
+    from nb_finetune import config, modeling
+    from nb_finetune.tokenization import Formatter, tokenize_frame
+    train, _, task = load_rows("alpaca", 10**9, 0)
+    tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
+    fmt = Formatter.build(tok, task, [], args.max_length)
+    start = time.perf_counter()
+    _, stats = tokenize_frame(train, fmt)
+    ours = time.perf_counter() - start
+    texts = [fmt.render(r)[0] for r in train.to_dict(orient="records")]
+    start = time.perf_counter()
+    tok(texts, add_special_tokens=False)
+    plain = time.perf_counter() - start
+    return pd.DataFrame([
+        {"what": "tokenize_frame: render + offsets + masks + truncation", "rows": len(train), "rows/s": len(train) / ours,
+         "tokens/s": stats.tokens / ours},
+        {"what": "tokenizer(texts) batched, ids only (reference)", "rows": len(train), "rows/s": len(train) / plain,
+         "tokens/s": stats.tokens / plain}])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="alpaca,sst2", help="comma-separated: alpaca, sst2")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each trainer per data set")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--val-rows", type=int, default=64)
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: first-step, tokenization")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    from nb_finetune import hardware
+    print(f"machine: {hardware.summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+
+    peaks = {"bfloat16": matmul_peak(torch.bfloat16), "float32": matmul_peak(torch.float32)}
+    print("1. matmul peak, measured: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()) + "\n")
+
+    print(f"2-3. training: {args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, "
+          f"LoRA r{LORA['r']} all-linear, lr {LR}, {args.repeats} repeat(s), alternating")
+    rows = []
+    for name in args.data.split(","):
+        rows += compare_training(name.strip(), args, peaks)
+    table = pd.DataFrame(rows).groupby(["data", "trainer"]).median(numeric_only=True).drop(columns="repeat")
+    print("\nmedians:\n" + table.to_string(float_format=lambda v: f"{v:.4g}"))
+    for name in table.index.get_level_values(0).unique():
+        ours, trl = table.loc[(name, "nb_finetune")], table.loc[(name, "trl")]
+        print(f"{name}: nb_finetune {ours['tokens/s'] / trl['tokens/s']:.2f}x TRL's tokens/s; "
+              f"validation loss {ours['val loss']:.4f} vs TRL {trl['val loss']:.4f}; "
+              f"wall time {trl['train s'] / ours['train s']:.2f}x shorter for the same steps")
+
+    if "first-step" not in args.skip:
+        print("\n4. time to first step, `nb-finetune demo`, warm asset cache:")
+        print(time_to_first_step().to_string(index=False))
+    if "tokenization" not in args.skip:
+        print("\n5. tokenization, Alpaca demo:")
+        print(tokenization_speed(args).to_string(index=False, float_format=lambda v: f"{v:,.0f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
