@@ -53,16 +53,23 @@ RESPONSE_TEMPLATE = "<|im_start|>assistant\n"  # where TRL's collator starts the
 
 # -- 1. the machine ---------------------------------------------------------------------------
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """Best FLOP/s of a square matmul over a few sizes, on every thread torch uses."""
+    """Best FLOP/s of a square matmul over a few sizes (on a CPU, on every thread torch uses)."""
     best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for n in (1024, 2048, 4096) + ((8192,) if DEVICE == "cuda" else ()):
+        a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
         a @ b  # warm-up: kernel choice, caches
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3:
             a @ b
             count += 1
+            if DEVICE == "cuda" and count % 10 == 0:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
         best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
     return best
 
@@ -156,7 +163,7 @@ def validation_loss(model, features: list[dict], batch_size: int = 8) -> float:
     collate = CompletionOnlyCollator(pad_token_id=0, pad_to_multiple_of=None)
     total, count = 0.0, 0
     for i in range(0, len(features), batch_size):
-        batch = collate(features[i:i + batch_size])
+        batch = {k: v.to(model.device) for k, v in collate(features[i:i + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),

@@ -14,7 +14,8 @@ parameters and the LoRA adapters it would get, then adds up, in bytes:
                  inputs (2 x hidden) plus one layer's worth
   logits         batch x length x vocab x 14 bytes (16-bit logits, their fp32 copy, the
                  log-softmax and its gradient)
-  on a CPU also  the bf16 copies of the linear weights that autocast keeps (2 bytes each), and
+  on a CPU also  the bf16 copies of the frozen linear weights held while training under bf16
+                 autocast (2 bytes each; engine.frozen_weights_in), and
                  what the process holds already (Python, torch, the data): its resident memory now
 """
 from __future__ import annotations
@@ -80,12 +81,14 @@ def estimate(cfg: RunConfig, objective: str = "completion", num_labels: int = 2)
     t = cfg.train
     tokens = t.batch_size * t.max_length
     hidden, layers = mc.hidden_size, mc.num_hidden_layers
-    checkpointing = quant != "none" and cuda
-    per_token_layer = 2 * hidden if checkpointing else (34 if cuda else 104) * hidden
+    from .engine import optimizer_and_checkpointing  # the same decision training makes
+    checkpointing = optimizer_and_checkpointing(t, quant != "none")[1]
+    one_layer = (34 if cuda else 104) * hidden  # bytes per token kept for one layer's backward
+    per_token_layer = 2 * hidden if checkpointing else one_layer
     parts = {
         "base weights": linear * per_linear[quant] + other * (2 if quant != "none" else half),
         "adapters and optimizer": lora * (4 + 4 + (2 if quant != "none" and cuda else 8)),
-        "activations": per_token_layer * tokens * layers + (34 * hidden * tokens if checkpointing else 0),
+        "activations": per_token_layer * tokens * layers + (one_layer * tokens if checkpointing else 0),
         "logits": 0 if objective == "head" else tokens * mc.vocab_size * 14,
     }
     if not cuda:
