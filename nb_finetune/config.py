@@ -110,6 +110,9 @@ class TrainConfig:
     max_length: int = _f(256, "Tokens per row at most; longer prompts are cut in the middle, the response is kept.",
                          min=8, max=131072)
     pad_to_multiple_of: int = _f(8, "Pad each batch to a multiple of this many tokens (0: no rounding).", min=0, max=512)
+    packing: bool = _f(False, "Pack several short training rows into each row of up to max_length tokens, each "
+                       "attending only to itself: less padding, more rows per step, fewer steps per epoch. "
+                       "Causal-LM objectives only.")
     eval_steps: int = _f(10, "Validate every this many optimizer steps.", min=1)
     logging_steps: int = _f(5, "Record training loss every this many optimizer steps.", min=1)
     save_steps: int = _f(0, "Checkpoint every this many steps (0: at each validation).", min=0)

@@ -222,9 +222,19 @@ def token_accuracy(eval_pred) -> dict:
 
 
 def _argmax_logits(logits, labels):
+    """The predicted token ids, batch x length, for `token_accuracy`."""
+    import torch
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=-1)
+    preds = logits.argmax(dim=-1)
+    if preds.dim() == 1 and labels is not None and labels.dim() == 2:
+        # Logits came only for the positions that predict a trained token (SafeTrainer): put
+        # them back in place; the other positions are never compared.
+        keep, _ = trained_positions(labels)
+        full = torch.full_like(labels, IGNORE)
+        full[keep] = preds
+        return full
+    return preds
 
 
 def accumulation(cfg: TrainConfig) -> int:
@@ -322,17 +332,25 @@ def _trainer_class():
         """Writes each checkpoint under a temporary name and renames it once complete, so a
         process killed mid-save never leaves a `checkpoint-N` that resume would load.
 
+        Packed batches (train.packing) reach the model with position_ids and no attention mask.
+
         With `trained_logits_only`, training computes the vocabulary projection and the loss
         at the positions that predict a trained token only. The prompt's positions have no
         loss, so their logits (a hidden x vocabulary matmul and a softmax over ~50k entries
         each, forward and backward) were work thrown away. The loss and gradients are the same
-        (tests/test_speed.py); evaluation keeps every position for its accuracy."""
+        (tests/test_speed.py). Validation does the same: its loss and its token accuracy look
+        at those positions only (`_argmax_logits` puts the predictions back in place)."""
         _staging: str | None = None
         trained_logits_only = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "position_ids" in inputs:
+                # Packed rows (tokenization.pack): without an attention mask and without a cache,
+                # transformers builds the block-diagonal causal mask from the position_ids, so
+                # each original row sees only itself. The mask has served to count tokens.
+                inputs = {k: v for k, v in inputs.items() if k != "attention_mask"} | {"use_cache": False}
             labels = inputs.get("labels")
-            if self.trained_logits_only and model.training and labels is not None and labels.dim() == 2:
+            if self.trained_logits_only and labels is not None and labels.dim() == 2:
                 keep, following = trained_positions(labels)
                 inputs = {**inputs, "logits_to_keep": keep, "shift_labels": following}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -60,18 +60,31 @@ def _autocast(model, precision: str):
 
 
 @torch.inference_mode()
-def sequence_logprobs(model, features: list[dict], collator, batch_size: int, precision: str) -> np.ndarray:
-    """Sum of log-probabilities of each row's trained tokens."""
+def sequence_logprobs(model, features: list[dict], collator, batch_size: int, precision: str,
+                      selective: bool | None = None) -> np.ndarray:
+    """Sum of log-probabilities of each row's trained tokens.
+
+    The vocabulary projection and the softmax run only at the positions that predict a trained
+    token (`logits_to_keep`, where the model takes it; `selective=False` computes every
+    position's, for comparison): scoring a label after a 250-token prompt needs two positions'
+    logits, not 250."""
+    from .engine import keeps_logits_selectively, trained_positions
+    if selective is None:
+        selective = keeps_logits_selectively(model)
     out = []
     for i in range(0, len(features), batch_size):
         batch = {k: v.to(model.device) for k, v in collator(features[i:i + batch_size]).items()}
+        keep, following = trained_positions(batch["labels"])
         with _autocast(model, precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE
-        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.append((picked * mask).sum(-1).cpu().numpy())
+            if selective:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=keep).logits
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep]
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, following.unsqueeze(-1)).squeeze(-1)
+        rows = keep.nonzero()[:, 0]  # the row of each kept position, in order
+        sums = torch.zeros(len(keep), dtype=torch.float32, device=picked.device).index_add_(0, rows, picked)
+        out.append(sums.cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -16,7 +16,7 @@ from . import distributed, engine, evaluation, hardware, memory, modeling
 from .config import RunConfig
 from .errors import UserError
 from .redact import redact
-from .tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+from .tokenization import CompletionOnlyCollator, Formatter, pack, tokenize_frame
 
 
 class Session:
@@ -91,6 +91,9 @@ class Session:
                             f"tokens; set it to at most {context} (longer prompts are cut in the middle)")
         if self.objective == "head" and self.prep.task != "classification":
             raise UserError("a classification head needs data.task='classification'")
+        if self.objective == "head" and t.packing:
+            raise UserError("train.packing needs a causal-LM objective: a classification head sees one row per "
+                            "input; set train.packing to false")
         self.formatter = Formatter.build(self.tokenizer, self.prep.task, self.prep.labels, t.max_length,
                                          m.chat_template, self.prep.config.instruction)
         head_labels = {lab: i for i, lab in enumerate(self.prep.labels)} if self.objective == "head" else None
@@ -136,15 +139,20 @@ class Session:
         if self.model is None:
             self.load_model()
         t = self.cfg.train
+        train_ds = self.datasets["train"]
+        if t.packing:
+            train_ds = pack(train_ds, t.max_length)
+            self.progress(f"packing: {len(self.datasets['train']):,} rows into {len(train_ds):,} rows of at most "
+                          f"{t.max_length} tokens")
         trainable, total = modeling.trainable_parameters(self.model)
         accum, processes = engine.accumulation(t), distributed.world_size()
-        info = {"train_rows": len(self.datasets["train"]), "effective_batch": t.batch_size * accum * processes,
+        info = {"train_rows": len(train_ds), "effective_batch": t.batch_size * accum * processes,
                 "batch_size": t.batch_size, "processes": processes, "grad_accum": accum,
                 "trainable": trainable, "total": total, "precision": self.precision}
         if distributed.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.output_dir / "config.yaml")
-        self.train_result = engine.train(self.model, self.datasets["train"], self.datasets["validation"],
+        self.train_result = engine.train(self.model, train_ds, self.datasets["validation"],
                                          self.collator, t, callbacks, stop, self.precision, self.tokenizer, info,
                                          quantized=self.cfg.model.quantization != "none")
         self.peak_memory = memory.measured_peak()

@@ -149,9 +149,55 @@ def add_lora(model, cfg: ModelConfig, objective: str):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="SEQ_CLS" if objective == "head" else "CAUSAL_LM")
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as err:  # peft names the modules it could not find
         raise UserError(f"model.target_modules={cfg.target_modules!r}: {str(err).splitlines()[0]}") from None
+    use_fast_dropout(model)
+    return model
+
+
+class FastDropout(torch.nn.Module):
+    """nn.Dropout whose mask costs a quarter as much on a CPU.
+
+    peft applies dropout to the input of every adapted layer: seven full-width masks per
+    transformer block. torch draws each mask element by element (`bernoulli_`, about 5 ns an
+    element here), which made LoRA dropout 0.05 cost 40% of a training step on SmolLM2.
+    Here 64-bit words from numpy's PCG64, seeded from torch's generator on every call (so
+    `torch.manual_seed`, the Trainer's seed and its saved RNG states decide the masks), are
+    cut into 16-bit lanes, one per element: each element is kept independently with
+    probability 1 - p, p rounded to a multiple of 1/65536 (torch's own draw rounds it to
+    2^-24), and scaled by 1/(1 - p). Same distribution, same expectation. On other devices,
+    or outside training, it is nn.functional.dropout."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.cut = round(p * 65536)  # lanes below this value are dropped
+
+    def forward(self, x):
+        if not self.training or self.cut in (0, 65536) or x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, self.training)
+        import numpy as np
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+        words = np.random.default_rng(seed).bit_generator.random_raw((x.numel() + 3) // 4)
+        keep = torch.from_numpy(words.view(np.uint16)[:x.numel()] >= self.cut).view(x.shape)
+        return torch.where(keep, x * (65536 / (65536 - self.cut)), 0.0).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model) -> int:
+    """Swap peft's adapter-input nn.Dropout modules for FastDropout; how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, layer in dropouts.items():
+                if type(layer) is torch.nn.Dropout and layer.p > 0:
+                    dropouts[name] = FastDropout(layer.p)
+                    swapped += 1
+    return swapped
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -149,3 +149,40 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path, 
         cfg = _cfg(tiny_model_dir, tmp_path / mode, max_steps=3, eval_steps=3, gradient_checkpointing=mode)
         runs[mode] = _session(cfg, sst2_frame).train().history["train_loss"].to_numpy()
     np.testing.assert_allclose(runs["yes"], runs["no"], rtol=1e-4)
+
+
+def test_packed_epoch_takes_fewer_steps_over_the_same_rows(tiny_model_dir, tmp_path, shared_data):
+    """train.packing through the Session: an epoch of real Alpaca rows packed to 256 tokens
+    takes fewer optimizer steps than unpacked, reads as many real tokens, learns, and keeps
+    validation unpacked."""
+    import json
+    import pandas as pd
+    rows = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:80])
+    runs, begins, said = {}, {}, []
+    for packing in (False, True):
+        cfg = _cfg(tiny_model_dir, tmp_path / str(packing), max_steps=0, epochs=1, max_length=256, eval_steps=2,
+                   packing=packing).with_overrides({"data.task": "completion", "data.text_column": ""})
+        s = Session(cfg, progress=said.append)
+        s.prepare_data(rows)
+        recorder = Recorder()
+        runs[packing] = s.train(callbacks=[recorder])
+        begins[packing] = recorder.events[0][1]
+    plain, packed = runs[False], runs[True]
+    n = len(s.datasets["train"])
+    assert begins[False]["train_rows"] == n and plain.global_step == math.ceil(n / 4)
+    packed_rows = begins[True]["train_rows"]
+    assert packed_rows < n * 0.8 and packed.global_step == math.ceil(packed_rows / 4) < plain.global_step
+    assert f"packing: {n} rows into {packed_rows} rows of at most 256 tokens" in said
+    losses = packed.history["train_loss"].dropna().to_numpy()
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    val = packed.history["val_loss"].dropna()  # validation rows are scored unpacked
+    assert len(val) >= 2 and np.isfinite(val).all()
+
+
+def test_packing_with_a_classification_head_is_refused_before_loading(tiny_model_dir, tmp_path, sst2_frame):
+    from nb_finetune import UserError
+    cfg = _cfg(tiny_model_dir, tmp_path, packing=True).with_overrides({"model.objective": "head"})
+    s = _session(cfg, sst2_frame)
+    with pytest.raises(UserError, match="train.packing needs a causal-LM objective"):
+        s.train()
+    assert s.model is None

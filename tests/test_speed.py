@@ -101,3 +101,97 @@ def test_frozen_weights_held_in_bf16_give_the_same_bf16_results_and_come_back(ti
                for n, p in model.named_parameters() if "base_layer" in n)
     with engine.frozen_weights_in(model, "float32"):  # nothing to do in fp32
         assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fast_dropout_draws_the_dropout_distribution():
+    """FastDropout keeps each element with probability 1 - p, scales by 1/(1 - p), follows
+    torch's seed, passes gradients through the mask and is the identity in eval mode."""
+    drop = modeling.FastDropout(0.1).train()
+    x = torch.ones(400, 1000)
+    torch.manual_seed(0)
+    out = drop(x)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.9, abs=0.003)
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 65536 / (65536 - round(0.1 * 65536))))
+    assert out.mean().item() == pytest.approx(1.0, abs=0.004)
+    rows, cols = kept.float().mean(1), kept.float().mean(0)  # no striping along either axis
+    assert rows.std().item() < 0.03 and cols.std().item() < 0.03
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), out)  # the seed decides the mask
+    assert not torch.equal(drop(x), out)  # and each call draws a new one
+
+    w = torch.randn(400, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    drop(w).sum().backward()
+    torch.manual_seed(3)
+    assert torch.equal(w.grad, drop(torch.ones(400, 1000)))  # d out / d x = mask / (1 - p)
+    half = drop(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_lora_dropout_layers_are_swapped_for_fast_dropout(tiny_model_dir):
+    mcfg = config.ModelConfig(name=str(tiny_model_dir), lora_dropout=0.1)
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    drops = [m for m in model.modules() if isinstance(m, modeling.FastDropout)]
+    assert drops and all(d.p == 0.1 for d in drops)
+    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
+    assert modeling.use_fast_dropout(model) == 0  # nothing left to swap
+
+
+@pytest.mark.slow
+def test_packed_rows_give_each_row_the_logits_it_has_alone(smollm2_dir, tokenizer, shared_data, tmp_path):
+    """SmolLM2 on real Alpaca rows: packed into shared rows and passed the way the trainer
+    passes them, every original row gets the same logits and loss as when it is run alone,
+    so packing changes how many rows a step holds, not what each row computes."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from nb_finetune.tokenization import pack
+    raw = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text(encoding="utf-8")))
+    frame = data.normalize(raw.iloc[20:44], config.DataConfig(task="completion"))
+    fmt = Formatter.build(tokenizer, "completion", [], max_length=256)
+    rows, _ = tokenize_frame(frame, fmt)
+    packed = pack(rows, 256)
+    assert len(packed) < len(rows)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    collate = CompletionOnlyCollator(tokenizer.pad_token_id)
+    batch = collate([packed[i] for i in range(len(packed))])
+    seen = {}
+    captured = model.register_forward_hook(lambda m, args, kwargs, out: seen.update(kwargs), with_kwargs=True)
+    trainer = engine._trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                        report_to="none"))
+    with torch.no_grad():
+        packed_loss, out = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    captured.remove()
+    assert "attention_mask" not in seen and seen["use_cache"] is False
+    packed_logits = out.logits
+    with torch.no_grad():
+        for r, row in enumerate(packed.features):
+            starts = [j for j, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+            for a, b in zip(starts, starts[1:]):
+                alone = model(input_ids=torch.tensor([row["input_ids"][a:b]])).logits[0]
+                torch.testing.assert_close(packed_logits[r, a:b], alone, rtol=1e-4, atol=2e-4)
+        unpacked = collate([rows[i] for i in range(len(rows))])
+        assert packed_loss.item() == pytest.approx(model(**unpacked).loss.item(), rel=1e-4)
+
+
+def test_validation_at_trained_positions_only_gives_the_same_loss_and_accuracy(tiny_model_dir, tokenizer,
+                                                                                shared_data, tmp_path):
+    """The trainer's validation on real Alpaca rows: with logits only where a trained token is
+    predicted, the loss and the token accuracy are those of the full computation."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    raw = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text(encoding="utf-8")))
+    frame = data.normalize(raw.iloc[:20], config.DataConfig(task="completion"))
+    rows, _ = tokenize_frame(frame, Formatter.build(tokenizer, "completion", [], max_length=128))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    found = {}
+    for selective in (False, True):
+        trainer = engine._trainer_class()(
+            model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                                per_device_eval_batch_size=6),
+            eval_dataset=rows, data_collator=CompletionOnlyCollator(tokenizer.pad_token_id),
+            compute_metrics=engine.token_accuracy, preprocess_logits_for_metrics=engine._argmax_logits)
+        trainer.trained_logits_only = selective
+        found[selective] = trainer.evaluate()
+    assert found[True]["eval_loss"] == pytest.approx(found[False]["eval_loss"], rel=1e-5)
+    assert found[True]["eval_accuracy"] == found[False]["eval_accuracy"]
+    assert 0 < found[True]["eval_accuracy"] < 1  # some right, some wrong: the comparison has teeth

@@ -5,6 +5,7 @@ A tiny random llama with the real SmolLM2 tokenizer trains in seconds on real SS
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -194,6 +195,15 @@ def test_token_preview_colours_the_trained_tokens_and_follows_max_length(ui_conf
     panel.forms[0].controls["train.max_length"].value = 24  # redraws at once
     assert "24 tokens" in panel.row_info.value and "prompt cut" in panel.row_info.value
     assert "prompts cut in the middle at max_length 24" in panel.batch.value
+    # SST-2 rows are short: packed to 256 tokens, several share a row and the padding nearly goes
+    panel.forms[0].controls["train.max_length"].value = 256
+    sampled = int(re.search(r"rows sampled.*?([\d,]+)<", panel.batch.value, re.S)[1].replace(",", ""))
+    plain = float(re.search(r"pad_to_multiple_of 8.*?([\d.]+)%", panel.batch.value, re.S)[1])
+    packed = re.search(r"packed \(train.packing\): ([\d,]+) rows of up to 256 tokens.*?padding share ([\d.]+)%",
+                       panel.batch.value, re.S)
+    assert int(packed[1].replace(",", "")) < sampled / 2 and float(packed[2]) < plain
+    panel.forms[0].controls["train.packing"].value = True
+    assert "packed (train.packing on)" in panel.batch.value
 
 
 def test_batch_padding_matches_the_collator(tokenizer, sst2_frame):

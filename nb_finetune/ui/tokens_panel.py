@@ -6,10 +6,10 @@ import ipywidgets as widgets
 import pandas as pd
 
 from .. import modeling, plots
-from ..tokenization import Formatter, batch_padding, token_table
+from ..tokenization import Formatter, batch_padding, pack_rows, token_table
 from .common import Form, Panel
 
-KEYS = ["train.max_length", "train.batch_size", "train.pad_to_multiple_of", "model.chat_template"]
+KEYS = ["train.max_length", "train.batch_size", "train.pad_to_multiple_of", "train.packing", "model.chat_template"]
 SAMPLE_ROWS = 256  # rows encoded for the batch statistics: enough for stable shares, fast to redo
 
 
@@ -86,12 +86,17 @@ class TokenizationPanel(Panel):
     def _batch_stats(self, fmt, train: pd.DataFrame, t) -> str:
         rows = train.head(SAMPLE_ROWS).to_dict("records")
         encoded = fmt.encode_many(rows)
-        stats = batch_padding([len(e["input_ids"]) for e in encoded], t.batch_size, t.pad_to_multiple_of)
+        lengths = [len(e["input_ids"]) for e in encoded]
+        stats = batch_padding(lengths, t.batch_size, t.pad_to_multiple_of)
+        groups = pack_rows(lengths, t.max_length)
+        packed = batch_padding([sum(lengths[i] for i in g) for g in groups], t.batch_size, t.pad_to_multiple_of)
         table = pd.DataFrame([
             {"measure": "rows sampled", "value": f"{stats['rows']:,}"},
             {"measure": "padding share of the batches (to the longest row)", "value": f"{stats['padding_share']:.1%}"},
             {"measure": f"padding share with pad_to_multiple_of {t.pad_to_multiple_of}",
              "value": f"{stats['padding_share_rounded']:.1%} (+{stats['extra_tokens_from_rounding']:,} tokens)"},
+            {"measure": f"packed (train.packing{' on' if t.packing else ''}): {len(groups):,} rows of up to "
+                        f"{t.max_length} tokens", "value": f"padding share {packed['padding_share_rounded']:.1%}"},
             {"measure": f"prompts cut in the middle at max_length {t.max_length}",
              "value": f"{sum(e['prompt_truncated'] for e in encoded):,}"},
             {"measure": "responses cut (trained tokens lost)",
