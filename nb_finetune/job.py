@@ -122,7 +122,9 @@ class Session:
             self.tokenize()
         import transformers
         transformers.set_seed(self.cfg.train.seed)  # LoRA's initialisation draws random numbers too
-        self.memory_estimate = memory.estimate(self.cfg, self.objective, len(self.prep.labels))
+        stats = self.token_stats["train"]
+        self.memory_estimate = memory.estimate(self.cfg, self.objective, len(self.prep.labels),
+                                               stats.trained_tokens / max(stats.tokens, 1))
         self.progress(self.memory_estimate.summary())
         memory.reset_peak()
         self.progress(f"loading model: {self.cfg.model.name} ({self.objective}, {self.precision})")
