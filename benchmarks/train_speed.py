@@ -8,7 +8,9 @@ What it prints (figures, never pass/fail):
      length-grouped batches, dynamic padding to a multiple of 8);
    - TRL: `SFTTrainer` + `DataCollatorForCompletionOnlyLM` (trl 0.19.1, its defaults, fp32),
      fed the same rendered chat strings, as a hand-written script would do.
-   Runs alternate (ours, TRL, ours, TRL, ...) in this process; the median of the repeats is
+   - nb_finetune packed: the same with train.packing, over the same rows (one epoch, so
+     fewer optimizer steps of fuller rows).
+   Runs alternate (ours, ours packed, TRL, ours, ...) in this process; the median of the repeats is
    reported. Tokens/s counts the non-padding tokens of the batches each trainer consumed (a
    padded position is computed but is not work anyone asked for) over the wall time of
    `trainer.train()`. Quality: each trained model's loss on the same validation rows, on the
@@ -21,8 +23,11 @@ What it prints (figures, never pass/fail):
    cache, with the time each stage's message appeared.
 5. Tokenization throughput: `tokenize_frame` (render, offsets, masks) vs the tokenizer's own
    batched call on the same strings (no masks), rows/s.
+6. Evaluation: the validation pass and the test label scores with the logits of every
+   position vs only those that predict a trained token (what nb_finetune does), seconds and
+   the two results side by side.
 
-Run from the repository root (the default takes about 10-15 minutes on a 2-core CPU):
+Run from the repository root (the default takes about 25 minutes on a 2-core CPU):
     python benchmarks/train_speed.py
     python benchmarks/train_speed.py --steps 4 --repeats 1 --data alpaca   # a quick try
 Peak memory of LoRA vs QLoRA is printed by benchmarks/gpu_check.py (RSS on a CPU), and bias
@@ -49,6 +54,8 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-
 SEED = 42
 LR = 2e-4
 RESPONSE_TEMPLATE = "<|im_start|>assistant\n"  # where TRL's collator starts the trained tokens
+# Alternated in this order; "packed" is nb_finetune with train.packing on, over the same rows.
+TRAINERS = ("nb_finetune", "nb_finetune packed", "trl")
 
 
 # -- 1. the machine ---------------------------------------------------------------------------
@@ -97,35 +104,44 @@ class Counting:
     """Wraps a collator and counts the non-padding tokens of every batch it makes."""
 
     def __init__(self, collator):
-        self.collator, self.tokens, self.padded = collator, 0, 0
+        self.collator, self.tokens, self.padded, self.rows = collator, 0, 0, 0
 
     def __call__(self, features):
         batch = self.collator(features)
         mask = batch["attention_mask"]
         self.tokens += int(mask.sum())
         self.padded += mask.numel()
+        # original rows: a packed row holds several, each starting at position 0
+        self.rows += int(((batch["position_ids"] == 0) & (mask == 1)).sum()) if "position_ids" in batch \
+            else mask.shape[0]
         return batch
 
 
-def run_ours(train: pd.DataFrame, task: str, labels: list[str], args, out: str) -> tuple[dict, object, object]:
+def run_ours(train: pd.DataFrame, task: str, labels: list[str], args, out: str, packing: bool = False
+             ) -> tuple[dict, object, object]:
     from nb_finetune import config, engine, hardware, modeling
-    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, pack, tokenize_frame
     mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
-    tcfg = config.TrainConfig(output_dir=out, max_steps=args.steps, learning_rate=LR, batch_size=args.batch_size,
+    # Packed, the same rows (one epoch) take fewer steps: run the epoch rather than the step count.
+    tcfg = config.TrainConfig(output_dir=out, max_steps=0 if packing else args.steps, epochs=1.0,
+                              learning_rate=LR, batch_size=args.batch_size,
                               max_length=args.max_length, eval_steps=10**6, save_steps=10**6,
                               logging_steps=max(1, args.steps // 4), warmup_ratio=0.0, seed=SEED)
     tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
     fmt = Formatter.build(tok, task, labels, args.max_length)
     dataset, _ = tokenize_frame(train, fmt)
+    if packing:
+        dataset = pack(dataset, args.max_length)
     import transformers
     transformers.set_seed(SEED)
     model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
     collator = Counting(CompletionOnlyCollator(tok.pad_token_id, tcfg.pad_to_multiple_of))
     precision = hardware.compute_dtype(mcfg.compute_dtype)
     start = time.perf_counter()
-    engine.train(model, dataset, None, collator, tcfg, precision=precision)
+    result = engine.train(model, dataset, None, collator, tcfg, precision=precision)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": collator.tokens, "padded": collator.padded, "precision": precision}, model, fmt
+    return {"seconds": seconds, "tokens": collator.tokens, "padded": collator.padded, "rows": collator.rows,
+            "steps": result.global_step, "precision": precision}, model, fmt
 
 
 def run_trl(train: pd.DataFrame, fmt, args, out: str) -> tuple[dict, object]:
@@ -151,7 +167,8 @@ def run_trl(train: pd.DataFrame, fmt, args, out: str) -> tuple[dict, object]:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": collator.tokens, "padded": collator.padded, "precision": "float32"}, \
+    return {"seconds": seconds, "tokens": collator.tokens, "padded": collator.padded, "rows": collator.rows,
+            "steps": trainer.state.global_step, "precision": "float32"}, \
         trainer.model
 
 
@@ -186,23 +203,24 @@ def compare_training(name: str, args, peaks: dict) -> list[dict]:
     labels = ["negative", "positive"] if task == "classification" else []
     rows = []
     for repeat in range(args.repeats):
-        for who in ("nb_finetune", "trl"):
+        for who in TRAINERS:
             with tempfile.TemporaryDirectory() as out:
-                if who == "nb_finetune":
-                    figures, model, fmt = run_ours(train, task, labels, args, out)
-                else:
+                if who == "trl":
                     figures, model = run_trl(train, fmt, args, out)
+                else:
+                    figures, model, fmt = run_ours(train, task, labels, args, out, packing=who.endswith("packed"))
             val_features = [fmt.encode(r) for r in val.to_dict(orient="records")]
-            mean_length = figures["padded"] / (args.steps * args.batch_size)
+            mean_length = figures["tokens"] / figures["rows"]  # causal attention runs within each original row
             tps = figures["tokens"] / figures["seconds"]
             achieved = tps * flops_per_token(model, mean_length)
             rows.append({"data": name, "trainer": who, "repeat": repeat, "precision": figures["precision"],
-                         "train s": figures["seconds"], "tokens": figures["tokens"],
+                         "steps": figures["steps"], "train s": figures["seconds"], "tokens": figures["tokens"],
                          "padding share": 1 - figures["tokens"] / figures["padded"], "tokens/s": tps,
                          "MFU bf16 peak": achieved / peaks["bfloat16"], "MFU fp32 peak": achieved / peaks["float32"],
                          "val loss": validation_loss(model, val_features)})
-            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=repeat == 0 and who == "nb_finetune",
-                                                    float_format=lambda v: f"{v:.4g}"), flush=True)
+            widths = {c: 18 if c == "trainer" else 13 for c in rows[-1]}  # the same columns row after row
+            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=repeat == 0 and who == TRAINERS[0],
+                                                    col_space=widths, float_format=lambda v: f"{v:.4g}"), flush=True)
             del model
     return rows
 
@@ -249,6 +267,60 @@ def tokenization_speed(args) -> pd.DataFrame:
          "tokens/s": stats.tokens / plain}])
 
 
+# -- 6. evaluation -----------------------------------------------------------------------------
+
+def evaluation_speed(args) -> pd.DataFrame:
+    """Validation (the trainer's evaluate) and test label scoring, with every position's logits
+    vs only the positions that predict a trained token; alternated, best of 2 each."""
+    from transformers import AutoModelForCausalLM, PrinterCallback, TrainingArguments
+    from nb_finetune import config, engine, hardware, modeling
+    from nb_finetune.evaluation import sequence_logprobs
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+    tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
+    model = AutoModelForCausalLM.from_pretrained(modeling.resolve("smollm2-135m-instruct", progress=lambda m: None))
+    precision = hardware.compute_dtype("auto")
+    collator = CompletionOnlyCollator(tok.pad_token_id)
+    rows = []
+    for name in ("alpaca", "sst2"):
+        _, val, task = load_rows(name, 0, args.val_rows)
+        labels = ["negative", "positive"] if task == "classification" else []
+        fmt = Formatter.build(tok, task, labels, args.max_length)
+        dataset, _ = tokenize_frame(val, fmt)
+        with tempfile.TemporaryDirectory() as out:
+            trainer = engine._trainer_class()(
+                model=model, eval_dataset=dataset, data_collator=collator, compute_metrics=engine.token_accuracy,
+                preprocess_logits_for_metrics=engine._argmax_logits,
+                args=TrainingArguments(output_dir=out, use_cpu=DEVICE == "cpu", report_to="none",
+                                       per_device_eval_batch_size=args.batch_size, bf16=precision == "bfloat16",
+                                       bf16_full_eval=False, disable_tqdm=True))
+            trainer.remove_callback(PrinterCallback)
+            times, found = {False: [], True: []}, {}
+            for _ in range(2):
+                for selective in (False, True):
+                    trainer.trained_logits_only = selective
+                    start = time.perf_counter()
+                    found[selective] = trainer.evaluate()
+                    times[selective].append(time.perf_counter() - start)
+        rows.append({"what": f"validation, {name}, {len(dataset)} rows", "every position s": min(times[False]),
+                     "trained positions s": min(times[True]), "speed-up": min(times[False]) / min(times[True]),
+                     "same result": f"loss {found[False]['eval_loss']:.5f} vs {found[True]['eval_loss']:.5f}, "
+                                    f"accuracy {found[False]['eval_accuracy']:.4f} vs {found[True]['eval_accuracy']:.4f}"})
+        if labels:  # the test metric: each label's log-likelihood after each prompt
+            features = fmt.encode_many([r | {"label": lab} for r in val.to_dict(orient="records") for lab in labels])
+            times, scores = {False: [], True: []}, {}
+            for _ in range(2):
+                for selective in (False, True):
+                    start = time.perf_counter()
+                    scores[selective] = sequence_logprobs(model, features, collator, args.batch_size, precision,
+                                                          selective=selective)
+                    times[selective].append(time.perf_counter() - start)
+            rows.append({"what": f"label scores, {name}, {len(val)} rows x {len(labels)} labels",
+                         "every position s": min(times[False]), "trained positions s": min(times[True]),
+                         "speed-up": min(times[False]) / min(times[True]),
+                         "same result": f"largest difference {abs(scores[False] - scores[True]).max():.1e} nats"})
+    return pd.DataFrame(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="alpaca,sst2", help="comma-separated: alpaca, sst2")
@@ -257,7 +329,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--val-rows", type=int, default=64)
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: first-step, tokenization")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: first-step, tokenization, evaluation")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -277,17 +349,26 @@ def main() -> int:
     table = pd.DataFrame(rows).groupby(["data", "trainer"]).median(numeric_only=True).drop(columns="repeat")
     print("\nmedians:\n" + table.to_string(float_format=lambda v: f"{v:.4g}"))
     for name in table.index.get_level_values(0).unique():
-        ours, trl = table.loc[(name, "nb_finetune")], table.loc[(name, "trl")]
-        print(f"{name}: nb_finetune {ours['tokens/s'] / trl['tokens/s']:.2f}x TRL's tokens/s; "
-              f"validation loss {ours['val loss']:.4f} vs TRL {trl['val loss']:.4f}; "
-              f"wall time {trl['train s'] / ours['train s']:.2f}x shorter for the same steps")
+        trl = table.loc[(name, "trl")]
+        for who in TRAINERS[:-1]:
+            ours = table.loc[(name, who)]
+            print(f"{name}: {who} {ours['tokens/s'] / trl['tokens/s']:.2f}x TRL's tokens/s; "
+                  f"validation loss {ours['val loss']:.4f} vs TRL {trl['val loss']:.4f}; "
+                  f"wall time {trl['train s'] / ours['train s']:.2f}x shorter for the same rows "
+                  f"({ours['steps']:.0f} vs {trl['steps']:.0f} optimizer steps)")
 
     if "first-step" not in args.skip:
         print("\n4. time to first step, `nb-finetune demo`, warm asset cache:")
-        print(time_to_first_step().to_string(index=False))
+        runs = [time_to_first_step() for _ in range(2)]
+        print(runs[0].to_string(index=False))
+        print("step 1 printed after: " + ", ".join(f"{run['seconds'].iloc[-1]:.2f} s" for run in runs))
     if "tokenization" not in args.skip:
         print("\n5. tokenization, Alpaca demo:")
         print(tokenization_speed(args).to_string(index=False, float_format=lambda v: f"{v:,.0f}"))
+    if "evaluation" not in args.skip:
+        print("\n6. evaluation, SmolLM2-135M-Instruct without an adapter, "
+              f"{hardware.compute_dtype('auto')} autocast:")
+        print(evaluation_speed(args).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 
