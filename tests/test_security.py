@@ -66,3 +66,35 @@ def test_tokens_kept_out_of_error_messages(monkeypatch, capsys, tmp_path):
     assert main(["run", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "data file not found" in err and TOKEN not in err
+
+
+def test_a_run_writes_only_under_its_output_folder(monkeypatch, tmp_path, tiny_model_dir, sst2_frame):
+    """Train, evaluate and write reports from a config whose data and model live beside the
+    output folder: every file created or changed in that tree is under train.output_dir."""
+    import os
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (tmp_path / "data").mkdir()
+    data = tmp_path / "data" / "reviews.csv"
+    sst2_frame.to_csv(data, index=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # relative paths resolve here
+
+    def files():
+        return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = files()
+    cfg = RunConfig.from_dict({
+        "data": {"source": os.path.relpath(data, work), "text_column": "sentence"},
+        "model": {"name": str(model), "lora_r": 4, "lora_alpha": 8},
+        "train": {"output_dir": "runs/mine", "max_steps": 2, "batch_size": 4, "eval_steps": 2, "max_length": 64},
+        "eval": {"num_samples": 1, "max_new_tokens": 2, "max_test_rows": 8}})
+    session = Session(cfg, progress=lambda m: None)
+    session.train()
+    session.evaluate()
+    session.write_outputs()
+    out = (work / "runs" / "mine").resolve()
+    changed = [p for p, stamp in files().items() if before.get(p) != stamp]
+    assert changed and all(p.resolve().is_relative_to(out) for p in changed), \
+        [str(p) for p in changed if not p.resolve().is_relative_to(out)]
