@@ -275,6 +275,7 @@ class DataReport:
     checks: pd.DataFrame
     class_balance: pd.Series | None = None
     token_lengths: pd.Series | None = None
+    max_length: int | None = None  # the train.max_length the token lengths were cut to
     split_sizes: dict = field(default_factory=dict)
 
     def add(self, check: str, count: int, total: int, severity: str, detail: str) -> None:

@@ -49,7 +49,7 @@ def report_html(report) -> str:
     if report.class_balance is not None:
         figures.append(_img(plots.class_balance_figure(report.class_balance)))
     if report.token_lengths is not None and len(report.token_lengths):
-        figures.append(_img(plots.token_length_figure(report.token_lengths, int(report.token_lengths.max()))))
+        figures.append(_img(plots.token_length_figure(report.token_lengths, report.max_length)))
     out += figures
     if report.split_sizes:
         out.append("<div>split: " + ", ".join(f"{k} {v:,}" for k, v in report.split_sizes.items()) + "</div>")

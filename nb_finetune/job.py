@@ -106,6 +106,7 @@ class Session:
     def _report_tokens(self) -> None:
         report, stats, limit = self.prep.report, self.token_stats["train"], self.cfg.train.max_length
         report.token_lengths = pd.Series(stats.lengths, name="tokens")
+        report.max_length = limit
         n = stats.rows
         report.add(f"prompts cut to max_length {limit}", stats.prompt_truncated, n,
                    "warning" if stats.prompt_truncated > n / 4 else "ok", "middle of the prompt removed")

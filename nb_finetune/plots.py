@@ -75,13 +75,15 @@ def class_balance_figure(balance: pd.Series) -> Figure:
     return fig
 
 
-def token_length_figure(lengths: pd.Series, max_length: int) -> Figure:
+def token_length_figure(lengths: pd.Series, max_length: int | None) -> Figure:
+    """Histogram of token lengths, with the max_length they were cut to (when known)."""
     import seaborn as sns
     fig, (ax,) = _figure(4.5, 2.6)
     sns.histplot(x=np.asarray(lengths), ax=ax, bins=min(40, max(5, len(lengths) // 5)), color=COLORS["train"])
-    ax.axvline(max_length, color=COLORS["validation"], linestyle="--", label=f"max_length {max_length}")
+    if max_length:
+        ax.axvline(max_length, color=COLORS["validation"], linestyle="--", label=f"max_length {max_length}")
+        ax.legend(frameon=False)
     ax.set(title="tokens per row (train)", xlabel="tokens", ylabel="rows")
-    ax.legend(frameon=False)
     return fig
 
 

@@ -117,6 +117,19 @@ def test_rich_display_of_configs_reports_results_and_sessions(ip, tiny_yaml, tmp
     session = job.run(cfg, callbacks=[engine.Callback()], progress=lambda m: None)
     report = fmt(session.prep.report)[0]
     assert "data:image/png;base64" in report["text/html"] and "split" in report["text/plain"]
+    # The length histogram marks the max_length the rows were cut to, not the longest row.
+    from nb_finetune import plots
+    roomy = job.Session(cfg.with_overrides({"train.max_length": 256}), progress=lambda m: None)
+    roomy.prepare_data()
+    roomy.tokenize()
+    assert roomy.prep.report.max_length == 256 > roomy.prep.report.token_lengths.max()
+    drawn, real = [], plots.token_length_figure
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "token_length_figure", lambda lengths, limit: drawn.append(limit) or real(lengths, limit))
+        fmt(roomy.prep.report)
+    assert drawn == [256]
+    legend = real(roomy.prep.report.token_lengths, 256).axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["max_length 256"]
     trained = fmt(session.train_result)[0]
     assert "data:image/png;base64" in trained["text/html"] and "diagnosis" in trained["text/html"]
     assert "finished at step 4" in trained["text/plain"]

@@ -75,7 +75,7 @@ class DataPanel(Panel):
         if report.class_balance is not None:
             show_figure(self.balance_image, plots.class_balance_figure(report.class_balance))
         if session is not None and report.token_lengths is not None:
-            lengths = plots.token_length_figure(report.token_lengths, session.cfg.train.max_length)
+            lengths = plots.token_length_figure(report.token_lengths, report.max_length)
             show_figure(self.length_image, lengths)
         self.splits.value = "<b>split</b>: " + ", ".join(f"{k} {v:,}" for k, v in report.split_sizes.items())
         self.rows.value = "<b>first training rows</b>" + plots.table_html(prep.splits["train"].head(5))
