@@ -16,7 +16,7 @@ from . import distributed, engine, evaluation, hardware, memory, modeling
 from .config import RunConfig
 from .errors import UserError
 from .redact import redact
-from .tokenization import CompletionOnlyCollator, Formatter, pack, tokenize_frame
+from .tokenization import PACKING_NEEDS_CAUSAL_LM, CompletionOnlyCollator, Formatter, pack, tokenize_frame
 
 
 class Session:
@@ -92,8 +92,7 @@ class Session:
         if self.objective == "head" and self.prep.task != "classification":
             raise UserError("a classification head needs data.task='classification'")
         if self.objective == "head" and t.packing:
-            raise UserError("train.packing needs a causal-LM objective: a classification head sees one row per "
-                            "input; set train.packing to false")
+            raise UserError(PACKING_NEEDS_CAUSAL_LM)  # before loading the model, not when packing
         self.formatter = Formatter.build(self.tokenizer, self.prep.task, self.prep.labels, t.max_length,
                                          m.chat_template, self.prep.config.instruction)
         head_labels = {lab: i for i, lab in enumerate(self.prep.labels)} if self.objective == "head" else None

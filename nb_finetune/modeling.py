@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import assets, hardware
@@ -177,11 +178,10 @@ class FastDropout(torch.nn.Module):
     def forward(self, x):
         if not self.training or self.cut in (0, 65536) or x.device.type != "cpu":
             return torch.nn.functional.dropout(x, self.p, self.training)
-        import numpy as np
         seed = int(torch.randint(0, 2 ** 62, (1,)))
         words = np.random.default_rng(seed).bit_generator.random_raw((x.numel() + 3) // 4)
         keep = torch.from_numpy(words.view(np.uint16)[:x.numel()] >= self.cut).view(x.shape)
-        return torch.where(keep, x * (65536 / (65536 - self.cut)), 0.0).to(x.dtype)
+        return torch.where(keep, x * (65536 / (65536 - self.cut)), 0.0)  # keeps x's dtype
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -240,6 +240,10 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
     return groups
 
 
+PACKING_NEEDS_CAUSAL_LM = ("train.packing needs a causal-LM objective: a classification head sees one row per "
+                           "input; set train.packing to false")
+
+
 def pack(dataset: TokenizedDataset, max_length: int) -> TokenizedDataset:
     """Several short rows in one row of at most max_length tokens, none attending to another.
 
@@ -250,7 +254,7 @@ def pack(dataset: TokenizedDataset, max_length: int) -> TokenizedDataset:
     original row's first label is not trained: it would be predicted from the row before."""
     features = dataset.features
     if features and isinstance(features[0]["labels"], (int, np.integer)):
-        raise UserError("train.packing needs a causal-LM objective: a classification head sees one row per input")
+        raise UserError(PACKING_NEEDS_CAUSAL_LM)
     packed = []
     for group in pack_rows([len(f["input_ids"]) for f in features], max_length):
         input_ids, labels, positions = [], [], []
