@@ -17,6 +17,7 @@ import pandas as pd
 
 def one_run(quantization: str, steps: int, output: str) -> dict:
     from nb_finetune import hardware, load_preset
+    from nb_finetune.evaluation import completion_loss
     from nb_finetune.job import Session
 
     gpu = hardware.cuda_available()
@@ -27,6 +28,10 @@ def one_run(quantization: str, steps: int, output: str) -> dict:
         "train.batch_size": 16 if gpu else 4, "train.grad_accum": 1, "train.output_dir": f"{output}/{quantization}"})
     session = Session(cfg, progress=lambda m: None)
     session.load_model()
+    # The validation loss of the untrained model: 4-bit rounding alone moves the base's
+    # predictions, so a difference after a few steps may be there before any training.
+    before, _ = completion_loss(session.model, session.datasets["validation"], session.collator,
+                                cfg.train.batch_size, session.precision)
     estimate = session.memory_estimate.total / 2**20
     start = time.perf_counter()
     result = session.train()
@@ -36,7 +41,7 @@ def one_run(quantization: str, steps: int, output: str) -> dict:
     return {"run": "QLoRA 4-bit" if quantization == "4bit" else "LoRA", "device": hardware.describe().get("gpu", "cpu"),
             "steps": result.global_step, "train seconds": round(seconds, 1),
             "tokens/s": round(h["tokens_per_second"].dropna().median(), 0),
-            "estimated MiB": round(estimate), "peak MiB": round(peak), "final val loss": round(h["val_loss"].dropna().iloc[-1], 4)}
+            "estimated MiB": round(estimate), "peak MiB": round(peak), "val loss before": round(before, 4), "final val loss": round(h["val_loss"].dropna().iloc[-1], 4)}
 
 
 def main() -> int:

@@ -137,7 +137,30 @@ def load_base(cfg: ModelConfig, objective: str, labels: list[str] | None = None,
         model = _load(AutoModelForCausalLM.from_pretrained, name, **kwargs)
     if quant is None and hardware.cuda_available():
         model.to(f"cuda:{local_gpu}")
+    keep_4bit_weights_trainable(model)
     return model
+
+
+def keep_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; how many
+    layers it applied to.
+
+    bitsandbytes (0.49, 0.50) repacks a Linear4bit weight for an AVX512-BF16 inference kernel
+    the first time the layer runs on a CPU in eval mode without gradients (validation, a
+    sample, the base model's scores) and keeps that layout. Training passes after that go
+    through the inference kernel, which has no backward: no gradient flows through the
+    frozen layers, bitsandbytes only warns ("gemv_4bit: an autograd kernel was not
+    registered"), and the adapters below learn from wrong gradients (measured: a QLoRA run
+    that was validated before its first step reached a validation loss of 1.83 after 6
+    steps, against 1.04 without). Unpacking again is lossy (the scales pass through bf16 and
+    are quantized again), so a model that may train is never packed; evaluation then takes
+    the same path as training."""
+    layers = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            layers += 1
+    return layers
 
 
 def add_lora(model, cfg: ModelConfig, objective: str):
