@@ -130,6 +130,25 @@ def test_fast_dropout_draws_the_dropout_distribution():
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_fast_dropout_under_autocast_writes_what_the_cast_would_have_made():
+    """Under bf16 autocast FastDropout writes its output in bf16 (the adapter's matmul would
+    cast it anyway): the same values and the same gradient as dropout in fp32 and then the cast."""
+    drop = modeling.FastDropout(0.05).train()
+    x = torch.randn(64, 576, requires_grad=True)
+    torch.manual_seed(1)
+    plain = drop(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        out = drop(x)
+    assert plain.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(out, plain.to(torch.bfloat16)) and (out == 0).any()
+    g = torch.randn(64, 576).to(torch.bfloat16)
+    out.backward(g)
+    grad, x.grad = x.grad, None
+    plain.to(torch.bfloat16).backward(g)
+    assert grad.dtype == torch.float32 and torch.equal(grad, x.grad)
+
+
 def test_lora_dropout_layers_are_swapped_for_fast_dropout(tiny_model_dir):
     mcfg = config.ModelConfig(name=str(tiny_model_dir), lora_dropout=0.1)
     model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
