@@ -339,9 +339,16 @@ def _trainer_class():
         loss, so their logits (a hidden x vocabulary matmul and a softmax over ~50k entries
         each, forward and backward) were work thrown away. The loss and gradients are the same
         (tests/test_speed.py). Validation does the same: its loss and its token accuracy look
-        at those positions only (`_argmax_logits` puts the predictions back in place)."""
+        at those positions only (`_argmax_logits` puts the predictions back in place).
+
+        With `fused_loss` (a CPU, and a causal LM whose head and loss are the plain ones), the
+        training passes go further: the projection and the loss are computed together, a
+        few rows at a time, and the logits are never stored (nb_finetune/lm_loss.py). The
+        Trainer's own loss scaling (accumulation, processes) is untouched: the model still
+        returns the loss from its forward pass."""
         _staging: str | None = None
         trained_logits_only = False
+        fused_loss = None  # lm_loss.FusedCausalLMLoss: the training loss without the logits
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if "position_ids" in inputs:
@@ -353,6 +360,9 @@ def _trainer_class():
             if self.trained_logits_only and labels is not None and labels.dim() == 2:
                 keep, following = trained_positions(labels)
                 inputs = {**inputs, "logits_to_keep": keep, "shift_labels": following}
+                if self.fused_loss is not None and model.training:
+                    with self.fused_loss.swapped_in():
+                        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _get_output_dir(self, trial):
@@ -432,6 +442,11 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
                                data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
                                preprocess_logits_for_metrics=_argmax_logits)
     trainer.trained_logits_only = keeps_logits_selectively(model)
+    if trainer.trained_logits_only and not hardware.cuda_available():
+        import torch
+
+        from .lm_loss import FusedCausalLMLoss
+        trainer.fused_loss = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
     # Nothing prints from the training loop: events go to our callbacks instead.
     for printer in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
         trainer.remove_callback(printer)

@@ -61,6 +61,77 @@ def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(smoll
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_loss_without_logits_gives_the_same_loss_and_gradients(smollm2_dir, alpaca_batch, tmp_path, precision):
+    """SmolLM2-135M with LoRA on real Alpaca rows: the chunked projection and loss (lm_loss)
+    give the trainer's loss that the model's own loss gives, in fp32 and under bf16 autocast,
+    with and without the token count of the whole batch, and adapter gradients as close to
+    the fp32 ones as the model's own are; the model has its head and loss back afterwards."""
+    from transformers import TrainingArguments
+    from nb_finetune.lm_loss import FusedCausalLMLoss
+    mcfg = config.ModelConfig()
+    torch.manual_seed(0)
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    with torch.no_grad():  # a trained-looking adapter, so every adapter has a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    model.train()
+    fused = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
+    assert fused is not None and fused.weight.dtype == getattr(torch, precision)
+    head = model.get_base_model().lm_head
+    trained = int((alpaca_batch["labels"][:, 1:] != IGNORE).sum())
+    trainer = engine._trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                        report_to="none"))
+    trainer.trained_logits_only = True
+
+    def loss_and_grads(with_fused: bool, count, autocast: bool):
+        trainer.fused_loss = fused if with_fused else None
+        model.zero_grad()
+        with torch.random.fork_rng(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            torch.manual_seed(1)  # the same dropout masks in every pass
+            loss = trainer.compute_loss(model, dict(alpaca_batch), num_items_in_batch=count)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def distance(grads, reference) -> float:  # relative, over all the adapter gradients
+        return (sum(float((grads[n] - g).norm()) ** 2 for n, g in reference.items())
+                / sum(float(g.norm()) ** 2 for g in reference.values())) ** 0.5
+
+    bf16 = precision == "bfloat16"
+    for count in (torch.tensor(trained), None):
+        _, exact = loss_and_grads(False, count, autocast=False)
+        own_loss, own = loss_and_grads(False, count, autocast=bf16)
+        loss, grads = loss_and_grads(True, count, autocast=bf16)
+        # transformers' fp32 log-softmax over 49k entries is the less exact of the two (the
+        # chunked loss is nearer a float64 computation), hence 1e-5 rather than equality
+        assert loss == pytest.approx(own_loss, rel=1e-5)
+        if bf16:  # bf16 rounding moves both; the chunked loss must not move them further
+            assert distance(grads, exact) <= 1.1 * distance(own, exact)
+        else:
+            assert distance(grads, exact) < 1e-3
+    assert model.get_base_model().lm_head is head and "_loss_function" not in vars(model.get_base_model())
+    model.eval()  # validation keeps the logits: the swap is for training passes only
+    with torch.no_grad():
+        _, out = trainer.compute_loss(model, dict(alpaca_batch), return_outputs=True)
+    assert out.logits.shape[-1] == head.out_features
+
+
+def test_loss_without_logits_is_used_only_where_it_replaces_the_head_exactly(tiny_model_dir):
+    """A LoRA-adapted head, or a model type not known to have a plain head, keeps its own loss."""
+    from nb_finetune.lm_loss import FusedCausalLMLoss
+    mcfg = config.ModelConfig(name=str(tiny_model_dir))
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    assert FusedCausalLMLoss.for_model(model, torch.bfloat16) is not None
+    adapted = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None),
+                                config.ModelConfig(name=str(tiny_model_dir), target_modules="q_proj,lm_head"),
+                                "completion")
+    assert FusedCausalLMLoss.for_model(adapted, torch.bfloat16) is None
+    model.get_base_model().config.model_type = "gemma2"  # soft-caps its logits
+    assert FusedCausalLMLoss.for_model(model, torch.bfloat16) is None
+
+
 def test_a_classification_head_keeps_its_usual_loss(tiny_model_dir):
     """Models without `logits_to_keep` (sequence classification) train as before."""
     from transformers import AutoModelForSequenceClassification
