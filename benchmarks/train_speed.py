@@ -26,6 +26,9 @@ What it prints (figures, never pass/fail):
 6. Evaluation: the validation pass and the test label scores with the logits of every
    position vs only those that predict a trained token (what nb_finetune does), seconds and
    the two results side by side.
+7. The training loss: one training step with the loss from the model's logits (transformers)
+   vs without them (nb_finetune.lm_loss), seconds per step, page faults, and the loss of
+   each on the same weights and dropout masks.
 
 Run from the repository root (the default takes about 25 minutes on a 2-core CPU):
     python benchmarks/train_speed.py
@@ -321,6 +324,56 @@ def evaluation_speed(args) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def loss_speed(args) -> pd.DataFrame:
+    """One training step (forward, backward, AdamW) on 8 Alpaca rows, SmolLM2-135M with LoRA,
+    the trainer's loss from the model's logits vs without them (lm_loss): seconds per step,
+    alternated, best of 3 each, and the loss of the first step of each."""
+    import resource
+    from transformers import TrainingArguments
+    from nb_finetune import config, engine, hardware, modeling
+    from nb_finetune.lm_loss import FusedCausalLMLoss
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+    mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
+    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
+    train, _, task = load_rows("alpaca", 160, 0)
+    dataset, _ = tokenize_frame(train, Formatter.build(tok, task, [], args.max_length))
+    longest = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))[:args.batch_size]
+    batch = CompletionOnlyCollator(tok.pad_token_id, 8)([dataset[i] for i in longest])
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    precision = hardware.compute_dtype("auto")
+    torch.manual_seed(SEED)
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    fused = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = engine._trainer_class()(model=model, args=TrainingArguments(output_dir=out, use_cpu=True,
+                                                                            report_to="none"))
+    trainer.trained_logits_only = True
+    times, faults, first = {False: [], True: []}, {False: [], True: []}, {}
+    with engine.frozen_weights_in(model, precision):
+        for round in range(4):  # the first warms up, on the same weights and dropout masks for both
+            for with_fused in (False, True):
+                trainer.fused_loss = fused if with_fused else None
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                start = time.perf_counter()
+                with torch.random.fork_rng(enabled=round == 0), \
+                        torch.autocast("cpu", dtype=getattr(torch, precision), enabled=precision != "float32"):
+                    if round == 0:
+                        torch.manual_seed(SEED)
+                    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(trained))
+                loss.backward()
+                if round:
+                    optimizer.step()
+                optimizer.zero_grad()
+                times[with_fused].append(time.perf_counter() - start)
+                faults[with_fused].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+                first.setdefault(with_fused, loss.item())
+    return pd.DataFrame([{"loss": who, "step s": min(times[f][1:]), "page faults": sorted(faults[f][1:])[1],
+                          "loss, same weights": first[f]}
+                         for f, who in ((False, "from the logits (transformers)"), (True, "without logits (lm_loss)"))])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="alpaca,sst2", help="comma-separated: alpaca, sst2")
@@ -329,7 +382,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--val-rows", type=int, default=64)
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: first-step, tokenization, evaluation")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: training, first-step, tokenization, "
+                   "evaluation, loss")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -341,21 +395,22 @@ def main() -> int:
     peaks = {"bfloat16": matmul_peak(torch.bfloat16), "float32": matmul_peak(torch.float32)}
     print("1. matmul peak, measured: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()) + "\n")
 
-    print(f"2-3. training: {args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, "
-          f"LoRA r{LORA['r']} all-linear, lr {LR}, {args.repeats} repeat(s), alternating")
-    rows = []
-    for name in args.data.split(","):
-        rows += compare_training(name.strip(), args, peaks)
-    table = pd.DataFrame(rows).groupby(["data", "trainer"]).median(numeric_only=True).drop(columns="repeat")
-    print("\nmedians:\n" + table.to_string(float_format=lambda v: f"{v:.4g}"))
-    for name in table.index.get_level_values(0).unique():
-        trl = table.loc[(name, "trl")]
-        for who in TRAINERS[:-1]:
-            ours = table.loc[(name, who)]
-            print(f"{name}: {who} {ours['tokens/s'] / trl['tokens/s']:.2f}x TRL's tokens/s; "
-                  f"validation loss {ours['val loss']:.4f} vs TRL {trl['val loss']:.4f}; "
-                  f"wall time {trl['train s'] / ours['train s']:.2f}x shorter for the same rows "
-                  f"({ours['steps']:.0f} vs {trl['steps']:.0f} optimizer steps)")
+    if "training" not in args.skip:
+        print(f"2-3. training: {args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, "
+              f"LoRA r{LORA['r']} all-linear, lr {LR}, {args.repeats} repeat(s), alternating")
+        rows = []
+        for name in args.data.split(","):
+            rows += compare_training(name.strip(), args, peaks)
+        table = pd.DataFrame(rows).groupby(["data", "trainer"]).median(numeric_only=True).drop(columns="repeat")
+        print("\nmedians:\n" + table.to_string(float_format=lambda v: f"{v:.4g}"))
+        for name in table.index.get_level_values(0).unique():
+            trl = table.loc[(name, "trl")]
+            for who in TRAINERS[:-1]:
+                ours = table.loc[(name, who)]
+                print(f"{name}: {who} {ours['tokens/s'] / trl['tokens/s']:.2f}x TRL's tokens/s; "
+                      f"validation loss {ours['val loss']:.4f} vs TRL {trl['val loss']:.4f}; "
+                      f"wall time {trl['train s'] / ours['train s']:.2f}x shorter for the same rows "
+                      f"({ours['steps']:.0f} vs {trl['steps']:.0f} optimizer steps)")
 
     if "first-step" not in args.skip:
         print("\n4. time to first step, `nb-finetune demo`, warm asset cache:")
@@ -369,6 +424,10 @@ def main() -> int:
         print("\n6. evaluation, SmolLM2-135M-Instruct without an adapter, "
               f"{hardware.compute_dtype('auto')} autocast:")
         print(evaluation_speed(args).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if "loss" not in args.skip:
+        print(f"\n7. the training loss, one step on the {args.batch_size} longest of 160 Alpaca rows "
+              f"(max_length {args.max_length}), best of 3:")
+        print(loss_speed(args).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
