@@ -12,8 +12,10 @@ parameters and the LoRA adapters it would get, then adds up, in bytes:
                  weights under bf16 autocast (measured here on SmolLM2-135M: peak RSS grows
                  2.47 MB per token, logits included); with gradient checkpointing only the layer
                  inputs (2 x hidden) plus one layer's worth
-  logits         batch x length x vocab x 14 bytes (16-bit logits, their fp32 copy, the
-                 log-softmax and its gradient)
+  logits         trained tokens x vocab x 14 bytes (16-bit logits, their fp32 copy, the
+                 log-softmax and its gradient); on a CPU, where the loss is computed without
+                 the logits (lm_loss), only one chunk of rows at a time, plus the head's weight
+                 in the compute dtype (validation's logits come when no activations are kept)
   on a CPU also  the bf16 copies of the frozen linear weights held while training under bf16
                  autocast (2 bytes each; engine.frozen_weights_in), and
                  what the process holds already (Python, torch, the data): its resident memory now
@@ -92,11 +94,17 @@ def estimate(cfg: RunConfig, objective: str = "completion", num_labels: int = 2,
     # and 8 x 256 (bf16 autocast, LoRA on every linear layer, dropout 0.05).
     one_layer = (34 if cuda else 90) * hidden
     per_token_layer = 2 * hidden if checkpointing else one_layer
+    from .lm_loss import CPU_CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES  # what training will do
+    logit_rows = tokens * trained_share
+    logits = 0 if objective == "head" else logit_rows * mc.vocab_size * 14
+    if not cuda and objective != "head" and mc.model_type in PLAIN_HEAD_MODEL_TYPES \
+            and "lm_head" not in (targets or ()):
+        logits = min(logit_rows, CPU_CHUNK_ROWS) * mc.vocab_size * 14 + mc.vocab_size * hidden * 2
     parts = {
         "base weights": linear * per_linear[quant] + other * (2 if quant != "none" else half),
         "adapters and optimizer": lora * (4 + 4 + (2 if quant != "none" and cuda else 8)),
         "activations": per_token_layer * tokens * layers + (one_layer * tokens if checkpointing else 0),
-        "logits": 0 if objective == "head" else tokens * trained_share * mc.vocab_size * 14,
+        "logits": logits,
     }
     if not cuda:
         import psutil

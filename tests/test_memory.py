@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from nb_finetune import load_preset
+from nb_finetune import hardware, load_preset
 from nb_finetune.memory import estimate
 
 from conftest import SUBPROCESS_ENV
@@ -18,13 +18,20 @@ def test_estimate_parts_follow_the_settings():
     assert q4.parts["base weights"] < base.parts["base weights"] / 3  # 4-bit vs fp32 linear weights
     longer = estimate(load_preset("demo").with_overrides({"train.max_length": 512}))
     assert longer.parts["activations"] == 2 * base.parts["activations"]
-    assert longer.parts["logits"] == 2 * base.parts["logits"]
     assert "GiB" in base.summary()
+    # the logits: all of them where the model's own loss runs; on a CPU, where the loss is
+    # computed without them for SmolLM2's plain head (lm_loss), one chunk at any length
+    assert longer.parts["logits"] == 2 * base.parts["logits"] if hardware.cuda_available() else \
+        longer.parts["logits"] == base.parts["logits"]
+    adapted_head = load_preset("demo").with_overrides({"model.target_modules": "q_proj,lm_head"})
+    own_loss = estimate(adapted_head, trained_share=0.5)
+    tokens = adapted_head.train.batch_size * adapted_head.train.max_length
+    assert own_loss.parts["logits"] == int(tokens * 0.5 * 49152 * 14) > 5 * base.parts["logits"]
 
 
 RUN = textwrap.dedent("""
     import json, sys
-    from nb_finetune import load_preset
+    from nb_finetune import hardware, load_preset
     from nb_finetune.job import Session
     cfg = load_preset("demo").with_overrides({"train.max_steps": 2, "train.eval_steps": 100,
         "train.batch_size": 4, "train.max_length": 192, "train.output_dir": sys.argv[1]})
