@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import distributed, hardware
+from . import attention, distributed, hardware
 from .config import TrainConfig
 from .errors import UserError
 from .tokenization import IGNORE
@@ -457,7 +457,7 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
         resume = cfg.resume_from
     start = time.perf_counter()
     try:
-        with frozen_weights_in(model, precision):
+        with frozen_weights_in(model, precision), attention.for_training(model):
             trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         # A kernel interrupt (or a second Ctrl-C) is a stop too: keep what the finished steps trained.

@@ -285,3 +285,108 @@ def test_validation_at_trained_positions_only_gives_the_same_loss_and_accuracy(t
     assert found[True]["eval_loss"] == pytest.approx(found[False]["eval_loss"], rel=1e-5)
     assert found[True]["eval_accuracy"] == found[False]["eval_accuracy"]
     assert 0 < found[True]["eval_accuracy"] < 1  # some right, some wrong: the comparison has teeth
+
+
+def _attention_inputs(length: int, padded: int = 0, packed: bool = False, dtype=torch.bfloat16):
+    """SmolLM2's attention shape (9 query heads over 3 key/value heads of 64), a causal mask
+    with right padding on the first row or two rows packed into the second."""
+    torch.manual_seed(0)
+    query = torch.randn(2, 9, length, 64, dtype=dtype, requires_grad=True)
+    key, value = (torch.randn(2, 3, length, 64, dtype=dtype, requires_grad=True) for _ in range(2))
+    allowed = torch.ones(2, 1, length, length, dtype=torch.bool).tril()
+    if padded:
+        allowed[0, :, :, length - padded:] = False
+    if packed:
+        half = length // 2
+        allowed[1, :, half:, :half] = False
+    return query, key, value, allowed
+
+
+class _Module:  # what the attention function reads from transformers' attention module
+    num_key_value_groups = 3
+    is_causal = True
+
+
+@pytest.mark.parametrize("length,padded,packed", [(64, 0, False), (80, 13, False), (150, 0, True)])
+def test_short_row_attention_backward_is_as_exact_as_torchs(length, padded, packed):
+    """The CPU attention for short rows: the same forward as torch's sdpa, and gradients as near
+    a float64 computation as sdpa's own (the mask: causal, padded or packed; grouped heads)."""
+    from nb_finetune import attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    query, key, value, allowed = _attention_inputs(length, padded, packed)
+    grad_out = torch.randn(2, length, 9, 64, dtype=torch.bfloat16)
+    mask = None if not (padded or packed) else allowed  # transformers leaves out a purely causal mask
+
+    def run(fn, tensors):
+        out = fn(_Module(), *tensors, mask, scaling=64 ** -0.5)[0]
+        return out, torch.autograd.grad(out, tensors, grad_out.to(out.dtype))
+
+    def distance(found, exact):
+        return max(float((f.double() - e).norm() / e.norm()) for f, e in zip(found, exact))
+
+    exact_out, exact_grads = run(sdpa_attention_forward, [t.detach().double().requires_grad_()
+                                                          for t in (query, key, value)])
+    sdpa_out, sdpa_grads = run(sdpa_attention_forward, [query, key, value])
+    calls = []
+    apply = attention._ShortAttention.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention._ShortAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+        out, grads = run(attention.attention_forward, [query, key, value])
+    assert calls  # the short-row path ran
+    torch.testing.assert_close(out, sdpa_out, rtol=0, atol=0)
+    assert distance(grads, exact_grads) <= 1.5 * distance(sdpa_grads, exact_grads)
+    assert distance(grads, exact_grads) < 1e-2
+
+
+def test_long_rows_and_no_gradient_go_to_torchs_attention():
+    """Past SHORT_ROWS, or without a gradient, transformers' sdpa function computes it."""
+    from nb_finetune import attention
+    calls = []
+    apply = attention._ShortAttention.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention._ShortAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+        query, key, value, _ = _attention_inputs(attention.SHORT_ROWS + 8)
+        attention.attention_forward(_Module(), query, key, value, None, scaling=0.125)
+        query, key, value, _ = _attention_inputs(64)
+        with torch.no_grad():
+            attention.attention_forward(_Module(), query, key, value, None, scaling=0.125)
+        assert not calls
+        attention.attention_forward(_Module(), query, key, value, None, scaling=0.125)
+        assert calls
+
+
+@pytest.mark.slow
+def test_short_row_attention_in_training_keeps_the_loss_and_gradients(smollm2_dir, tokenizer, sst2_frame):
+    """SmolLM2-135M with LoRA on real SST-2 rows (padded, under 160 tokens) under bf16 autocast:
+    with the short-row attention the loss is the same and the adapter gradients are as near the
+    fp32 ones as with sdpa; the model is on sdpa again afterwards."""
+    from nb_finetune import attention
+    frame = data.normalize(sst2_frame.iloc[:8], config.DataConfig(task="classification",
+                                                                 label_names={"0": "negative", "1": "positive"}))
+    rows, _ = tokenize_frame(frame, Formatter.build(tokenizer, "classification", ["negative", "positive"], 256))
+    batch = CompletionOnlyCollator(tokenizer.pad_token_id, 8)([rows[i] for i in range(len(rows))])
+    assert (batch["attention_mask"] == 0).any() and batch["input_ids"].shape[1] <= attention.SHORT_ROWS
+    mcfg = config.ModelConfig(lora_dropout=0.0)
+    torch.manual_seed(0)
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    model.train()
+
+    def loss_and_grads(short: bool, autocast: bool = True):
+        model.zero_grad()
+        with attention.for_training(model) if short else torch.enable_grad(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            used = model.config._attn_implementation
+            loss = model(**batch).loss
+        loss.backward()
+        return used, loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    _, _, exact = loss_and_grads(False, autocast=False)
+    used_before, own_loss, own = loss_and_grads(False)
+    used, loss, grads = loss_and_grads(True)
+    assert (used_before, used) == ("sdpa", attention.NAME) and model.config._attn_implementation == "sdpa"
+    assert loss == own_loss
+    assert float((grads - exact).norm()) <= 1.1 * float((own - exact).norm())

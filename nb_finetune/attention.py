@@ -1,0 +1,113 @@
+"""Attention for training on a CPU: torch's flash kernel forward, a shorter backward for short rows.
+
+torch's CPU flash-attention backward has a large cost of its own, whatever the length: on
+SmolLM2's shape (batch 8, 9 heads of 64) forward and backward took 7 ms at 64 tokens and
+11 ms at 80, against 23 ms at 256 (measured here, bf16). Short rows are the common case for
+fine-tuning data (SST-2 rows are 55-75 tokens), and there this backward was a sixth of a
+training step. Here the forward is still torch's flash kernel, which also returns each
+row's log-sum-exp, and the backward recomputes the probabilities from it with plain
+batched matmuls over the whole [length x length] block:
+
+    P = exp(scale Q K^T - lse)   (fp32, masked)
+    dV = P^T dO                  dS = P * (dO V^T - rowsum(dO * O))
+    dQ = scale dS K              dK = scale dS^T Q
+
+That is 2.7x faster at 64-80 tokens and 1.4x at 128-160; from about 192 tokens the block
+outgrows the cache and torch's kernel is faster, so longer batches keep it
+(`SHORT_ROWS`). Q K^T is computed in fp32, so the gradients are as close to a float64
+computation as the flash kernel's are (tests/test_speed.py).
+
+It is switched on for training only (`for_training`), for the model types whose attention
+takes the standard arguments; anything else (a longer batch, attention dropout, soft-capping,
+a position bias, no gradient) goes to transformers' own sdpa function unchanged."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+NAME = "nb_finetune_cpu_sdpa"
+# Longest batch (tokens) that uses the backward here; measured crossover between 160 and 192.
+SHORT_ROWS = 160
+# Decoder models whose attention calls the attention interface with only the arguments handled
+# here (or the fallback's).
+MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma"}
+
+
+class _ShortAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, allowed, scale):
+        bias = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill_(~allowed, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, attn_mask=bias, scale=scale)[:2]
+        ctx.save_for_backward(query, key, value, out, lse, allowed)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse, allowed = ctx.saved_tensors
+        batch, heads, length, _ = query.shape
+        grad_out = grad_out.contiguous()
+        # P in fp32: scale Q K^T - lse in one batched matmul, then exp, zero where masked.
+        prob = torch.baddbmm(lse.reshape(batch * heads, length, 1), query.float().flatten(0, 1),
+                             key.float().flatten(0, 1).transpose(1, 2), beta=-1, alpha=ctx.scale)
+        prob = prob.view(batch, heads, length, length).exp_().masked_fill_(~allowed, 0)
+        grad_value = torch.matmul(prob.to(query.dtype).transpose(-1, -2), grad_out)
+        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        grad_scores = torch.empty(prob.shape, dtype=query.dtype)
+        torch.mul(torch.matmul(grad_out, value.transpose(-1, -2)).sub(row_dot), prob, out=grad_scores)
+        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(ctx.scale)
+        return grad_query, grad_key, grad_value, None, None
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      **kwargs):
+    """transformers' attention-interface signature; what this does not handle goes to sdpa."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    length = query.shape[2]
+    plain = (dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+             and kwargs.get("s_aux") is None and not kwargs.get("output_attentions"))
+    if not (plain and torch.is_grad_enabled() and query.requires_grad and query.device.type == "cpu"
+            and 1 < length <= SHORT_ROWS and key.shape[2] == length
+            and is_causal is not False and getattr(module, "is_causal", True)
+            and (attention_mask is None or attention_mask.dtype == torch.bool)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if attention_mask is None:  # transformers leaves out a mask that is only causal
+        attention_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()[None, None]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # Under autocast the rotary embedding leaves Q and K in fp32 and V in bf16; sdpa would run
+    # in the autocast dtype, and so does this.
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    query, key, value = (t.to(dtype).contiguous() for t in (query, key, value))
+    out = _ShortAttention.apply(query, key, value, attention_mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(NAME, attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as sdpa
+
+
+@contextmanager
+def for_training(model):
+    """Use this attention while training `model` on a CPU, where it applies; sdpa again after."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    applies = (getattr(config, "model_type", None) in MODEL_TYPES and config._attn_implementation == "sdpa"
+               and base.device.type == "cpu")
+    if not applies:
+        yield False
+        return
+    _register()
+    config._attn_implementation = NAME
+    try:
+        yield True
+    finally:
+        config._attn_implementation = "sdpa"
