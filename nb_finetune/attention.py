@@ -55,8 +55,10 @@ class _ShortAttention(torch.autograd.Function):
         prob = prob.view(batch, heads, length, length).exp_().masked_fill_(~allowed, 0)
         grad_value = torch.matmul(prob.to(query.dtype).transpose(-1, -2), grad_out)
         row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        grad_scores = torch.empty(prob.shape, dtype=query.dtype)
-        torch.mul(torch.matmul(grad_out, value.transpose(-1, -2)).sub(row_dot), prob, out=grad_scores)
+        # Each elementwise step in one dtype: torch's CPU kernels that mix dtypes (a bf16 input
+        # with an fp32 one, or an fp32 result written to bf16) run several times slower.
+        grad_scores = torch.matmul(grad_out, value.transpose(-1, -2)).float()
+        grad_scores = grad_scores.sub_(row_dot).mul_(prob).to(query.dtype)
         grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale)
         grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(ctx.scale)
         return grad_query, grad_key, grad_value, None, None

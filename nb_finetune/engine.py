@@ -298,16 +298,23 @@ def keeps_logits_selectively(model) -> bool:
 
 @contextmanager
 def frozen_weights_in(model, precision: str):
-    """Hold the frozen weights of the adapted linear layers in `precision` while training.
+    """Hold the frozen weights of the adapted linear layers in `precision` while training, and
+    let their adapters take the input in the dtype it comes in.
 
     Under bf16 autocast every linear layer casts its fp32 weight to bf16 on every forward
     pass (autocast caches only weights that are trained): a full copy of the model per step,
     about a tenth of a step on a CPU. Casting the frozen weights once gives the same bf16
     values, so the same results. The fp32 originals are put back afterwards, so evaluation
-    and export see the weights as loaded."""
+    and export see the weights as loaded.
+
+    peft casts an adapter's input to the adapter's dtype (fp32) before its dropout and first
+    matmul. Under autocast that matmul casts it straight back to bf16, so for an input that
+    is already bf16 (the MLP's down projection takes the product of two adapted layers) the
+    round trip is a pass over the activations each way for nothing: FastDropout computes the
+    same values from the bf16 input (tests/test_speed.py)."""
     import torch
     dtype = getattr(torch, precision)
-    originals = []
+    originals, uncast = [], []
     if precision in ("bfloat16", "float16"):
         for module in model.modules():
             base = getattr(module, "base_layer", None)  # a LoRA-wrapped layer's frozen part
@@ -315,11 +322,19 @@ def frozen_weights_in(model, precision: str):
                     and base.weight.dtype == torch.float32:
                 originals.append((base, base.weight.data))
                 base.weight.data = base.weight.data.to(dtype)
+            if base is not None and hasattr(module, "_cast_input_dtype"):
+                uncast.append((module, vars(module).get("cast_input_dtype_enabled")))
+                module.cast_input_dtype_enabled = False
     try:
         yield
     finally:
         for base, weight in originals:
             base.weight.data = weight
+        for module, before in uncast:
+            if before is None:
+                del module.cast_input_dtype_enabled
+            else:
+                module.cast_input_dtype_enabled = before
 
 
 def _trainer_class():

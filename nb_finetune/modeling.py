@@ -181,23 +181,35 @@ def add_lora(model, cfg: ModelConfig, objective: str):
 
 
 class _ScaledMask(torch.autograd.Function):
-    """x where `keep`, times `scale`, else 0, written straight in `dtype`: one pass over x
-    forward and one over the gradient backward (a where, a multiply and autocast's cast took
-    three each way). The multiply is by an fp32 mask of 0 and scale, so it rounds as x * scale
-    did; only the boolean `keep` is saved for backward (an fp32 mask for the seven adapter
-    inputs of every block would hold 0.9 GB more at batch 8 x 256 on SmolLM2)."""
+    """x where `keep`, times `scale`, else 0, cast to `dtype`; the same mask backward.
+
+    For fp32 x the multiply is by an fp32 mask of 0 and scale, then the cast, so it rounds as
+    x * scale (and autocast's cast after it) did. For bf16 or fp16 x (the input of a layer
+    whose input another adapted layer made under autocast) the mask is 0 and 1 in that dtype,
+    an exact multiply, then x * scale, which torch computes in fp32 and rounds once, as
+    dropout on that dtype does. Only the boolean `keep` is saved for backward (an fp32 mask for
+    the seven adapter inputs of every block would hold 0.9 GB more at batch 8 x 256 on
+    SmolLM2). Every step has one dtype in and out: torch's CPU kernels that mix them (fp32 x
+    written to a bf16 output, a bf16 gradient times an fp32 mask) were 3-10x slower than the
+    same work as a same-dtype multiply and a cast."""
 
     @staticmethod
     def forward(ctx, x, keep, scale, dtype):
         ctx.save_for_backward(keep)
         ctx.x_dtype, ctx.scale = x.dtype, scale
-        return torch.mul(x, torch.where(keep, scale, 0.0), out=torch.empty(x.shape, dtype=dtype, device=x.device))
+        return _ScaledMask.apply_mask(x, keep, scale).to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        out = torch.empty(grad.shape, dtype=ctx.x_dtype, device=grad.device)
-        return torch.mul(grad, torch.where(keep, ctx.scale, 0.0), out=out), None, None, None
+        return _ScaledMask.apply_mask(grad.to(ctx.x_dtype), keep, ctx.scale), None, None, None
+
+    @staticmethod
+    def apply_mask(x, keep, scale):
+        keep = keep.view(torch.uint8)  # torch converts bool to float several times slower than uint8
+        if x.dtype == torch.float32:
+            return keep.to(torch.float32).mul_(scale).mul_(x)
+        return keep.to(x.dtype).mul_(x).mul_(scale)
 
 
 class FastDropout(torch.nn.Module):
@@ -212,10 +224,9 @@ class FastDropout(torch.nn.Module):
     probability 1 - p, p rounded to a multiple of 1/65536 (torch's own draw rounds it to
     2^-24), and scaled by 1/(1 - p). Same distribution, same expectation.
 
-    Under autocast the output is written in the autocast dtype: it feeds only the adapter's
-    first matmul, which would cast it to that dtype anyway, so the values are the same and
-    the separate cast (a pass over the activations each way) is gone. On other devices, or
-    outside training, it is nn.functional.dropout."""
+    Under autocast the output is in the autocast dtype: it feeds only the adapter's first
+    matmul, which would cast it to that dtype anyway, so the values are the same. On other
+    devices, or outside training, it is nn.functional.dropout."""
 
     def __init__(self, p: float):
         super().__init__()

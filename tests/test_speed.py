@@ -141,11 +141,16 @@ def test_a_classification_head_keeps_its_usual_loss(tiny_model_dir):
 
 def test_frozen_weights_held_in_bf16_give_the_same_bf16_results_and_come_back(tiny_model_dir, alpaca_batch):
     """Under bf16 autocast, casting the frozen weights once computes what casting them on every
-    forward pass computes; afterwards the fp32 weights are the very tensors loaded."""
+    forward pass computes, and so do adapters (with dropout) that take a bf16 input without
+    peft's cast to fp32; afterwards the fp32 weights are the very tensors loaded and the
+    adapters cast their input again."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    assert modeling.use_fast_dropout(model) > 0
+    model.train()
+    adapted = [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
     with torch.no_grad():  # a trained-looking adapter, so its path counts in the result
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -155,7 +160,8 @@ def test_frozen_weights_held_in_bf16_give_the_same_bf16_results_and_come_back(ti
 
     def loss_and_grads():
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.random.fork_rng(), torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(1)  # the same dropout masks in both passes
             loss = model(**alpaca_batch).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -164,7 +170,9 @@ def test_frozen_weights_held_in_bf16_give_the_same_bf16_results_and_come_back(ti
     with engine.frozen_weights_in(model, "bfloat16"):
         assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "base_layer" in n)
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        assert all(m.cast_input_dtype_enabled is False for m in adapted)
         loss, grads = loss_and_grads()
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in adapted)
     torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-7, msg=name)
@@ -196,8 +204,16 @@ def test_fast_dropout_draws_the_dropout_distribution():
     drop(w).sum().backward()
     torch.manual_seed(3)
     assert torch.equal(w.grad, drop(torch.ones(400, 1000)))  # d out / d x = mask / (1 - p)
-    half = drop(x.bfloat16())
-    assert half.dtype == torch.bfloat16
+    # bf16 input: x * scale computed in fp32 and rounded once, forward and backward
+    xb = torch.randn(400, 1000).bfloat16().requires_grad_()
+    torch.manual_seed(5)
+    half = drop(xb)
+    torch.manual_seed(5)
+    mask = drop(torch.ones(400, 1000))  # 0 or scale, the same draw
+    assert half.dtype == torch.bfloat16 and torch.equal(half, (xb.detach().float() * mask).bfloat16())
+    g = torch.randn(400, 1000).bfloat16()
+    half.backward(g)
+    assert xb.grad.dtype == torch.bfloat16 and torch.equal(xb.grad, (g.float() * mask).bfloat16())
     assert torch.equal(drop.eval()(x), x)
 
 
