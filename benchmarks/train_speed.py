@@ -29,6 +29,9 @@ What it prints (figures, never pass/fail):
 7. The training loss: one training step with the loss from the model's logits (transformers)
    vs without them (nb_finetune.lm_loss), seconds per step, page faults, and the loss of
    each on the same weights and dropout masks.
+8. Attention: one training step on 8 SST-2 rows with torch's sdpa vs the short-row attention
+   (nb_finetune.attention), seconds per step, and each one's adapter gradients' distance to
+   fp32's and to sdpa's.
 
 Run from the repository root (the default takes about 25 minutes on a 2-core CPU):
     python benchmarks/train_speed.py
@@ -374,6 +377,52 @@ def loss_speed(args) -> pd.DataFrame:
                          for f, who in ((False, "from the logits (transformers)"), (True, "without logits (lm_loss)"))])
 
 
+def attention_speed(args) -> pd.DataFrame:
+    """One training step (forward and backward) on 8 SST-2 rows (about 80 tokens), SmolLM2-135M
+    with LoRA, attention by torch's sdpa vs nb_finetune's short-row attention: seconds per
+    step, alternated, best of 3 each, and how far each one's adapter gradients are from fp32's
+    (relative distance; the same dropout masks)."""
+    from nb_finetune import attention, config, engine, hardware, modeling
+    from nb_finetune.lm_loss import FusedCausalLMLoss
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+    mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
+    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
+    train, _, task = load_rows("sst2", args.batch_size, 0)
+    dataset, _ = tokenize_frame(train, Formatter.build(tok, task, ["negative", "positive"], args.max_length))
+    batch = CompletionOnlyCollator(tok.pad_token_id, 8)([dataset[i] for i in range(len(dataset))])
+    keep, following = engine.trained_positions(batch["labels"])
+    inputs = {**batch, "logits_to_keep": keep, "shift_labels": following}
+    precision = hardware.compute_dtype("auto")
+    torch.manual_seed(SEED)
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    model.train()
+    fused = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
+
+    def step(short: bool, autocast: bool = True):
+        model.zero_grad()
+        with torch.random.fork_rng(), attention.for_training(model) if short else torch.enable_grad(), \
+                torch.autocast("cpu", dtype=getattr(torch, precision), enabled=autocast and precision != "float32"), \
+                fused.swapped_in() if fused else torch.enable_grad():
+            torch.manual_seed(SEED)  # the same dropout masks in every pass
+            start = time.perf_counter()
+            model(**inputs).loss.backward()
+        return time.perf_counter() - start, torch.cat([p.grad.flatten() for p in model.parameters()
+                                                       if p.requires_grad])
+
+    _, exact = step(False, autocast=False)
+    times, found = {False: [], True: []}, {}
+    with engine.frozen_weights_in(model, precision):
+        for round in range(4):  # the first warms up
+            for short in (False, True):
+                seconds, found[short] = step(short)
+                times[short].append(seconds)
+    relative = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    return pd.DataFrame([{"attention": who, "length": batch["input_ids"].shape[1], "step s": min(times[f][1:]),
+                          "gradient distance to fp32": relative(found[f], exact),
+                          "to sdpa's": relative(found[f], found[False])}
+                         for f, who in ((False, "torch sdpa"), (True, "short-row (nb_finetune.attention)"))])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="alpaca,sst2", help="comma-separated: alpaca, sst2")
@@ -383,7 +432,7 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--val-rows", type=int, default=64)
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: training, first-step, tokenization, "
-                   "evaluation, loss")
+                   "evaluation, loss, attention")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -428,6 +477,9 @@ def main() -> int:
         print(f"\n7. the training loss, one step on the {args.batch_size} longest of 160 Alpaca rows "
               f"(max_length {args.max_length}), best of 3:")
         print(loss_speed(args).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if "attention" not in args.skip:
+        print(f"\n8. attention, one training step on {args.batch_size} SST-2 rows, best of 3:")
+        print(attention_speed(args).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 

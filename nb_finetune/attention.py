@@ -6,16 +6,17 @@ SmolLM2's shape (batch 8, 9 heads of 64) forward and backward took 7 ms at 64 to
 fine-tuning data (SST-2 rows are 55-75 tokens), and there this backward was a sixth of a
 training step. Here the forward is still torch's flash kernel, which also returns each
 row's log-sum-exp, and the backward recomputes the probabilities from it with plain
-batched matmuls over the whole [length x length] block:
+batched matmuls over the whole [length x length] blocks:
 
     P = exp(scale Q K^T - lse)   (fp32, masked)
     dV = P^T dO                  dS = P * (dO V^T - rowsum(dO * O))
     dQ = scale dS K              dK = scale dS^T Q
 
-That is 2.7x faster at 64-80 tokens and 1.4x at 128-160; from about 192 tokens the block
-outgrows the cache and torch's kernel is faster, so longer batches keep it
-(`SHORT_ROWS`). Q K^T is computed in fp32, so the gradients are as close to a float64
-computation as the flash kernel's are (tests/test_speed.py).
+The backward is computed in fp32: at these lengths its five matmuls are cheap even so, and
+the gradients come out nearer a float64 computation than the flash kernel's
+(tests/test_speed.py). It is 2.7x faster than torch's at 64-80 tokens and 1.4x at 128-160;
+from about 192 tokens the [length x length] blocks outgrow the cache and torch's kernel is
+faster, so longer batches keep it (`SHORT_ROWS`).
 
 It is switched on for training only (`for_training`), for the model types whose attention
 takes the standard arguments; anything else (a longer batch, attention dropout, soft-capping,
@@ -48,20 +49,19 @@ class _ShortAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, out, lse, allowed = ctx.saved_tensors
         batch, heads, length, _ = query.shape
-        grad_out = grad_out.contiguous()
-        # P in fp32: scale Q K^T - lse in one batched matmul, then exp, zero where masked.
-        prob = torch.baddbmm(lse.reshape(batch * heads, length, 1), query.float().flatten(0, 1),
-                             key.float().flatten(0, 1).transpose(1, 2), beta=-1, alpha=ctx.scale)
+        # All in fp32: at these lengths the five matmuls are cheap even so, and the gradients
+        # come out nearer a float64 computation than the flash kernel's.
+        q, k, v, o, g = (t.float() for t in (query, key, value, out, grad_out))
+        # P: scale Q K^T - lse in one batched matmul, then exp, zero where masked
+        prob = torch.baddbmm(lse.reshape(batch * heads, length, 1), q.flatten(0, 1),
+                             k.flatten(0, 1).transpose(1, 2), beta=-1, alpha=ctx.scale)
         prob = prob.view(batch, heads, length, length).exp_().masked_fill_(~allowed, 0)
-        grad_value = torch.matmul(prob.to(query.dtype).transpose(-1, -2), grad_out)
-        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        # Each elementwise step in one dtype: torch's CPU kernels that mix dtypes (a bf16 input
-        # with an fp32 one, or an fp32 result written to bf16) run several times slower.
-        grad_scores = torch.matmul(grad_out, value.transpose(-1, -2)).float()
-        grad_scores = grad_scores.sub_(row_dot).mul_(prob).to(query.dtype)
-        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale)
-        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(ctx.scale)
-        return grad_query, grad_key, grad_value, None, None
+        grad_value = torch.matmul(prob.transpose(-1, -2), g)
+        grad_scores = torch.matmul(g, v.transpose(-1, -2)).sub_((g * o).sum(-1, keepdim=True)).mul_(prob)
+        grad_query = torch.matmul(grad_scores, k).mul_(ctx.scale)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(ctx.scale)
+        dtype = query.dtype
+        return grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), None, None
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,

@@ -325,8 +325,9 @@ class _Module:  # what the attention function reads from transformers' attention
 
 @pytest.mark.parametrize("length,padded,packed", [(64, 0, False), (80, 13, False), (150, 0, True)])
 def test_short_row_attention_backward_is_as_exact_as_torchs(length, padded, packed):
-    """The CPU attention for short rows: the same forward as torch's sdpa, and gradients as near
-    a float64 computation as sdpa's own (the mask: causal, padded or packed; grouped heads)."""
+    """The CPU attention for short rows: the same forward as torch's sdpa, and gradients at least
+    as near a float64 computation as sdpa's own (the mask: causal, padded or packed; grouped
+    heads)."""
     from nb_finetune import attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     query, key, value, allowed = _attention_inputs(length, padded, packed)
@@ -350,8 +351,7 @@ def test_short_row_attention_backward_is_as_exact_as_torchs(length, padded, pack
         out, grads = run(attention.attention_forward, [query, key, value])
     assert calls  # the short-row path ran
     torch.testing.assert_close(out, sdpa_out, rtol=0, atol=0)
-    assert distance(grads, exact_grads) <= 1.5 * distance(sdpa_grads, exact_grads)
-    assert distance(grads, exact_grads) < 1e-2
+    assert distance(grads, exact_grads) <= distance(sdpa_grads, exact_grads)
 
 
 def test_long_rows_and_no_gradient_go_to_torchs_attention():
@@ -374,8 +374,9 @@ def test_long_rows_and_no_gradient_go_to_torchs_attention():
 @pytest.mark.slow
 def test_short_row_attention_in_training_keeps_the_loss_and_gradients(smollm2_dir, tokenizer, sst2_frame):
     """SmolLM2-135M with LoRA on real SST-2 rows (padded, under 160 tokens) under bf16 autocast:
-    with the short-row attention the loss is the same and the adapter gradients are as near the
-    fp32 ones as with sdpa; the model is on sdpa again afterwards."""
+    with the short-row attention the loss is the same, and the adapter gradients differ from
+    sdpa's by much less than bf16 itself moves them from fp32 (the kernel alone is nearer
+    float64 than sdpa's, test above); the model is on sdpa again afterwards."""
     from nb_finetune import attention
     frame = data.normalize(sst2_frame.iloc[:8], config.DataConfig(task="classification",
                                                                  label_names={"0": "negative", "1": "positive"}))
@@ -405,4 +406,4 @@ def test_short_row_attention_in_training_keeps_the_loss_and_gradients(smollm2_di
     used, loss, grads = loss_and_grads(True)
     assert (used_before, used) == ("sdpa", attention.NAME) and model.config._attn_implementation == "sdpa"
     assert loss == own_loss
-    assert float((grads - exact).norm()) <= 1.1 * float((own - exact).norm())
+    assert float((grads - own).norm()) < 0.5 * float((own - exact).norm())
