@@ -416,7 +416,7 @@ def attention_speed(args) -> pd.DataFrame:
             for short in (False, True):
                 seconds, found[short] = step(short)
                 times[short].append(seconds)
-    relative = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    relative = lambda a, b: float((a - b).norm() / b.norm())
     return pd.DataFrame([{"attention": who, "length": batch["input_ids"].shape[1], "step s": min(times[f][1:]),
                           "gradient distance to fp32": relative(found[f], exact),
                           "to sdpa's": relative(found[f], found[False])}
