@@ -103,8 +103,9 @@ class TrainConfig:
     warmup_ratio: float = _f(0.05, "Share of steps spent warming the learning rate up.", min=0.0, max=0.5)
     scheduler: str = _f("linear", "Learning-rate schedule after warm-up.",
                         choices=("linear", "cosine", "constant", "constant_with_warmup"))
-    optimizer: str = _f("auto", "'auto': paged 8-bit AdamW for a quantized base on a GPU (QLoRA), AdamW otherwise.",
-                        choices=("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"))
+    optimizer: str = _f("auto", "'auto': paged 8-bit AdamW for a quantized base on a GPU (QLoRA), torch's fused "
+                        "AdamW otherwise.",
+                        choices=("auto", "adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"))
     gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass to save memory; "
                                      "'auto': on for a quantized base on a GPU.", choices=("auto", "yes", "no"))
     max_length: int = _f(256, "Tokens per row at most; longer prompts are cut in the middle, the response is kept.",

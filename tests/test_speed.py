@@ -407,3 +407,26 @@ def test_short_row_attention_in_training_keeps_the_loss_and_gradients(smollm2_di
     assert (used_before, used) == ("sdpa", attention.NAME) and model.config._attn_implementation == "sdpa"
     assert loss == own_loss
     assert float((grads - own).norm()) < 0.5 * float((own - exact).norm())
+
+
+def test_fused_adamw_is_the_default_and_updates_as_the_multi_tensor_one():
+    """Without a quantized base on a GPU the engine asks for torch's fused AdamW, whose updates
+    on adapter-shaped tensors (LoRA A and B of SmolLM2's projections) are the multi-tensor
+    AdamW's to float rounding."""
+    assert engine.optimizer_and_checkpointing(config.TrainConfig(), quantized=False) == ("adamw_torch_fused", False)
+    torch.manual_seed(0)
+    shapes = [(16, 576), (576, 16), (16, 576), (1536, 16), (16, 1536), (576, 16)]
+    start = [torch.randn(s) * 0.02 for s in shapes]
+    grads = [[torch.randn(s) * 1e-3 for s in shapes] for _ in range(5)]
+    found = {}
+    for fused in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=fused, foreach=not fused)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        found[fused] = params
+    for a, b, s in zip(found[True], found[False], start):
+        assert not torch.equal(a.detach(), s)  # it moved
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
