@@ -342,7 +342,7 @@ def test_short_row_attention_backward_is_as_exact_as_torchs(length, padded, pack
         return max(float((f.double() - e).norm() / e.norm()) for f, e in zip(found, exact))
 
     _, exact_grads = run(sdpa_attention_forward, [t.detach().double().requires_grad_()
-                                                          for t in (query, key, value)])
+                                                  for t in (query, key, value)])
     sdpa_out, sdpa_grads = run(sdpa_attention_forward, [query, key, value])
     calls = []
     apply = attention._ShortAttention.apply
