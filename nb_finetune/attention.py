@@ -48,14 +48,15 @@ class _ShortAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse, allowed = ctx.saved_tensors
-        batch, heads, length, _ = query.shape
+        batch, heads, q_len, _ = query.shape
+        k_len = key.shape[2]
         # All in fp32: at these lengths the five matmuls are cheap even so, and the gradients
         # come out nearer a float64 computation than the flash kernel's.
         q, k, v, o, g = (t.float() for t in (query, key, value, out, grad_out))
         # P: scale Q K^T - lse in one batched matmul, then exp, zero where masked
-        prob = torch.baddbmm(lse.reshape(batch * heads, length, 1), q.flatten(0, 1),
+        prob = torch.baddbmm(lse.reshape(batch * heads, q_len, 1), q.flatten(0, 1),
                              k.flatten(0, 1).transpose(1, 2), beta=-1, alpha=ctx.scale)
-        prob = prob.view(batch, heads, length, length).exp_().masked_fill_(~allowed, 0)
+        prob = prob.view(batch, heads, q_len, k_len).exp_().masked_fill_(~allowed, 0)
         grad_value = torch.matmul(prob.transpose(-1, -2), g)
         grad_scores = torch.matmul(g, v.transpose(-1, -2)).sub_((g * o).sum(-1, keepdim=True)).mul_(prob)
         grad_query = torch.matmul(grad_scores, k).mul_(ctx.scale)
@@ -67,26 +68,33 @@ class _ShortAttention(torch.autograd.Function):
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     """transformers' attention-interface signature; what this does not handle goes to sdpa."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     length = query.shape[2]
     plain = (dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
              and kwargs.get("s_aux") is None and not kwargs.get("output_attentions"))
     if not (plain and torch.is_grad_enabled() and query.requires_grad and query.device.type == "cpu"
             and 1 < length <= SHORT_ROWS and key.shape[2] == length
             and is_causal is not False and getattr(module, "is_causal", True)
-            and (attention_mask is None or attention_mask.dtype == torch.bool)):
+            and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if attention_mask is None:  # transformers leaves out a mask that is only causal
         attention_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()[None, None]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # Under autocast the rotary embedding leaves Q and K in fp32 and V in bf16; sdpa would run
     # in the autocast dtype, and so does this.
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-    query, key, value = (t.to(dtype).contiguous() for t in (query, key, value))
-    out = _ShortAttention.apply(query, key, value, attention_mask, scale)
+    # Grouped heads: the query heads that share a key/value head are stacked along the length
+    # (each query row attends on its own, so a [groups x length, length] block per key/value
+    # head is the same attention), rather than the keys and values copied once per query head.
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    query = query.to(dtype).reshape(batch, kv_heads, groups * length, dim)
+    key, value = (t.to(dtype).contiguous() for t in (key, value))
+    allowed = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(
+        attention_mask.shape[0], attention_mask.shape[1], groups * length, length)
+    out = _ShortAttention.apply(query, key, value, allowed, scale).view(batch, heads, length, dim)
     return out.transpose(1, 2).contiguous(), None
 
 
