@@ -315,28 +315,23 @@ def frozen_weights_in(model, precision: str):
     round trip is a pass over the activations each way for nothing: FastDropout computes the
     same values from the bf16 input (tests/test_speed.py)."""
     import torch
+    from peft.helpers import disable_input_dtype_casting
     dtype = getattr(torch, precision)
-    originals, uncast = [], []
-    if precision in ("bfloat16", "float16"):
+    half = precision in ("bfloat16", "float16")
+    originals = []
+    if half:
         for module in model.modules():
             base = getattr(module, "base_layer", None)  # a LoRA-wrapped layer's frozen part
             if isinstance(base, torch.nn.Linear) and not base.weight.requires_grad \
                     and base.weight.dtype == torch.float32:
                 originals.append((base, base.weight.data))
                 base.weight.data = base.weight.data.to(dtype)
-            if base is not None and hasattr(module, "_cast_input_dtype"):
-                uncast.append((module, vars(module).get("cast_input_dtype_enabled")))
-                module.cast_input_dtype_enabled = False
     try:
-        yield
+        with disable_input_dtype_casting(model, active=half):
+            yield
     finally:
         for base, weight in originals:
             base.weight.data = weight
-        for module, before in uncast:
-            if before is None:
-                del module.cast_input_dtype_enabled
-            else:
-                module.cast_input_dtype_enabled = before
 
 
 def _trainer_class():
