@@ -440,8 +440,6 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
     """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter.
 
     The history is written to cfg.output_dir/history.csv however training ends."""
-    from transformers import PrinterCallback, ProgressCallback
-    from transformers.utils.notebook import NotebookProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     check_disk(model, cfg)
@@ -459,8 +457,10 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
 
         from .lm_loss import FusedCausalLMLoss
         trainer.fused_loss = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
-    # Nothing prints from the training loop: events go to our callbacks instead.
-    for printer in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+    # Nothing prints from the training loop: events go to our callbacks instead. Matched by
+    # name: importing transformers' notebook callback needs IPython, which a headless run lacks.
+    for printer in [cb for cb in trainer.callback_handler.callbacks
+                    if type(cb).__name__ in ("PrinterCallback", "ProgressCallback", "NotebookProgressCallback")]:
         trainer.remove_callback(printer)
     resume = None
     if cfg.resume_from == "last":

@@ -65,6 +65,18 @@ def test_trains_emits_events_and_keeps_history(tiny_model_dir, tmp_path, sst2_fr
     assert result.last_checkpoint.name == "checkpoint-6"
 
 
+def test_trains_where_ipython_is_missing(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    # A headless run (a GPU server, a launcher's worker) may have no IPython; importing
+    # transformers' notebook callback would need it.
+    import sys
+    monkeypatch.setitem(sys.modules, "IPython", None)
+    monkeypatch.delitem(sys.modules, "transformers.utils.notebook", raising=False)
+    with pytest.raises(ImportError):
+        import transformers.utils.notebook  # noqa: F401
+    s = _session(_cfg(tiny_model_dir, tmp_path, max_steps=2, eval_steps=2), sst2_frame)
+    assert s.train().history["step"].tolist() == [1, 2]
+
+
 def test_same_seed_same_losses(tiny_model_dir, tmp_path, sst2_frame):
     losses = []
     for i in range(2):
