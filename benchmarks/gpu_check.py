@@ -16,7 +16,7 @@ import pandas as pd
 
 
 def one_run(quantization: str, steps: int, output: str) -> dict:
-    from nb_finetune import hardware, load_preset
+    from nb_finetune import hardware, load_preset, memory
     from nb_finetune.evaluation import completion_loss
     from nb_finetune.job import Session
 
@@ -32,6 +32,7 @@ def one_run(quantization: str, steps: int, output: str) -> dict:
     # predictions, so a difference after a few steps may be there before any training.
     before, _ = completion_loss(session.model, session.datasets["validation"], session.collator,
                                 cfg.train.batch_size, session.precision)
+    memory.reset_peak()  # the peak of training alone, as the estimate counts it
     estimate = session.memory_estimate.total / 2**20
     start = time.perf_counter()
     result = session.train()
