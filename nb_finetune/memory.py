@@ -7,11 +7,12 @@ parameters and the LoRA adapters it would get, then adds up, in bytes:
                  embeddings and norms stay 16/32-bit
   adapters       trainable parameters x (4 weight + 4 gradient + 8 AdamW moments), or
                  x (4 + 4 + 2) with an 8-bit optimizer
-  activations    per layer and token, bytes kept for backward: ~34 x hidden at 16-bit on a GPU
-                 (Korthikanti et al. 2022, fused attention); ~104 x hidden on a CPU with fp32
-                 weights under bf16 autocast (measured here on SmolLM2-135M: peak RSS grows
-                 2.47 MB per token, logits included); with gradient checkpointing only the layer
-                 inputs (2 x hidden) plus one layer's worth
+  activations    per layer and token, bytes kept for backward, measured on SmolLM2-135M: on a
+                 GPU ~60 x hidden with a 16-bit base and ~75 x hidden with a 4-bit one (H200,
+                 bf16); on a CPU with fp32 weights ~90 x hidden under bf16 autocast and ~155 x
+                 hidden without it (a CPU without bf16); with
+                 gradient checkpointing only the layer inputs (2 or 4 bytes x hidden) plus one
+                 layer's worth (two on a GPU)
   logits         trained tokens x vocab x 14 bytes (16-bit logits, their fp32 copy, the
                  log-softmax and its gradient); on a CPU, where the loss is computed without
                  the logits (lm_loss), only one chunk of rows at a time, plus the head's weight
@@ -90,10 +91,19 @@ def estimate(cfg: RunConfig, objective: str = "completion", num_labels: int = 2,
     hidden, layers = mc.hidden_size, mc.num_hidden_layers
     from .engine import optimizer_and_checkpointing  # the same decision training makes
     checkpointing = optimizer_and_checkpointing(t, quant != "none")[1]
-    # Bytes per token kept for one layer's backward; on a CPU measured with SmolLM2 at batch 4 x 192
-    # and 8 x 256 (bf16 autocast, LoRA on every linear layer, dropout 0.05).
-    one_layer = (34 if cuda else 90) * hidden
-    per_token_layer = 2 * hidden if checkpointing else one_layer
+    # Bytes per token kept for one layer's backward, LoRA on every linear layer with dropout 0.05,
+    # measured with SmolLM2 on full batches: on a CPU at 4 x 192 and 8 x 256 with bf16 autocast,
+    # and at 4 and 8 x 192 in fp32 (a CPU without bf16: every activation twice the size);
+    # on an H200 from the growth between 8 and 16 x 256 (benchmarks/gpu_check.py). A 4-bit
+    # base keeps more: bitsandbytes' matmul saves its input too, and its residual stream is fp32.
+    cpu_bf16 = not cuda and hardware.compute_dtype(cfg.model.compute_dtype) == "bfloat16"
+    one_layer = ((75 if quant != "none" else 60) if cuda else (90 if cpu_bf16 else 155)) * hidden
+    # With checkpointing, each layer's input, plus one layer's worth while it is recomputed (on a
+    # GPU twice that: its gradients are live at the same time; measured with QLoRA on an H200).
+    # The residual stream is fp32 on a CPU (fp32 base) and for a quantized base (peft's
+    # prepare_model_for_kbit_training upcasts the norms and embeddings); bf16 for a 16-bit base.
+    per_token_layer = (2 if cuda and quant == "none" else 4) * hidden if checkpointing else one_layer
+    recomputed = (2 if cuda else 1) * one_layer if checkpointing else 0
     from .lm_loss import CPU_CHUNK_ROWS, PLAIN_HEAD_MODEL_TYPES  # what training will do
     logit_rows = tokens * trained_share
     logits = 0 if objective == "head" else logit_rows * mc.vocab_size * 14
@@ -103,12 +113,12 @@ def estimate(cfg: RunConfig, objective: str = "completion", num_labels: int = 2,
     parts = {
         "base weights": linear * per_linear[quant] + other * (2 if quant != "none" else half),
         "adapters and optimizer": lora * (4 + 4 + (2 if quant != "none" and cuda else 8)),
-        "activations": per_token_layer * tokens * layers + (one_layer * tokens if checkpointing else 0),
+        "activations": per_token_layer * tokens * layers + recomputed * tokens,
         "logits": logits,
     }
     if not cuda:
         import psutil
-        if hardware.compute_dtype(cfg.model.compute_dtype) == "bfloat16" and quant == "none":
+        if cpu_bf16 and quant == "none":
             parts["bf16 weight copies"] = linear * 2
         parts["process now"] = psutil.Process().memory_info().rss
     head = hidden * max(num_labels, 2) if objective == "head" else 0

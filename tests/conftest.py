@@ -12,7 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 # Child processes import this checkout's package, whatever an editable install points at.
-SUBPROCESS_ENV = os.environ | {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+# The checkout first, then whatever PYTHONPATH already names (packages installed with --target).
+SUBPROCESS_ENV = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                               "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -59,3 +59,36 @@ def test_peak_is_the_process_own_not_its_parents():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SUBPROCESS_ENV)
     assert int(proc.stdout.strip().splitlines()[-1]) < 1_000_000_000, proc.stderr[-2000:]
     del big
+
+
+GPU_RUN = textwrap.dedent("""
+    import json, sys
+    from nb_finetune import load_preset
+    from nb_finetune.job import Session
+    cfg = load_preset("qlora-gpu").with_overrides({"data.source": sys.argv[1], "data.text_column": "sentence",
+        "data.label_column": "label", "model.quantization": sys.argv[2], "train.max_steps": 3,
+        "train.eval_steps": 100, "train.batch_size": 16, "train.grad_accum": 1, "train.max_length": 256,
+        "train.output_dir": sys.argv[3]})
+    s = Session(cfg, progress=lambda m: None)
+    s.prepare_data(); s.tokenize(); s.load_model(); s.train()
+    print(json.dumps({"estimate": s.memory_estimate.total, "peak": s.peak_memory}))
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not hardware.cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_gpu_estimate_is_close_to_the_measured_peak(quantization, tmp_path, shared_data):
+    """SmolLM2-135M on a GPU, LoRA (bf16 base) and QLoRA (4-bit base, gradient checkpointing),
+    16 rows of 256 tokens: each row joins 32 SST-2 phrases, so every batch is full, as the
+    estimate assumes."""
+    import pandas as pd
+    train = pd.read_csv(shared_data / "sst2" / "train.tsv", sep="\t").head(32 * 400)
+    rows = pd.DataFrame({"sentence": [" ".join(g) for g in train["sentence"].to_numpy().reshape(-1, 32)],
+                         "label": train["label"].to_numpy()[::32]})
+    rows.to_csv(tmp_path / "long.csv", index=False)
+    proc = subprocess.run([sys.executable, "-c", GPU_RUN, str(tmp_path / "long.csv"), quantization, str(tmp_path / "run")],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.85 < got["estimate"] / got["peak"] < 1.15, got
