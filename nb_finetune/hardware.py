@@ -61,7 +61,12 @@ def device() -> str:
 
 
 def compute_dtype(choice: str = "auto") -> str:
-    """'bfloat16', 'float16' or 'float32' for autocast, from the config's choice and the hardware."""
+    """'bfloat16', 'float16' or 'float32' for autocast, from the config's choice and the hardware.
+
+    bf16 asked for on a CPU without bf16 instructions gives float32: torch would emulate it,
+    30x slower per matmul here (a preset written for GPUs, such as qlora-gpu, asks for it)."""
+    if choice == "bfloat16" and not cuda_available() and not bf16_supported():
+        return "float32"
     if choice != "auto":
         return choice
     if bf16_supported():

@@ -127,6 +127,9 @@ class Session:
                                                stats.trained_tokens / max(stats.tokens, 1))
         self.progress(self.memory_estimate.summary())
         memory.reset_peak()
+        if self.cfg.model.compute_dtype != "auto" and self.precision != self.cfg.model.compute_dtype:
+            self.progress(f"compute_dtype {self.cfg.model.compute_dtype}: this CPU has no bf16 instructions "
+                          f"(torch would emulate it, many times slower); computing in {self.precision}")
         self.progress(f"loading model: {self.cfg.model.name} ({self.objective}, {self.precision})")
         base = modeling.load_base(self.cfg.model, self.objective, self.prep.labels, self.tokenizer.pad_token_id,
                                   self.progress)

@@ -77,6 +77,21 @@ def test_trains_where_ipython_is_missing(tiny_model_dir, tmp_path, sst2_frame, m
     assert s.train().history["step"].tolist() == [1, 2]
 
 
+def test_bf16_asked_for_on_a_cpu_without_it_computes_in_fp32(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    # torch emulates bf16 on such a CPU, 30x slower per matmul; the qlora-gpu preset asks for it.
+    from nb_finetune import hardware
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    monkeypatch.setattr(hardware, "bf16_supported", lambda: True)
+    assert hardware.compute_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(hardware, "bf16_supported", lambda: False)
+    assert hardware.compute_dtype("bfloat16") == "float32" and hardware.compute_dtype("auto") == "float32"
+    messages = []
+    s = Session(_cfg(tiny_model_dir, tmp_path).with_overrides({"model.compute_dtype": "bfloat16"}), progress=messages.append)
+    s.prepare_data(sst2_frame)
+    s.load_model()
+    assert s.precision == "float32" and any("no bf16 instructions" in m for m in messages)
+
+
 def test_same_seed_same_losses(tiny_model_dir, tmp_path, sst2_frame):
     losses = []
     for i in range(2):
