@@ -282,17 +282,32 @@ def tokenization_speed(args) -> pd.DataFrame:
 # -- 6. evaluation -----------------------------------------------------------------------------
 
 def evaluation_speed(args) -> pd.DataFrame:
-    """Validation (the trainer's evaluate) and test label scoring, with every position's logits
-    vs only the positions that predict a trained token; alternated, best of 2 each."""
+    """Validation (the trainer's evaluate) and test label scoring: every position's logits vs
+    only the positions that predict a trained token, and each (prompt, label) sequence whole vs
+    each prompt once with the labels continuing from it; alternated, best of 2 each."""
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainingArguments
-    from nb_finetune import config, engine, hardware, modeling
-    from nb_finetune.evaluation import sequence_logprobs
+    from nb_finetune import config, data, engine, hardware, modeling
+    from nb_finetune.evaluation import score_labels, sequence_logprobs
     from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
     tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
     model = AutoModelForCausalLM.from_pretrained(modeling.resolve("smollm2-135m-instruct", progress=lambda m: None))
     precision = hardware.compute_dtype("auto")
     collator = CompletionOnlyCollator(tok.pad_token_id)
     rows = []
+
+    def best_of_two(runs: dict) -> tuple[dict, dict]:
+        times, found = {k: [] for k in runs}, {}
+        for _ in range(2):
+            for k, fn in runs.items():
+                start = time.perf_counter()
+                found[k] = fn()
+                times[k].append(time.perf_counter() - start)
+        return {k: min(v) for k, v in times.items()}, found
+
+    def row(what, before, after, times, same):
+        return {"what": what, "before": before, "before s": times[0], "after": after, "after s": times[1],
+                "speed-up": times[0] / times[1], "same result": same}
+
     for name in ("alpaca", "sst2"):
         _, val, task = load_rows(name, 0, args.val_rows)
         labels = ["negative", "positive"] if task == "classification" else []
@@ -306,30 +321,39 @@ def evaluation_speed(args) -> pd.DataFrame:
                                        per_device_eval_batch_size=args.batch_size, bf16=precision == "bfloat16",
                                        bf16_full_eval=False, disable_tqdm=True))
             trainer.remove_callback(PrinterCallback)
-            times, found = {False: [], True: []}, {}
-            for _ in range(2):
-                for selective in (False, True):
-                    trainer.trained_logits_only = selective
-                    start = time.perf_counter()
-                    found[selective] = trainer.evaluate()
-                    times[selective].append(time.perf_counter() - start)
-        rows.append({"what": f"validation, {name}, {len(dataset)} rows", "every position s": min(times[False]),
-                     "trained positions s": min(times[True]), "speed-up": min(times[False]) / min(times[True]),
-                     "same result": f"loss {found[False]['eval_loss']:.5f} vs {found[True]['eval_loss']:.5f}, "
-                                    f"accuracy {found[False]['eval_accuracy']:.4f} vs {found[True]['eval_accuracy']:.4f}"})
+
+            def validate(selective, trainer=trainer):
+                trainer.trained_logits_only = selective
+                return trainer.evaluate()
+            times, found = best_of_two({False: lambda: validate(False), True: lambda: validate(True)})
+        rows.append(row(f"validation, {name}, {len(dataset)} rows", "every position", "trained positions",
+                        (times[False], times[True]),
+                        f"loss {found[False]['eval_loss']:.5f} vs {found[True]['eval_loss']:.5f}, "
+                        f"accuracy {found[False]['eval_accuracy']:.4f} vs {found[True]['eval_accuracy']:.4f}"))
         if labels:  # the test metric: each label's log-likelihood after each prompt
             features = fmt.encode_many([r | {"label": lab} for r in val.to_dict(orient="records") for lab in labels])
-            times, scores = {False: [], True: []}, {}
-            for _ in range(2):
-                for selective in (False, True):
-                    start = time.perf_counter()
-                    scores[selective] = sequence_logprobs(model, features, collator, args.batch_size, precision,
-                                                          selective=selective)
-                    times[selective].append(time.perf_counter() - start)
-            rows.append({"what": f"label scores, {name}, {len(val)} rows x {len(labels)} labels",
-                         "every position s": min(times[False]), "trained positions s": min(times[True]),
-                         "speed-up": min(times[False]) / min(times[True]),
-                         "same result": f"largest difference {abs(scores[False] - scores[True]).max():.1e} nats"})
+            times, scores = best_of_two({s: lambda s=s, f=features: sequence_logprobs(model, f, collator, args.batch_size,
+                                                                                    precision, selective=s)
+                                         for s in (False, True)})
+            rows.append(row(f"label scores, {name}, {len(val)} rows x {len(labels)} labels", "every position",
+                            "trained positions", (times[False], times[True]),
+                            f"largest difference {abs(scores[False] - scores[True]).max():.1e} nats"))
+    # Label scoring on the demo's test split (IMDB reviews, most cut to 256 tokens) and on SST-2:
+    # the whole sequences (trained positions only) against the prompt once per row.
+    demo = config.load_preset("demo")
+    prep = data.prepare(demo.data, None)
+    sst2_val = load_rows("sst2", 0, args.val_rows)[1]
+    for name, frame, fmt in (
+            ("demo test split (IMDB)", prep.splits["test"],
+             Formatter.build(tok, "classification", prep.labels, demo.train.max_length, instruction=demo.data.instruction)),
+            ("sst2", sst2_val, Formatter.build(tok, "classification", ["negative", "positive"], args.max_length))):
+        labels = list(fmt.labels)
+        times, scores = best_of_two({s: lambda s=s, fmt=fmt, frame=frame, labels=labels: score_labels(
+            model, fmt, frame, labels, collator, args.batch_size, precision, shared_prompt=s) for s in (False, True)})
+        rows.append(row(f"label scores, {name}, {len(frame)} rows x {len(labels)} labels", "whole sequences",
+                        "prompt once", (times[False], times[True]),
+                        f"largest difference {abs(scores[False] - scores[True]).max():.1e} nats, same picks: "
+                        f"{(scores[False].argmax(1) == scores[True].argmax(1)).all()}"))
     return pd.DataFrame(rows)
 
 
@@ -447,8 +471,13 @@ def main() -> int:
     from nb_finetune import hardware
     print(f"machine: {hardware.summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
 
-    peaks = {"bfloat16": matmul_peak(torch.bfloat16), "float32": matmul_peak(torch.float32)}
-    print("1. matmul peak, measured: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()) + "\n")
+    # Where the hardware has no bf16, torch emulates it at a thirtieth of the speed: that is no
+    # peak to measure against (and a 4096-wide emulated matmul takes minutes).
+    has_bf16 = hardware.compute_dtype("bfloat16") == "bfloat16"
+    peaks = {"bfloat16": matmul_peak(torch.bfloat16) if has_bf16 else float("nan"),
+             "float32": matmul_peak(torch.float32)}
+    print("1. matmul peak, measured: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items())
+          + ("" if has_bf16 else " (no bf16 on this machine)") + "\n")
 
     # Part 4 runs first, while this process holds little memory: after the training parts it
     # holds several GB, and the demo's first step (3 GB of fresh pages) then waited on the

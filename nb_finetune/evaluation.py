@@ -4,13 +4,15 @@
   "picks" the label whose tokens it finds most likely after the prompt (the sum of
   log-probabilities of the label's trained tokens, end-of-turn included). Accuracy,
   macro-F1 and a confusion matrix, for the tuned model, the base model (adapter switched
-  off: zero-shot) and the majority class of the training split.
+  off: zero-shot) and the majority class of the training split. Each prompt runs once and
+  every label continues from it.
 - Free completions: loss and perplexity on completion tokens.
 - A table of the worst errors and generated samples, base and tuned side by side.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,13 +91,102 @@ def sequence_logprobs(model, features: list[dict], collator, batch_size: int, pr
 
 
 def score_labels(model, fmt: Formatter, frame: pd.DataFrame, labels: list[str], collator,
-                 batch_size: int = 8, precision: str = "float32") -> np.ndarray:
-    """[rows, labels] log-likelihood of each label as the response to each row's prompt."""
+                 batch_size: int = 8, precision: str = "float32", shared_prompt: bool = True) -> np.ndarray:
+    """[rows, labels] log-likelihood of each label as the response to each row's prompt.
+
+    With `shared_prompt` (and more than one label), each prompt runs once and every label
+    continues from it (`shared_prompt_logprobs`); otherwise every (prompt, label) sequence runs
+    whole."""
     response_col = "label" if "label" in frame else "completion"
     features = fmt.encode_many([row | {response_col: lab} for row in frame.to_dict(orient="records")
                                 for lab in labels])
+    if shared_prompt and len(labels) > 1:
+        per_row = [features[i:i + len(labels)] for i in range(0, len(features), len(labels))]
+        scores = shared_prompt_logprobs(model, per_row, collator.pad_token_id, batch_size, precision)
+        if scores is not None:
+            return scores
     scores = sequence_logprobs(model, features, collator, batch_size, precision)
     return scores.reshape(len(frame), len(labels))
+
+
+def _shared_length(features: list[dict]) -> int:
+    """How many leading tokens all of one row's label sequences share, stopping short of the
+    position that predicts the first trained token (each label's pass needs that position's
+    output as its first). Usually the whole prompt; shorter where cutting a long prompt to
+    max_length left labels of different lengths with different prompt tokens."""
+    ids = [f["input_ids"] for f in features]
+    first_trained = min(next((i for i, x in enumerate(f["labels"]) if x != IGNORE), len(f["labels"]))
+                        for f in features)
+    limit = min(first_trained - 1, min(len(x) for x in ids))
+    n = 0
+    while n < limit and all(x[n] == ids[0][n] for x in ids):
+        n += 1
+    return n
+
+
+@torch.inference_mode()
+def shared_prompt_logprobs(model, per_row: list[list[dict]], pad_token_id: int, batch_size: int,
+                           precision: str) -> np.ndarray | None:
+    """[rows, labels]: what `sequence_logprobs` gives for each row's label sequences, with the
+    prompt they share run once.
+
+    Scoring k labels after a 250-token prompt as k whole sequences runs the prompt k times. Here
+    the prompts of a batch run once, keeping their keys and values (the model's cache); each
+    label then runs as a few tokens on top, and is cropped off the cache before the next. Prompts
+    are right-padded, so the padding sits between a short prompt and its label: the attention
+    mask hides it and position ids carry on from the prompt's real length. None where this does
+    not apply (a model whose cache cannot be cropped back, or a row with no shared prompt)."""
+    from .engine import keeps_logits_selectively, trained_positions
+    shared = [_shared_length(feats) for feats in per_row]
+    if not per_row or min(shared) < 1:
+        return None
+    n_labels, device = len(per_row[0]), model.device
+    out = np.zeros((len(per_row), n_labels), dtype=np.float32)
+    # The prompt pass needs no logits at all; one position's is the least a causal LM computes.
+    take_one = {"logits_to_keep": 1} if keeps_logits_selectively(model) else {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers 5.x renamed `past_key_values` to `cache` (argument and output) along the way.
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    for start in range(0, len(per_row), batch_size):
+        rows = list(range(start, min(start + batch_size, len(per_row))))
+        width = max(shared[r] for r in rows)
+        prompt = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            prompt[i, :shared[r]] = torch.as_tensor(per_row[r][0]["input_ids"][:shared[r]])
+            prompt_mask[i, :shared[r]] = 1
+        prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
+        with _autocast(model, precision):
+            out_prompt = model(input_ids=prompt, attention_mask=prompt_mask, use_cache=True, **take_one)
+        cache = out_prompt.get(cache_arg)
+        if cache is None or not getattr(cache, "is_croppable", False):
+            return None
+        lengths = torch.tensor([shared[r] for r in rows], device=device)
+        for j in range(n_labels):
+            tails = [per_row[r][j] for r in rows]
+            tail_width = max(len(f["input_ids"]) - shared[r] for f, r in zip(tails, rows))
+            ids = torch.full((len(rows), tail_width), pad_token_id, dtype=torch.long)
+            labels = torch.full((len(rows), tail_width), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(rows), tail_width), dtype=torch.long)
+            for i, (f, r) in enumerate(zip(tails, rows)):
+                k = len(f["input_ids"]) - shared[r]
+                ids[i, :k] = torch.as_tensor(f["input_ids"][shared[r]:])
+                labels[i, :k] = torch.as_tensor(f["labels"][shared[r]:])
+                mask[i, :k] = 1
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+            positions = lengths[:, None] + torch.arange(tail_width, device=device)
+            with _autocast(model, precision):
+                logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1),
+                               position_ids=positions, use_cache=True, **{cache_arg: cache}).logits
+            cache.crop(-tail_width)  # negative: remove that many; a positive argument changed meaning in 5.x
+            if cache.get_seq_length() != width:
+                return None
+            keep, following = trained_positions(labels)
+            picked = torch.log_softmax(logits[keep].float(), dim=-1).gather(-1, following.unsqueeze(-1)).squeeze(-1)
+            sums = torch.zeros(len(rows), dtype=torch.float32, device=picked.device)
+            sums.index_add_(0, keep.nonzero()[:, 0], picked)
+            out[rows, j] = sums.cpu().numpy()
+    return out
 
 
 @torch.inference_mode()
