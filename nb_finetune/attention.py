@@ -30,9 +30,6 @@ import torch
 NAME = "nb_finetune_cpu_sdpa"
 # Longest batch (tokens) that uses the backward here; measured crossover between 160 and 192.
 SHORT_ROWS = 160
-# Decoder models whose attention calls the attention interface with only the arguments handled
-# here (or the fallback's).
-MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma"}
 
 
 class _ShortAttention(torch.autograd.Function):
@@ -108,9 +105,11 @@ def _register() -> None:
 @contextmanager
 def for_training(model):
     """Use this attention while training `model` on a CPU, where it applies; sdpa again after."""
+    from .modeling import CHECKED_DECODERS
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    applies = (getattr(config, "model_type", None) in MODEL_TYPES and config._attn_implementation == "sdpa"
+    applies = (getattr(config, "model_type", None) in CHECKED_DECODERS and config._attn_implementation == "sdpa"
                and base.device.type == "cpu")
     if not applies:
         yield False

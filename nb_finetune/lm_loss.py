@@ -77,10 +77,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, float(scale), chunk_rows)
 
 
-# Causal LMs whose forward is `logits = lm_head(hidden_states)` followed by transformers' own
-# causal-LM loss on those logits, with nothing in between (no soft-capping or scaling of the
-# logits): checked in their modelling code in transformers 5.
-PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma"}
+def has_plain_head(lm) -> bool:
+    """Whether `lm` (a transformers causal LM, on any device, meta included) computes its loss as
+    a bias-free linear lm_head followed by transformers' causal-LM loss: what the loss here
+    replaces exactly. Training and the memory estimate both ask this."""
+    from .modeling import CHECKED_DECODERS
+    head = lm.get_output_embeddings()
+    return (getattr(lm.config, "model_type", None) in CHECKED_DECODERS and type(head) is torch.nn.Linear
+            and head.bias is None)
 
 
 class FusedCausalLMLoss:
@@ -101,11 +105,8 @@ class FusedCausalLMLoss:
         """One for `model` (a peft model or a transformers causal LM) when its head and loss are
         the plain ones this replaces exactly, else None."""
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(lm.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-            return None
-        head = lm.get_output_embeddings()
-        if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
-            return None  # an adapted, biased or trained head: keep the model's own path
+        if not has_plain_head(lm) or lm.get_output_embeddings().weight.requires_grad:
+            return None  # another head or loss, or an adapted or trained head: keep the model's own path
         return cls(lm, compute_dtype)
 
     @contextmanager

@@ -14,6 +14,12 @@ from .errors import UserError
 # Model types that are encoders: they get a classification head, never completion training.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta",
                  "mpnet", "albert", "camembert", "modernbert"}
+# Decoders whose modelling code in transformers 5 was read for what the CPU training paths
+# replace: their attention calls the attention interface with only the standard arguments
+# (attention.py), and their output is `logits = lm_head(hidden_states)` followed by
+# transformers' own causal-LM loss, with no soft-capping or scaling in between (lm_loss.py).
+# A type added here must satisfy both.
+CHECKED_DECODERS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma"}
 
 
 def resolve(name: str, progress=print) -> str:
