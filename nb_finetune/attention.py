@@ -34,8 +34,7 @@ SHORT_ROWS = 160
 
 class _ShortAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, allowed, scale):
-        bias = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill_(~allowed, float("-inf"))
+    def forward(ctx, query, key, value, allowed, bias, scale):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, attn_mask=bias, scale=scale)[:2]
         ctx.save_for_backward(query, key, value, out, lse, allowed)
@@ -59,7 +58,29 @@ class _ShortAttention(torch.autograd.Function):
         grad_query = torch.matmul(grad_scores, k).mul_(ctx.scale)
         grad_key = torch.matmul(grad_scores.transpose(-1, -2), q).mul_(ctx.scale)
         dtype = query.dtype
-        return grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), None, None
+        return grad_query.to(dtype), grad_key.to(dtype), grad_value.to(dtype), None, None, None
+
+
+# Every layer of a forward pass gets the same mask tensor: the stacked mask and its additive
+# form are built once per pass (and saved once for the backward), not once per layer. The
+# last mask is held here, so a new mask is never mistaken for it.
+_last_mask: tuple = ()
+
+
+def _stacked_mask(attention_mask, length: int, groups: int, dtype, device):
+    """The [batch, 1, groups x length, length] allowed mask and its additive bias (0 / -inf)."""
+    global _last_mask
+    shape = (length, groups, dtype, device)
+    if _last_mask and _last_mask[0] is attention_mask and _last_mask[1] == shape:  # None: causal only
+        return _last_mask[2]
+    given = attention_mask
+    if attention_mask is None:  # transformers leaves out a mask that is only causal
+        attention_mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    allowed = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(
+        attention_mask.shape[0], attention_mask.shape[1], groups * length, length)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    _last_mask = (given, shape, (allowed, bias))
+    return _last_mask[2]
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -75,8 +96,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if attention_mask is None:  # transformers leaves out a mask that is only causal
-        attention_mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()[None, None]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # Under autocast the rotary embedding leaves Q and K in fp32 and V in bf16; sdpa would run
     # in the autocast dtype, and so does this.
@@ -89,9 +108,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     groups = heads // kv_heads
     query = query.to(dtype).reshape(batch, kv_heads, groups * length, dim)
     key, value = (t.to(dtype).contiguous() for t in (key, value))
-    allowed = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(
-        attention_mask.shape[0], attention_mask.shape[1], groups * length, length)
-    out = _ShortAttention.apply(query, key, value, allowed, scale).view(batch, heads, length, dim)
+    allowed, bias = _stacked_mask(attention_mask, length, groups, dtype, query.device)
+    out = _ShortAttention.apply(query, key, value, allowed, bias, scale).view(batch, heads, length, dim)
     return out.transpose(1, 2).contiguous(), None
 
 

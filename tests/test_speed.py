@@ -359,6 +359,31 @@ def test_short_row_attention_backward_is_as_exact_as_torchs(length, padded, pack
     assert distance(grads, exact_grads) <= distance(sdpa_grads, exact_grads)
 
 
+def test_short_row_attention_builds_each_mask_once_and_never_reuses_a_stale_one():
+    """The layers of one pass share the stacked mask; a new mask of the same shape (the next
+    batch's padding) gets its own, and each output is torch's for the mask it was given."""
+    from nb_finetune import attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    query, key, value, first = _attention_inputs(80, padded=13)
+    second = first.clone()
+    second[0, :, :, 80 - 13:] = True
+    second[1, :, :, 80 - 30:] = False  # the same shape, other rows padded
+    built = []
+    stack = attention._stacked_mask
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "_stacked_mask", lambda *a: built.append(a[0]) or stack(*a))
+        outs = [attention.attention_forward(_Module(), query, key, value, mask, scaling=0.125)[0]
+                for mask in (first, first, second, second, first)]
+    assert [m is first for m in built] == [True, True, False, False, True]
+    for out, mask in zip(outs, (first, first, second, second, first)):
+        want = sdpa_attention_forward(_Module(), query, key, value, mask, scaling=0.125)[0]
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert attention._stacked_mask(first, 80, 3, torch.bfloat16, query.device) is \
+        attention._stacked_mask(first, 80, 3, torch.bfloat16, query.device)  # built once, then reused
+    grads = torch.autograd.grad(sum(o.float().sum() for o in outs), (query, key, value))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_long_rows_and_no_gradient_go_to_torchs_attention():
     """Past SHORT_ROWS, or without a gradient, transformers' sdpa function computes it."""
     from nb_finetune import attention
