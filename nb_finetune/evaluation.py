@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -83,11 +84,16 @@ def sequence_logprobs(model, features: list[dict], collator, batch_size: int, pr
                                logits_to_keep=keep).logits
             else:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep]
-        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, following.unsqueeze(-1)).squeeze(-1)
-        rows = keep.nonzero()[:, 0]  # the row of each kept position, in order
-        sums = torch.zeros(len(keep), dtype=torch.float32, device=picked.device).index_add_(0, rows, picked)
-        out.append(sums.cpu().numpy())
+        out.append(_row_sums(logits, keep, following))
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def _row_sums(logits, keep, following) -> np.ndarray:
+    """Each row's summed log-probability of its trained tokens, from the logits at the kept
+    positions (in order) and the tokens they predict."""
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, following.unsqueeze(-1)).squeeze(-1)
+    rows = keep.nonzero()[:, 0]  # the row of each kept position, in order
+    return torch.zeros(len(keep), dtype=torch.float32, device=picked.device).index_add_(0, rows, picked).cpu().numpy()
 
 
 def score_labels(model, fmt: Formatter, frame: pd.DataFrame, labels: list[str], collator,
@@ -102,7 +108,7 @@ def score_labels(model, fmt: Formatter, frame: pd.DataFrame, labels: list[str], 
                                 for lab in labels])
     if shared_prompt and len(labels) > 1:
         per_row = [features[i:i + len(labels)] for i in range(0, len(features), len(labels))]
-        scores = shared_prompt_logprobs(model, per_row, collator.pad_token_id, batch_size, precision)
+        scores = shared_prompt_logprobs(model, per_row, collator, batch_size, precision)
         if scores is not None:
             return scores
     scores = sequence_logprobs(model, features, collator, batch_size, precision)
@@ -125,7 +131,7 @@ def _shared_length(features: list[dict]) -> int:
 
 
 @torch.inference_mode()
-def shared_prompt_logprobs(model, per_row: list[list[dict]], pad_token_id: int, batch_size: int,
+def shared_prompt_logprobs(model, per_row: list[list[dict]], collator, batch_size: int,
                            precision: str) -> np.ndarray | None:
     """[rows, labels]: what `sequence_logprobs` gives for each row's label sequences, with the
     prompt they share run once.
@@ -142,6 +148,8 @@ def shared_prompt_logprobs(model, per_row: list[list[dict]], pad_token_id: int, 
         return None
     n_labels, device = len(per_row[0]), model.device
     out = np.zeros((len(per_row), n_labels), dtype=np.float32)
+    # Right-padded to the longest row only: padding rounded up would run in every label's pass.
+    collate = dataclasses.replace(collator, pad_to_multiple_of=None, padding_side="right")
     # The prompt pass needs no logits at all; one position's is the least a causal LM computes.
     take_one = {"logits_to_keep": 1} if keeps_logits_selectively(model) else {}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -149,13 +157,10 @@ def shared_prompt_logprobs(model, per_row: list[list[dict]], pad_token_id: int, 
     cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     for start in range(0, len(per_row), batch_size):
         rows = list(range(start, min(start + batch_size, len(per_row))))
-        width = max(shared[r] for r in rows)
-        prompt = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            prompt[i, :shared[r]] = torch.as_tensor(per_row[r][0]["input_ids"][:shared[r]])
-            prompt_mask[i, :shared[r]] = 1
-        prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
+        batch = collate([{"input_ids": per_row[r][0]["input_ids"][:shared[r]], "labels": [IGNORE] * shared[r]}
+                         for r in rows])
+        prompt, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        width = prompt.shape[1]
         with _autocast(model, precision):
             out_prompt = model(input_ids=prompt, attention_mask=prompt_mask, use_cache=True, **take_one)
         cache = out_prompt.get(cache_arg)
@@ -163,17 +168,11 @@ def shared_prompt_logprobs(model, per_row: list[list[dict]], pad_token_id: int, 
             return None
         lengths = torch.tensor([shared[r] for r in rows], device=device)
         for j in range(n_labels):
-            tails = [per_row[r][j] for r in rows]
-            tail_width = max(len(f["input_ids"]) - shared[r] for f, r in zip(tails, rows))
-            ids = torch.full((len(rows), tail_width), pad_token_id, dtype=torch.long)
-            labels = torch.full((len(rows), tail_width), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(rows), tail_width), dtype=torch.long)
-            for i, (f, r) in enumerate(zip(tails, rows)):
-                k = len(f["input_ids"]) - shared[r]
-                ids[i, :k] = torch.as_tensor(f["input_ids"][shared[r]:])
-                labels[i, :k] = torch.as_tensor(f["labels"][shared[r]:])
-                mask[i, :k] = 1
-            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+            batch = {k: v.to(device) for k, v in collate(
+                [{"input_ids": per_row[r][j]["input_ids"][shared[r]:], "labels": per_row[r][j]["labels"][shared[r]:]}
+                 for r in rows]).items()}
+            ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+            tail_width = ids.shape[1]
             positions = lengths[:, None] + torch.arange(tail_width, device=device)
             with _autocast(model, precision):
                 logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1),
@@ -182,10 +181,7 @@ def shared_prompt_logprobs(model, per_row: list[list[dict]], pad_token_id: int, 
             if cache.get_seq_length() != width:
                 return None
             keep, following = trained_positions(labels)
-            picked = torch.log_softmax(logits[keep].float(), dim=-1).gather(-1, following.unsqueeze(-1)).squeeze(-1)
-            sums = torch.zeros(len(rows), dtype=torch.float32, device=picked.device)
-            sums.index_add_(0, keep.nonzero()[:, 0], picked)
-            out[rows, j] = sums.cpu().numpy()
+            out[rows, j] = _row_sums(logits[keep], keep, following)
     return out
 
 
