@@ -76,7 +76,7 @@ class Formatter:
         if self.use_chat:
             msgs = self.messages(row)
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
-            return text, _locate_responses(text, msgs)
+            return text, _locate_responses(text, msgs, self.tokenizer)
         prompt, response = self.prompt_text(row), self.response_text(row)
         sep = "" if prompt[-1:].isspace() or response[:1].isspace() else " "
         # The separator belongs to the response: generation starts right after the prompt, so
@@ -160,11 +160,20 @@ class Formatter:
                 "prompt_truncated": cut, "response_truncated": False}
 
 
-def _locate_responses(text: str, messages: list[dict]) -> list[tuple[int, int]]:
-    """Character spans of the assistant contents in a rendered chat, found in order."""
+def _locate_responses(text: str, messages: list[dict], tokenizer=None) -> list[tuple[int, int]]:
+    """Character spans of the assistant contents in a rendered chat, found in order.
+
+    An assistant turn is looked for after the chat rendered up to it (with the generation
+    prompt) where that is a prefix of the whole: searching from the previous message alone, a
+    short content ("l") can match inside the template's own text (a default system prompt's
+    "helpful")."""
     spans, pos = [], 0
-    for m in messages:
+    for i, m in enumerate(messages):
         content = str(m["content"])
+        if m["role"] == "assistant" and i and tokenizer is not None:
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if text.startswith(before):
+                pos = max(pos, len(before))
         idx = text.find(content, pos)
         if idx < 0:  # some templates strip the content
             content = content.strip()

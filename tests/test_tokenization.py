@@ -52,6 +52,17 @@ def test_multi_turn_trains_every_assistant_turn(tokenizer):
     assert _trained(tokenizer, f) == "Blue.<|im_end|>Green.<|im_end|>"
 
 
+def test_a_short_response_is_found_in_the_assistant_turn_not_in_the_template_text(tokenizer):
+    """SmolLM2's template adds a system prompt ("...a helpful AI..."); a one-letter response "l"
+    and a prompt "<" (also in "<|im_start|>") must train the assistant's "l" and its end token
+    only (found by hypothesis in tests/test_properties.py)."""
+    fmt = Formatter.build(tokenizer, "completion", [], 256)
+    f = fmt.encode({"prompt": "<", "completion": "l"})
+    trained = [i for i, lab in zip(f["input_ids"], f["labels"]) if lab != IGNORE]
+    assert tokenizer.decode(trained) == "l<|im_end|>"
+    assert f["labels"][len(fmt.prompt_ids({"prompt": "<", "completion": "l"}))] != IGNORE
+
+
 def test_template_that_changes_the_response_is_reported(tokenizer):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}\n{% endfor %}"
