@@ -57,9 +57,14 @@ class Formatter:
     def messages(self, row) -> list[dict]:
         """The chat for a row: its messages, or one user turn and one assistant turn."""
         if "messages" in row and row["messages"] is not None and not isinstance(row["messages"], float):
-            return list(row["messages"])
-        return [{"role": "user", "content": self.prompt_text(row)},
-                {"role": "assistant", "content": self.response_text(row)}]
+            msgs = list(row["messages"])
+        else:
+            msgs = [{"role": "user", "content": self.prompt_text(row)},
+                    {"role": "assistant", "content": self.response_text(row)}]
+        # An answer's leading whitespace is dropped: after the template's "assistant\n" it can
+        # merge with that newline into one token ("\n "), one that generation, starting after
+        # the newline, never produces.
+        return [m | {"content": str(m["content"]).lstrip()} if m["role"] == "assistant" else m for m in msgs]
 
     def prompt_text(self, row) -> str:
         if "text" in row:
@@ -78,10 +83,13 @@ class Formatter:
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
             return text, _locate_responses(text, msgs, self.tokenizer)
         prompt, response = self.prompt_text(row), self.response_text(row)
-        sep = "" if prompt[-1:].isspace() or response[:1].isspace() else " "
         # The separator belongs to the response: generation starts right after the prompt, so
-        # a lone " " token (before a digit, say) must be trained too.
-        return prompt + sep + response, [(len(prompt), len(prompt) + len(sep) + len(response))]
+        # a lone " " token (before a digit, say) must be trained too. A prompt's own trailing
+        # whitespace is that separator: left on the prompt it tokenizes alone as " " but merges
+        # with the response in context (" :"), and generation would start from other tokens.
+        head = prompt.rstrip()
+        sep = prompt[len(head):] or ("" if response[:1].isspace() else " ")
+        return head + sep + response, [(len(head), len(head) + len(sep) + len(response))]
 
     def prompt_ids(self, row) -> list[int]:
         """Token ids of the prompt alone, as generation starts from it."""
@@ -91,7 +99,7 @@ class Formatter:
             text = self.tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = self.tokenizer(self.prompt_text(row))["input_ids"]
+            ids = self.tokenizer(self.prompt_text(row).rstrip())["input_ids"]  # see render
         return _cut_middle(ids, self.max_length)
 
     # -- encoding ----------------------------------------------------------------------

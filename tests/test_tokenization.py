@@ -63,6 +63,30 @@ def test_a_short_response_is_found_in_the_assistant_turn_not_in_the_template_tex
     assert f["labels"][len(fmt.prompt_ids({"prompt": "<", "completion": "l"}))] != IGNORE
 
 
+@pytest.mark.parametrize("prompt, response", [("0 ", ":"), ("Question: 2+2?\nAnswer: ", "4"), ("a\n\n", "b")])
+def test_plain_text_generation_starts_from_the_tokens_training_saw(tokenizer, prompt, response):
+    """A plain-text prompt ending in whitespace: alone "0 " tokenizes as "0", " " but in the
+    training row " :" is one token. The prompt's whitespace goes with the response, so the
+    prompt's ids are a prefix of the row's and the first token after them is trained (found
+    by hypothesis in tests/test_properties.py)."""
+    fmt = Formatter.build(tokenizer, "completion", [], 256, chat_template="no")
+    row = {"prompt": prompt, "completion": response}
+    f, p = fmt.encode(row), fmt.prompt_ids(row)
+    assert f["input_ids"][: len(p)] == p
+    assert all(x == IGNORE for x in f["labels"][: len(p)]) and f["labels"][len(p)] != IGNORE
+    assert tokenizer.decode(f["input_ids"]).startswith(prompt + response)  # the text is unchanged
+
+
+def test_a_chat_answer_starting_with_spaces_is_trained_from_where_generation_starts(tokenizer):
+    """"assistant\n" + "  0" puts "\n " in one token; the answer's leading spaces are dropped
+    so the row holds the generation prompt's tokens (found by hypothesis)."""
+    fmt = Formatter.build(tokenizer, "completion", [], 256)
+    row = {"prompt": "0", "completion": "  0"}
+    f, p = fmt.encode(row), fmt.prompt_ids(row)
+    assert f["input_ids"][: len(p)] == p and f["labels"][len(p)] != IGNORE
+    assert _trained(tokenizer, f) == "0<|im_end|>"
+
+
 def test_template_that_changes_the_response_is_reported(tokenizer):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}\n{% endfor %}"
