@@ -22,10 +22,17 @@ import torch
 
 from .tokenization import IGNORE
 
-# Rows per chunk on a CPU: 64 x 49,152 fp32 logits are 12.6 MB. Measured on SmolLM2's head,
-# 1,952 rows, forward and backward: 16 rows 0.69 s, 32 0.51 s, 64 0.41 s, 128 0.39 s, 512
-# 0.52 s; all rows at once (transformers' loss) 0.66 s.
-CPU_CHUNK_ROWS = 64
+# Rows per chunk on a CPU, by compute dtype. Measured on SmolLM2's head, 1,952 rows, forward
+# and backward (`linear_cross_entropy(...).backward()` on random hidden states):
+# - bf16 (AVX-512 BF16 and AMX): 16 rows 0.69 s, 32 0.51 s, 64 0.41 s, 128 0.39 s, 512 0.52 s;
+#   all rows at once (transformers' loss) 0.66 s. 64 x 49,152 fp32 logits are 12.6 MB.
+# - fp32 (AVX2, no bf16): 64 rows 2.62-2.73 s, 128 2.17-2.48 s, 256 2.06-2.13 s, 512 1.91-2.09 s.
+#   fp32 matmuls of 64 rows ran at 81-88 GFLOP/s there, of 256 at 92-135 (peak 141).
+CPU_CHUNK_ROWS = {torch.bfloat16: 64, torch.float32: 256}
+
+
+def chunk_rows_for(compute_dtype: torch.dtype) -> int:
+    return CPU_CHUNK_ROWS.get(compute_dtype, 64)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -63,7 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
-                         chunk_rows: int = CPU_CHUNK_ROWS) -> torch.Tensor:
+                         chunk_rows: int | None = None) -> torch.Tensor:
     """scale x the summed cross-entropy of `hidden @ weight.T` against `targets`, computed in
     `weight`'s dtype (pass the weight already cast to the training's compute dtype).
 
@@ -74,7 +81,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError("linear_cross_entropy computes no gradient for the projection; it must be frozen")
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states for {targets.shape[0]} targets")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, float(scale), chunk_rows)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, float(scale), chunk_rows or chunk_rows_for(weight.dtype))
 
 
 def has_plain_head(lm) -> bool:
@@ -94,11 +101,11 @@ class FusedCausalLMLoss:
     loss function becomes `loss` below. The projection's weight is cast to the compute dtype
     once (it is frozen), not on every pass as autocast does."""
 
-    def __init__(self, lm, compute_dtype: torch.dtype, chunk_rows: int = CPU_CHUNK_ROWS):
+    def __init__(self, lm, compute_dtype: torch.dtype, chunk_rows: int | None = None):
         self.lm = lm
         self.head = lm.get_output_embeddings()
         self.weight = self.head.weight.detach().to(compute_dtype)
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = chunk_rows or chunk_rows_for(compute_dtype)
 
     @classmethod
     def for_model(cls, model, compute_dtype: torch.dtype) -> "FusedCausalLMLoss | None":

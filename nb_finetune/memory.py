@@ -104,12 +104,13 @@ def estimate(cfg: RunConfig, objective: str = "completion", num_labels: int = 2,
     # prepare_model_for_kbit_training upcasts the norms and embeddings); bf16 for a 16-bit base.
     per_token_layer = (2 if cuda and quant == "none" else 4) * hidden if checkpointing else one_layer
     recomputed = (2 if cuda else 1) * one_layer if checkpointing else 0
-    from .lm_loss import CPU_CHUNK_ROWS, has_plain_head  # what training will do
+    from .lm_loss import chunk_rows_for, has_plain_head  # what training will do
     logit_rows = tokens * trained_share
     logits = 0 if objective == "head" else logit_rows * mc.vocab_size * 14
     # An adapter on lm_head (named in target_modules; "all-linear" leaves it out) keeps the logits.
     if not cuda and objective != "head" and has_plain_head(model) and "lm_head" not in (targets or ()):
-        logits = min(logit_rows, CPU_CHUNK_ROWS) * mc.vocab_size * 14 + mc.vocab_size * hidden * 2
+        chunk = chunk_rows_for(torch.bfloat16 if cpu_bf16 else torch.float32)
+        logits = min(logit_rows, chunk) * mc.vocab_size * 14 + mc.vocab_size * hidden * 2
     parts = {
         "base weights": linear * per_linear[quant] + other * (2 if quant != "none" else half),
         "adapters and optimizer": lora * (4 + 4 + (2 if quant != "none" and cuda else 8)),

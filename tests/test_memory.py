@@ -26,7 +26,7 @@ def test_estimate_parts_follow_the_settings():
     adapted_head = load_preset("demo").with_overrides({"model.target_modules": "q_proj,lm_head"})
     own_loss = estimate(adapted_head, trained_share=0.5)
     tokens = adapted_head.train.batch_size * adapted_head.train.max_length
-    assert own_loss.parts["logits"] == int(tokens * 0.5 * 49152 * 14) > 5 * base.parts["logits"]
+    assert own_loss.parts["logits"] == int(tokens * 0.5 * 49152 * 14) > 2 * base.parts["logits"]
 
 
 RUN = textwrap.dedent("""
