@@ -168,7 +168,7 @@ class Formatter:
                 "prompt_truncated": cut, "response_truncated": False}
 
 
-def _locate_responses(text: str, messages: list[dict], tokenizer=None) -> list[tuple[int, int]]:
+def _locate_responses(text: str, messages: list[dict], tokenizer) -> list[tuple[int, int]]:
     """Character spans of the assistant contents in a rendered chat, found in order.
 
     An assistant turn is looked for after the chat rendered up to it (with the generation
@@ -178,7 +178,7 @@ def _locate_responses(text: str, messages: list[dict], tokenizer=None) -> list[t
     spans, pos = [], 0
     for i, m in enumerate(messages):
         content = str(m["content"])
-        if m["role"] == "assistant" and i and tokenizer is not None:
+        if m["role"] == "assistant" and i:
             before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
             if text.startswith(before):
                 pos = max(pos, len(before))
