@@ -87,6 +87,31 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
     return best
 
 
+def model_shape_rate(dtype: torch.dtype, rows: int, seconds: float = 1.0) -> float:
+    """FLOP/s of one SmolLM2-135M layer's frozen-base matmuls at `rows` tokens: each projection
+    forward (x W^T) and backward to its input (dy W), the work that 4N per token counts. The
+    square-matmul peak is the ceiling MFU is measured against; this says how near to it the
+    model's own shapes (576 wide, 1,536 in the MLP) can get on this machine."""
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
+    weights = [torch.randn(o, i, dtype=dtype, device=DEVICE) for o, i in shapes]
+    inputs = [torch.randn(rows, i, dtype=dtype, device=DEVICE) for _, i in shapes]
+    grads = [torch.randn(rows, o, dtype=dtype, device=DEVICE) for o, _ in shapes]
+    flops = sum(2 * 2 * rows * o * i for o, i in shapes)
+
+    def layer():
+        for w, x, g in zip(weights, inputs, grads):
+            torch.nn.functional.linear(x, w)
+            g @ w
+    layer()  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        layer()
+        count += 1
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    return flops * count / (time.perf_counter() - start)
+
+
 # -- data -------------------------------------------------------------------------------------
 
 def load_rows(name: str, n_train: int, n_val: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -123,18 +148,16 @@ class Counting:
         return batch
 
 
-def run_ours(train: pd.DataFrame, task: str, labels: list[str], args, out: str, packing: bool = False
-             ) -> tuple[dict, object, object]:
+def run_ours(train: pd.DataFrame, fmt, args, out: str, packing: bool = False) -> tuple[dict, object]:
     from nb_finetune import config, engine, hardware, modeling
-    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, pack, tokenize_frame
+    from nb_finetune.tokenization import CompletionOnlyCollator, pack, tokenize_frame
     mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
     # Packed, the same rows (one epoch) take fewer steps: run the epoch rather than the step count.
     tcfg = config.TrainConfig(output_dir=out, max_steps=0 if packing else args.steps, epochs=1.0,
                               learning_rate=LR, batch_size=args.batch_size,
                               max_length=args.max_length, eval_steps=10**6, save_steps=10**6,
                               logging_steps=max(1, args.steps // 4), warmup_ratio=0.0, seed=SEED)
-    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
-    fmt = Formatter.build(tok, task, labels, args.max_length)
+    tok = fmt.tokenizer
     dataset, _ = tokenize_frame(train, fmt)
     if packing:
         dataset = pack(dataset, args.max_length)
@@ -147,7 +170,7 @@ def run_ours(train: pd.DataFrame, task: str, labels: list[str], args, out: str, 
     result = engine.train(model, dataset, None, collator, tcfg, precision=precision)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens": collator.tokens, "padded": collator.padded, "rows": collator.rows,
-            "steps": result.global_step, "precision": precision}, model, fmt
+            "steps": result.global_step, "precision": precision}, model
 
 
 def run_trl(train: pd.DataFrame, fmt, args, out: str) -> tuple[dict, object]:
@@ -214,13 +237,19 @@ def compare_training(name: str, args, peaks: dict) -> list[dict]:
     # On a GPU each trainer's first run in the process loads its kernels (up to 2.5x slower on an
     # H200): run each once untimed there. A CPU has nothing to load.
     warmups = 1 if DEVICE == "cuda" else 0
+    trainers = [t.strip() for t in args.trainers.split(",")]
+    # TRL is fed the strings our formatter renders, and validation uses its encoding: build it once.
+    from nb_finetune import config, modeling
+    from nb_finetune.tokenization import Formatter
+    fmt = Formatter.build(modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None), task, labels,
+                          args.max_length)
     for repeat in range(-warmups, args.repeats):
-        for who in TRAINERS:
+        for who in trainers:
             with tempfile.TemporaryDirectory() as out:
                 if who == "trl":
                     figures, model = run_trl(train, fmt, args, out)
                 else:
-                    figures, model, fmt = run_ours(train, task, labels, args, out, packing=who.endswith("packed"))
+                    figures, model = run_ours(train, fmt, args, out, packing=who.endswith("packed"))
             if repeat < 0:
                 del model
                 continue
@@ -234,7 +263,7 @@ def compare_training(name: str, args, peaks: dict) -> list[dict]:
                          "MFU bf16 peak": achieved / peaks["bfloat16"], "MFU fp32 peak": achieved / peaks["float32"],
                          "val loss": validation_loss(model, val_features)})
             widths = {c: 18 if c == "trainer" else 13 for c in rows[-1]}  # the same columns row after row
-            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=repeat == 0 and who == TRAINERS[0],
+            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=repeat == 0 and who == trainers[0],
                                                     col_space=widths, float_format=lambda v: f"{v:.4g}"), flush=True)
             del model
     return rows
@@ -464,9 +493,14 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--val-rows", type=int, default=64)
+    p.add_argument("--trainers", default=",".join(TRAINERS),
+                   help="comma-separated, run in this order: " + ", ".join(TRAINERS))
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: training, first-step, tokenization, "
                    "evaluation, loss, attention")
     args = p.parse_args()
+    unknown = set(t.strip() for t in args.trainers.split(",")) - set(TRAINERS)
+    if unknown:
+        p.error(f"unknown trainer(s) {', '.join(sorted(unknown))}: choose from {', '.join(TRAINERS)}")
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -480,7 +514,14 @@ def main() -> int:
     peaks = {"bfloat16": matmul_peak(torch.bfloat16) if has_bf16 else float("nan"),
              "float32": matmul_peak(torch.float32)}
     print("1. matmul peak, measured: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items())
-          + ("" if has_bf16 else " (no bf16 on this machine)") + "\n")
+          + ("" if has_bf16 else " (no bf16 on this machine)"))
+    # Rows of a batch of 8: 8 x 256 (Alpaca's longest batches), 8 x 80 (SST-2's).
+    print("   at SmolLM2-135M's own shapes (one layer's base projections, forward and backward):")
+    for rows in (2048, 640):
+        rates = {name: model_shape_rate(getattr(torch, name), rows) for name in peaks if name == "float32" or has_bf16}
+        print(f"   {rows} rows: " + ", ".join(f"{name} {rate / 1e12:.2f} TFLOP/s ({rate / peaks[name]:.0%} of peak)"
+                                            for name, rate in rates.items()))
+    print()
 
     # Part 4 runs first, while this process holds little memory: after the training parts it
     # holds several GB, and the demo's first step (3 GB of fresh pages) then waited on the
@@ -496,8 +537,12 @@ def main() -> int:
         table = pd.DataFrame(rows).groupby(["data", "trainer"]).median(numeric_only=True).drop(columns="repeat")
         print("\nmedians:\n" + table.to_string(float_format=lambda v: f"{v:.4g}"))
         for name in table.index.get_level_values(0).unique():
+            if (name, "trl") not in table.index:
+                continue
             trl = table.loc[(name, "trl")]
             for who in TRAINERS[:-1]:
+                if (name, who) not in table.index:
+                    continue
                 ours = table.loc[(name, who)]
                 print(f"{name}: {who} {ours['tokens/s'] / trl['tokens/s']:.2f}x TRL's tokens/s; "
                       f"validation loss {ours['val loss']:.4f} vs TRL {trl['val loss']:.4f}; "
