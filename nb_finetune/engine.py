@@ -226,7 +226,9 @@ def _argmax_logits(logits, labels):
     import torch
     if isinstance(logits, tuple):
         logits = logits[0]
-    preds = logits.argmax(dim=-1)
+    # Integer "logits" are token ids already: the chunked validation on a CPU predicts them
+    # without keeping logits (SafeTrainer.fused_loss).
+    preds = logits.argmax(dim=-1) if logits.is_floating_point() else logits
     if preds.dim() == 1 and labels is not None and labels.dim() == 2:
         # Logits came only for the positions that predict a trained token (SafeTrainer): put
         # them back in place; the other positions are never compared.
@@ -337,6 +339,7 @@ def frozen_weights_in(model, precision: str):
 def _trainer_class():
     import shutil
 
+    import torch
     from transformers import Trainer
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -354,8 +357,9 @@ def _trainer_class():
         at those positions only (`_argmax_logits` puts the predictions back in place).
 
         With `fused_loss` (a CPU, and a causal LM whose head and loss are the plain ones), the
-        training passes go further: the projection and the loss are computed together, a
-        few rows at a time, and the logits are never stored (nb_finetune/lm_loss.py). The
+        passes go further: the projection and the loss are computed together, a few rows at a
+        time, and the logits are never stored (nb_finetune/lm_loss.py). Validation gets each
+        trained position's predicted token from the same chunks, in place of logits. The
         Trainer's own loss scaling (accumulation, processes) is untouched: the model still
         returns the loss from its forward pass."""
         _staging: str | None = None
@@ -372,9 +376,13 @@ def _trainer_class():
             if self.trained_logits_only and labels is not None and labels.dim() == 2:
                 keep, following = trained_positions(labels)
                 inputs = {**inputs, "logits_to_keep": keep, "shift_labels": following}
-                if self.fused_loss is not None and model.training:
-                    with self.fused_loss.swapped_in():
-                        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                if self.fused_loss is not None and (model.training or not torch.is_grad_enabled()):
+                    # A validation pass (no gradients) also wants the predicted tokens, not logits.
+                    with self.fused_loss.swapped_in(predict=return_outputs and not torch.is_grad_enabled()):
+                        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                    if return_outputs and self.fused_loss.predictions is not None:
+                        result[1]["logits"] = self.fused_loss.predictions  # token ids (see _argmax_logits)
+                    return result
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _get_output_dir(self, trial):

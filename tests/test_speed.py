@@ -117,10 +117,18 @@ def test_loss_without_logits_gives_the_same_loss_and_gradients(smollm2_dir, alpa
         else:
             assert distance(grads, exact) < 1e-3
     assert model.get_base_model().lm_head is head and "_loss_function" not in vars(model.get_base_model())
-    model.eval()  # validation keeps the logits: the swap is for training passes only
-    with torch.no_grad():
-        _, out = trainer.compute_loss(model, dict(alpaca_batch), return_outputs=True)
-    assert out.logits.shape[-1] == head.out_features
+    # Validation (no gradients): the same loss, and the predicted tokens in place of the logits.
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        trainer.fused_loss = None
+        own_loss, own = trainer.compute_loss(model, dict(alpaca_batch), return_outputs=True)
+        trainer.fused_loss = fused
+        loss, out = trainer.compute_loss(model, dict(alpaca_batch), return_outputs=True)
+    assert own.logits.shape[-1] == head.out_features and out.logits.dtype == torch.long
+    assert loss.item() == pytest.approx(own_loss.item(), rel=1e-5)
+    assert torch.equal(engine._argmax_logits(out.logits, alpaca_batch["labels"]),
+                       engine._argmax_logits(own.logits, alpaca_batch["labels"]))
+    assert model.get_base_model().lm_head is head and fused.predictions is not None and not fused.predict
 
 
 def test_loss_without_logits_is_used_only_where_it_replaces_the_head_exactly(tiny_model_dir):
@@ -293,19 +301,25 @@ def test_validation_at_trained_positions_only_gives_the_same_loss_and_accuracy(t
     raw = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text(encoding="utf-8")))
     frame = data.normalize(raw.iloc[:20], config.DataConfig(task="completion"))
     rows, _ = tokenize_frame(frame, Formatter.build(tokenizer, "completion", [], max_length=128))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    from nb_finetune.lm_loss import FusedCausalLMLoss
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).requires_grad_(False)
     found = {}
-    for selective in (False, True):
+    # every position; trained positions only; and those without logits (chunked, as on a CPU)
+    for selective, chunked in ((False, False), (True, False), (True, True)):
         trainer = engine._trainer_class()(
             model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
                                                 per_device_eval_batch_size=6),
             eval_dataset=rows, data_collator=CompletionOnlyCollator(tokenizer.pad_token_id),
             compute_metrics=engine.token_accuracy, preprocess_logits_for_metrics=engine._argmax_logits)
         trainer.trained_logits_only = selective
-        found[selective] = trainer.evaluate()
-    assert found[True]["eval_loss"] == pytest.approx(found[False]["eval_loss"], rel=1e-5)
-    assert found[True]["eval_accuracy"] == found[False]["eval_accuracy"]
-    assert 0 < found[True]["eval_accuracy"] < 1  # some right, some wrong: the comparison has teeth
+        if chunked:
+            trainer.fused_loss = FusedCausalLMLoss.for_model(model, torch.float32)
+            trainer.fused_loss.chunk_rows = 16  # several chunks a batch
+        found[selective, chunked] = trainer.evaluate()
+    for variant in ((True, False), (True, True)):
+        assert found[variant]["eval_loss"] == pytest.approx(found[False, False]["eval_loss"], rel=1e-5)
+        assert found[variant]["eval_accuracy"] == found[False, False]["eval_accuracy"]
+    assert 0 < found[True, True]["eval_accuracy"] < 1  # some right, some wrong: the comparison has teeth
 
 
 def _attention_inputs(length: int, padded: int = 0, packed: bool = False, dtype=torch.bfloat16):
