@@ -24,8 +24,9 @@ What it prints (figures, never pass/fail):
 5. Tokenization throughput: `tokenize_frame` (render, offsets, masks) vs the tokenizer's own
    batched call on the same strings (no masks), rows/s.
 6. Evaluation: the validation pass and the test label scores with the logits of every
-   position vs only those that predict a trained token (what nb_finetune does), seconds and
-   the two results side by side.
+   position vs only those that predict a trained token (what nb_finetune does), and on a CPU
+   validation with those logits vs without them (lm_loss, what training does there), seconds
+   and the results side by side.
 7. The training loss: one training step with the loss from the model's logits (transformers)
    vs without them (nb_finetune.lm_loss), seconds per step, page faults, and the loss of
    each on the same weights and dropout masks.
@@ -320,9 +321,12 @@ def evaluation_speed(args) -> pd.DataFrame:
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainingArguments
     from nb_finetune import config, data, engine, hardware, modeling
     from nb_finetune.evaluation import score_labels, sequence_logprobs
+    from nb_finetune.lm_loss import FusedCausalLMLoss
     from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
     tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
-    model = AutoModelForCausalLM.from_pretrained(modeling.resolve("smollm2-135m-instruct", progress=lambda m: None))
+    # Evaluated only: frozen, as the base of an adapted model is (what lm_loss requires).
+    model = AutoModelForCausalLM.from_pretrained(modeling.resolve("smollm2-135m-instruct", progress=lambda m: None)
+                                                 ).requires_grad_(False)
     precision = hardware.compute_dtype("auto")
     collator = CompletionOnlyCollator(tok.pad_token_id)
     rows = []
@@ -354,14 +358,24 @@ def evaluation_speed(args) -> pd.DataFrame:
                                        bf16_full_eval=False, disable_tqdm=True))
             trainer.remove_callback(PrinterCallback)
 
-            def validate(selective, trainer=trainer):
-                trainer.trained_logits_only = selective
+            # On a CPU training also validates without logits (chunked, lm_loss): a third variant.
+            chunked = FusedCausalLMLoss.for_model(model, getattr(torch, precision)) if DEVICE == "cpu" else None
+
+            def validate(selective, without_logits=False, trainer=trainer):
+                trainer.trained_logits_only, trainer.fused_loss = selective, chunked if without_logits else None
                 return trainer.evaluate()
-            times, found = best_of_two({False: lambda: validate(False), True: lambda: validate(True)})
+            variants = {False: lambda: validate(False), True: lambda: validate(True)}
+            if chunked is not None:
+                variants["chunked"] = lambda: validate(True, without_logits=True)
+            times, found = best_of_two(variants)
+        same = lambda a, b: (f"loss {found[a]['eval_loss']:.5f} vs {found[b]['eval_loss']:.5f}, "
+                             f"accuracy {found[a]['eval_accuracy']:.4f} vs {found[b]['eval_accuracy']:.4f}")
         rows.append(row(f"validation, {name}, {len(dataset)} rows", "every position", "trained positions",
-                        (times[False], times[True]),
-                        f"loss {found[False]['eval_loss']:.5f} vs {found[True]['eval_loss']:.5f}, "
-                        f"accuracy {found[False]['eval_accuracy']:.4f} vs {found[True]['eval_accuracy']:.4f}"))
+                        (times[False], times[True]), same(False, True)))
+        if chunked is not None:
+            rows.append(row(f"validation, {name}, {len(dataset)} rows", "trained positions, logits",
+                            "trained positions, no logits (lm_loss)", (times[True], times["chunked"]),
+                            same(True, "chunked")))
         if labels:  # the test metric: each label's log-likelihood after each prompt
             features = fmt.encode_many([r | {"label": lab} for r in val.to_dict(orient="records") for lab in labels])
             times, scores = best_of_two({s: lambda s=s, f=features: sequence_logprobs(model, f, collator, args.batch_size,
