@@ -51,6 +51,57 @@ def test_estimate_is_close_to_the_measured_peak(tmp_path):
     assert 0.8 < got["estimate"] / got["peak"] < 1.2, got
 
 
+VALIDATE = textwrap.dedent("""
+    import json, sys, tempfile
+    from pathlib import Path
+    import pandas as pd, torch
+    from transformers import TrainingArguments
+    from nb_finetune import config, data, engine, memory, modeling
+    from nb_finetune.lm_loss import FusedCausalLMLoss
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, TokenizedDataset, tokenize_frame
+    raw = pd.DataFrame(json.loads((Path(sys.argv[1]) / "alpaca_demo" / "alpaca_en_demo.json").read_text()))
+    frame = data.normalize(raw.iloc[:200], config.DataConfig(task="completion"))
+    mcfg = config.ModelConfig()
+    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
+    rows, _ = tokenize_frame(frame, Formatter.build(tok, "completion", [], 256))
+    rows = TokenizedDataset(sorted(rows.features, key=lambda f: -len(f["input_ids"]))[:8])  # 8 x 256, mostly trained
+    model = modeling.load_base(mcfg, "completion", progress=lambda m: None).requires_grad_(False)
+    trainer = engine._trainer_class()(
+        model=model, args=TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none",
+                                            per_device_eval_batch_size=8),
+        eval_dataset=rows, data_collator=CompletionOnlyCollator(tok.pad_token_id),
+        compute_metrics=engine.token_accuracy, preprocess_logits_for_metrics=engine._argmax_logits)
+    trainer.trained_logits_only = True
+    if sys.argv[2] == "chunked":
+        trainer.fused_loss = FusedCausalLMLoss.for_model(model, torch.float32)
+    trainer.evaluate()  # the first pass settles what stays allocated
+    memory.reset_peak()
+    before = memory.measured_peak()
+    metrics = trainer.evaluate()
+    print(json.dumps({"growth": memory.measured_peak() - before, "loss": metrics["eval_loss"],
+                      "accuracy": metrics["eval_accuracy"]}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(hardware.cuda_available(), reason="the chunked validation is the CPU's")
+def test_validation_on_a_cpu_keeps_no_logits(shared_data, tmp_path):
+    """SmolLM2-135M validating 8 x 256 Alpaca rows (about 2,000 trained positions) in a fresh
+    process: with the logits of the trained positions the peak grows by their size (2,000 x
+    49k fp32, twice: logits and log-softmax); without them (lm_loss's chunks, what training on
+    a CPU does) by little, with the same loss and token accuracy."""
+    found = {}
+    for way in ("logits", "chunked"):
+        proc = subprocess.run([sys.executable, "-c", VALIDATE, str(shared_data), way], capture_output=True,
+                              text=True, env=SUBPROCESS_ENV, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found[way] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["logits"]["growth"] > 500e6, found
+    assert found["chunked"]["growth"] < 200e6, found
+    assert found["chunked"]["loss"] == pytest.approx(found["logits"]["loss"], rel=1e-5)
+    assert found["chunked"]["accuracy"] == found["logits"]["accuracy"]
+
+
 def test_peak_is_the_process_own_not_its_parents():
     """Linux carries a peak resident size across exec; a child of a big process must not report it."""
     import numpy as np
