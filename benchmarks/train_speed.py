@@ -71,9 +71,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """Best FLOP/s of a square matmul over a few sizes (on a CPU, on every thread torch uses)."""
+    """Best FLOP/s of a square matmul over a few sizes (on a CPU, on every thread torch uses).
+    The sizes run twice: a first reading can come low (clock ramp, fresh pages), and an
+    under-read peak would overstate MFU (on a Xeon the model's own shapes once read 1.7x it)."""
     best = 0.0
-    for n in (1024, 2048, 4096) + ((8192,) if DEVICE == "cuda" else ()):
+    for n in ((1024, 2048, 4096) + ((8192,) if DEVICE == "cuda" else ())) * 2:
         a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
         a @ b  # warm-up: kernel choice, caches
         torch.cuda.synchronize() if DEVICE == "cuda" else None
