@@ -159,13 +159,13 @@ def run_ours(train: pd.DataFrame, fmt, args, out: str, packing: bool = False) ->
     tcfg = config.TrainConfig(output_dir=out, max_steps=0 if packing else args.steps, epochs=1.0,
                               learning_rate=LR, batch_size=args.batch_size,
                               max_length=args.max_length, eval_steps=10**6, save_steps=10**6,
-                              logging_steps=max(1, args.steps // 4), warmup_ratio=0.0, seed=SEED)
+                              logging_steps=max(1, args.steps // 4), warmup_ratio=0.0, seed=args.seed)
     tok = fmt.tokenizer
     dataset, _ = tokenize_frame(train, fmt)
     if packing:
         dataset = pack(dataset, args.max_length)
     import transformers
-    transformers.set_seed(SEED)
+    transformers.set_seed(args.seed)
     model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
     collator = Counting(CompletionOnlyCollator(tok.pad_token_id, tcfg.pad_to_multiple_of))
     precision = hardware.compute_dtype(mcfg.compute_dtype)
@@ -186,12 +186,12 @@ def run_trl(train: pd.DataFrame, fmt, args, out: str) -> tuple[dict, object]:
     tok = fmt.tokenizer
     texts = [fmt.render(row)[0] for row in train.to_dict(orient="records")]
     import transformers
-    transformers.set_seed(SEED)
+    transformers.set_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(path)  # fp32, as loaded by default
     collator = Counting(DataCollatorForCompletionOnlyLM(response_template=RESPONSE_TEMPLATE, tokenizer=tok))
     cfg = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                     learning_rate=LR, max_length=args.max_length, logging_steps=max(1, args.steps // 4),
-                    save_strategy="no", report_to="none", seed=SEED, use_cpu=not torch.cuda.is_available(),
+                    save_strategy="no", report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(),
                     dataset_text_field="text", disable_tqdm=True,
                     # The baseline is fp32. TRL 0.19's SFTConfig turns bf16 autocast on unless told
                     # otherwise (and on a CPU without bf16 torch then emulates it, 30x slower).
@@ -509,6 +509,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--val-rows", type=int, default=64)
+    p.add_argument("--seed", type=int, default=SEED,
+                   help="the trainers' seed (initialisation, dropout, batch order); the rows stay the same")
     p.add_argument("--trainers", default=",".join(TRAINERS),
                    help="comma-separated, run in this order: " + ", ".join(TRAINERS))
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: training, first-step, tokenization, "
