@@ -363,15 +363,16 @@ def evaluation_speed(args) -> pd.DataFrame:
             # On a CPU training also validates without logits (chunked, lm_loss): a third variant.
             chunked = FusedCausalLMLoss.for_model(model, getattr(torch, precision)) if DEVICE == "cpu" else None
 
-            def validate(selective, without_logits=False, trainer=trainer):
+            def validate(selective, without_logits=False, trainer=trainer, chunked=chunked):
                 trainer.trained_logits_only, trainer.fused_loss = selective, chunked if without_logits else None
                 return trainer.evaluate()
             variants = {False: lambda: validate(False), True: lambda: validate(True)}
             if chunked is not None:
                 variants["chunked"] = lambda: validate(True, without_logits=True)
             times, found = best_of_two(variants)
-        same = lambda a, b: (f"loss {found[a]['eval_loss']:.5f} vs {found[b]['eval_loss']:.5f}, "
-                             f"accuracy {found[a]['eval_accuracy']:.4f} vs {found[b]['eval_accuracy']:.4f}")
+        def same(a, b, found=found):
+            return (f"loss {found[a]['eval_loss']:.5f} vs {found[b]['eval_loss']:.5f}, "
+                    f"accuracy {found[a]['eval_accuracy']:.4f} vs {found[b]['eval_accuracy']:.4f}")
         rows.append(row(f"validation, {name}, {len(dataset)} rows", "every position", "trained positions",
                         (times[False], times[True]), same(False, True)))
         if chunked is not None:
@@ -516,7 +517,7 @@ def main() -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: training, first-step, tokenization, "
                    "evaluation, loss, attention")
     args = p.parse_args()
-    unknown = set(t.strip() for t in args.trainers.split(",")) - set(TRAINERS)
+    unknown = {t.strip() for t in args.trainers.split(",")} - set(TRAINERS)
     if unknown:
         p.error(f"unknown trainer(s) {', '.join(sorted(unknown))}: choose from {', '.join(TRAINERS)}")
     warnings.filterwarnings("ignore")

@@ -93,7 +93,7 @@ def test_validation_on_a_cpu_keeps_no_logits(shared_data, tmp_path):
     found = {}
     for way in ("logits", "chunked"):
         proc = subprocess.run([sys.executable, "-c", VALIDATE, str(shared_data), way], capture_output=True,
-                              text=True, env=SUBPROCESS_ENV, timeout=600)
+                              text=True, env=SUBPROCESS_ENV, timeout=600, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         found[way] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found["logits"]["growth"] > 500e6, found
