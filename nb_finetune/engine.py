@@ -377,9 +377,9 @@ def _trainer_class():
                 keep, following = trained_positions(labels)
                 inputs = {**inputs, "logits_to_keep": keep, "shift_labels": following}
                 if self.fused_loss is not None and (model.training or not torch.is_grad_enabled()):
-                    # A validation pass (no gradients) also wants the predicted tokens, not logits.
-                    with self.fused_loss.swapped_in(predict=return_outputs and not torch.is_grad_enabled()):
+                    with self.fused_loss.swapped_in():
                         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                    # A pass without gradients (validation) predicted the tokens: hand those on, not logits.
                     if return_outputs and self.fused_loss.predictions is not None:
                         result[1]["logits"] = self.fused_loss.predictions  # token ids (see _argmax_logits)
                     return result
