@@ -70,6 +70,22 @@ TRAINERS = ("nb_finetune", "nb_finetune packed", "trl")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def flop_rate(step, flops: float, seconds: float) -> float:
+    """FLOP/s of `step` (doing `flops` each call), run for about `seconds` after one warm-up
+    call (kernel choice, caches)."""
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    step()
+    sync()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        count += 1
+        if count % 10 == 0:
+            sync()
+    sync()
+    return flops * count / (time.perf_counter() - start)
+
+
 def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
     """Best FLOP/s of a square matmul over a few sizes (on a CPU, on every thread torch uses).
     The sizes run twice: a first reading can come low (clock ramp, fresh pages), and an
@@ -77,16 +93,7 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
     best = 0.0
     for n in ((1024, 2048, 4096) + ((8192,) if DEVICE == "cuda" else ())) * 2:
         a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
-        a @ b  # warm-up: kernel choice, caches
-        torch.cuda.synchronize() if DEVICE == "cuda" else None
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            a @ b
-            count += 1
-            if DEVICE == "cuda" and count % 10 == 0:
-                torch.cuda.synchronize()
-        torch.cuda.synchronize() if DEVICE == "cuda" else None
-        best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
+        best = max(best, flop_rate(lambda a=a, b=b: a @ b, 2 * n ** 3, seconds / 3))
     return best
 
 
@@ -99,20 +106,12 @@ def model_shape_rate(dtype: torch.dtype, rows: int, seconds: float = 1.0) -> flo
     weights = [torch.randn(o, i, dtype=dtype, device=DEVICE) for o, i in shapes]
     inputs = [torch.randn(rows, i, dtype=dtype, device=DEVICE) for _, i in shapes]
     grads = [torch.randn(rows, o, dtype=dtype, device=DEVICE) for o, _ in shapes]
-    flops = sum(2 * 2 * rows * o * i for o, i in shapes)
 
     def layer():
         for w, x, g in zip(weights, inputs, grads):
             torch.nn.functional.linear(x, w)
             g @ w
-    layer()  # warm-up
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        layer()
-        count += 1
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-    return flops * count / (time.perf_counter() - start)
+    return flop_rate(layer, sum(2 * 2 * rows * o * i for o, i in shapes), seconds)
 
 
 # -- data -------------------------------------------------------------------------------------
