@@ -51,6 +51,8 @@ class DataConfig:
     skip_bad_lines: bool = _f(False, "Skip rows that cannot be read (a broken JSONL line, a CSV row with too "
                               "many fields) instead of stopping; the count is reported.")
     max_rows: int = _f(0, "Use at most this many rows (0: all), sampled with the seed.", min=0)
+    cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "
+                            "2 GiB) and read them back when the same rows are tokenized the same way again.")
     drop_duplicates: bool = _f(True, "Drop exact duplicate rows before splitting (the count is reported).")
     val_fraction: float = _f(0.15, "Share of rows held out for validation during training.", min=0.0, max=0.5)
     test_fraction: float = _f(0.15, "Share of rows held out for the final test.", min=0.0, max=0.5)

@@ -265,7 +265,7 @@ def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch
             with (ctx(model) if ctx else contextlib.nullcontext()):
                 if objective == "head":
                     ids = {lab: i for i, lab in enumerate(labels)}
-                    ds = TokenizedDataset([fmt.encode_classification(r, ids) for r in test.to_dict("records")])
+                    ds = TokenizedDataset(fmt.encode_classification_many(test.to_dict("records"), ids))
                     scores = head_scores(model, ds, collator, batch_size, precision)
                 else:
                     scores = score_labels(model, fmt, test, labels, collator, batch_size, precision)

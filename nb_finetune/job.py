@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import assets, distributed, engine, evaluation, hardware, memory, modeling
 from . import data as data_mod
-from . import distributed, engine, evaluation, hardware, memory, modeling
 from .config import RunConfig
 from .errors import UserError
 from .redact import redact
@@ -34,17 +34,21 @@ class Session:
 
     def reconfigure(self, cfg: RunConfig, source_changed: bool = False) -> None:
         """Take new settings and drop only the results they make stale, so a panel can re-run
-        one stage without redoing the others: new data settings drop everything; new model
-        settings or max_length drop the tokens and the model; a trained model is dropped
-        before the next training run by `discard_training`."""
+        one stage without redoing the others: new data settings drop everything; a new model,
+        chat template or max_length drops the tokens and the model; other model settings (LoRA,
+        quantization, precision) drop the model only; a trained model is dropped before the
+        next training run by `discard_training`."""
         cfg = cfg.validate()
         old, self.cfg = self.cfg, cfg
         if source_changed or cfg.data != old.data:
             self.prep = None
-        tokens_stale = self.prep is None or cfg.model != old.model or cfg.train.max_length != old.train.max_length
+        tokenizing = ("name", "objective", "chat_template", "trust_remote_code")  # what the tokens depend on
+        tokens_stale = (self.prep is None or cfg.train.max_length != old.train.max_length
+                        or any(getattr(cfg.model, f) != getattr(old.model, f) for f in tokenizing))
         if tokens_stale:
             self.tokenizer = self.formatter = self.objective = None
             self.datasets, self.token_stats = {}, {}
+        if tokens_stale or cfg.model != old.model:  # LoRA or quantization settings: the same tokens, a new model
             self.discard_training()
 
     def discard_training(self) -> None:
@@ -96,9 +100,11 @@ class Session:
         self.formatter = Formatter.build(self.tokenizer, self.prep.task, self.prep.labels, t.max_length,
                                          m.chat_template, self.prep.config.instruction)
         head_labels = {lab: i for i, lab in enumerate(self.prep.labels)} if self.objective == "head" else None
+        cache = assets.cache_dir() / "tokens" if self.cfg.data.cache_tokens else None
         for name in ("train", "validation"):
+            said = lambda message, name=name: self.progress(f"{name}: {message}")
             self.datasets[name], self.token_stats[name] = tokenize_frame(self.prep.splits[name], self.formatter,
-                                                                         head_labels)
+                                                                         head_labels, cache, said)
         self._report_tokens()
         return self.token_stats
 

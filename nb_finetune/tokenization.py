@@ -18,7 +18,14 @@ Other rules, each a failure mode of that collator:
 from __future__ import annotations
 
 import bisect
+import hashlib
+import itertools
+import json
+import os
+import time
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,6 +34,8 @@ import torch
 from .errors import UserError
 
 IGNORE = -100  # label value that the loss skips
+TOKEN_CACHE_BYTES = 2 * 2**30  # the token cache keeps its most recently used entries up to this size
+CHUNK_ROWS = 1024  # rows per tokenizer call: bounded memory for large data sets, progress between calls
 
 
 @dataclass
@@ -107,13 +116,13 @@ class Formatter:
         """{"input_ids", "labels"} plus flags saying what truncation did."""
         return self.encode_many([row])[0]
 
-    def encode_many(self, rows) -> list[dict]:
+    def encode_many(self, rows, progress=None) -> list[dict]:
         """`encode` for many rows, with one batched tokenizer call (the fast tokenizer works
         through a batch in Rust, several times quicker than one call per row)."""
         special = set(self.tokenizer.all_special_ids)
         out = []
-        for start in range(0, len(rows), 1024):  # bounded memory for large data sets
-            rendered = [self.render(row) for row in rows[start:start + 1024]]
+        for chunk in _chunks(rows, progress):
+            rendered = [self.render(row) for row in chunk]
             enc = self.tokenizer([text for text, _ in rendered], add_special_tokens=not self.use_chat,
                                  return_offsets_mapping=True)
             out += [self._label(ids, offsets, spans, special)
@@ -162,10 +171,25 @@ class Formatter:
 
     def encode_classification(self, row, label_ids: dict) -> dict:
         """For a classification head: the text's ids (middle cut) and the class index."""
-        ids = self.tokenizer(row["text"], add_special_tokens=True)["input_ids"]
-        cut = len(ids) > self.max_length
-        return {"input_ids": _cut_middle(ids, self.max_length), "labels": label_ids[row["label"]],
-                "prompt_truncated": cut, "response_truncated": False}
+        return self.encode_classification_many([row], label_ids)[0]
+
+    def encode_classification_many(self, rows, label_ids: dict, progress=None) -> list[dict]:
+        out = []
+        for chunk in _chunks(rows, progress):
+            for row, ids in zip(chunk, self.tokenizer([row["text"] for row in chunk])["input_ids"]):
+                out.append({"input_ids": _cut_middle(ids, self.max_length), "labels": label_ids[row["label"]],
+                            "prompt_truncated": len(ids) > self.max_length, "response_truncated": False})
+        return out
+
+
+def _chunks(rows: list, progress=None, every: float = 5.0):
+    """Rows CHUNK_ROWS at a time, saying how far it got every few seconds on long work."""
+    last = time.monotonic()
+    for start in range(0, len(rows), CHUNK_ROWS):
+        yield rows[start:start + CHUNK_ROWS]
+        if progress and time.monotonic() - last > every and start + CHUNK_ROWS < len(rows):
+            progress(f"tokenizing: {start + CHUNK_ROWS:,} of {len(rows):,} rows")
+            last = time.monotonic()
 
 
 def _locate_responses(text: str, messages: list[dict], tokenizer) -> list[tuple[int, int]]:
@@ -284,13 +308,23 @@ def pack(dataset: TokenizedDataset, max_length: int) -> TokenizedDataset:
     return TokenizedDataset(packed)
 
 
-def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None = None
-                   ) -> tuple[TokenizedDataset, TokenizationStats]:
-    """Encode every row; rows with no trained token left are dropped and counted."""
+def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None = None,
+                   cache: Path | None = None, progress=None) -> tuple[TokenizedDataset, TokenizationStats]:
+    """Encode every row; rows with no trained token left are dropped and counted.
+
+    With `cache` (a folder), the encoded rows are kept there and read back when the same rows
+    are tokenized the same way again (see `_fingerprint`): a re-run, a restarted kernel, new
+    LoRA or training settings on the same data."""
     stats = TokenizationStats()
     kept = []
     rows = frame.to_dict(orient="records")
-    encoded = [fmt.encode_classification(row, head_labels) for row in rows] if head_labels else fmt.encode_many(rows)
+
+    def encode():
+        if head_labels:
+            return fmt.encode_classification_many(rows, head_labels, progress)
+        return fmt.encode_many(rows, progress)
+
+    encoded = _cached(cache, rows, fmt, head_labels, encode, progress) if cache and rows else encode()
     for f in encoded:
         stats.rows += 1
         stats.lengths.append(len(f["input_ids"]))
@@ -307,6 +341,103 @@ def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None
         stats.trained_tokens += trained
         kept.append(f)
     return TokenizedDataset(kept), stats
+
+
+def _fingerprint(rows: list[dict], fmt: Formatter, head_labels: dict | None) -> str:
+    """Everything a split's tokens depend on: this module's code (a change to how rows are
+    encoded makes every entry stale), the tokenizer's whole definition (vocabulary, merges,
+    normalizer, pre- and post-processing, added tokens) and its chat template and special
+    tokens, the formatter's settings, the class indices of a head, and every row's values."""
+    tok = fmt.tokenizer
+    plain = lambda o: o.tolist() if hasattr(o, "tolist") else str(o)  # numpy values, whole (str cuts long arrays)
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(tok.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps([type(tok).__name__, getattr(tok, "chat_template", None), tok.special_tokens_map,
+                              sorted(tok.all_special_ids), fmt.max_length, fmt.use_chat, fmt.instruction,
+                              fmt.labels, head_labels], default=plain, sort_keys=True).encode())
+    digest.update(json.dumps(rows, default=plain).encode())
+    return digest.hexdigest()[:40]
+
+
+def _cached(folder: Path, rows: list[dict], fmt: Formatter, head_labels: dict | None, encode, progress=None
+            ) -> list[dict]:
+    """encode(), or the rows it encoded the last time it was asked for the same fingerprint.
+    A missing, unreadable or damaged entry is encoded again; a folder that cannot be written
+    costs only that."""
+    path = Path(folder) / f"{_fingerprint(rows, fmt, head_labels)}.npz"
+    try:
+        encoded = _load_encoded(path)
+        os.utime(path)  # used now: eviction removes the least recently used first
+        if progress:
+            progress(f"tokens of {len(encoded):,} rows read from the cache ({path.parent})")
+        return encoded
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # damaged (a write cut short by a full disk, say): encode again and replace it
+    encoded = encode()
+    try:
+        _save_encoded(path, encoded)
+        _evict(path.parent, TOKEN_CACHE_BYTES)
+    except OSError:
+        pass
+    return encoded
+
+
+def _save_encoded(path: Path, encoded: list[dict]) -> None:
+    """The rows as flat int32 arrays with their lengths (numpy's npz: no pickle when read back),
+    written to a temporary file and renamed, so a reader never sees half an entry. One larger
+    than the whole cache is not written: eviction would remove it at once."""
+    lengths = np.fromiter((len(f["input_ids"]) for f in encoded), np.int64, len(encoded))
+    total = int(lengths.sum())
+    if total * 8 > TOKEN_CACHE_BYTES:
+        return
+    ids = np.fromiter(itertools.chain.from_iterable(f["input_ids"] for f in encoded), np.int32, total)
+    per_row = not isinstance(encoded[0]["labels"], list)  # a head's class index, one per row
+    labels = (np.array([f["labels"] for f in encoded], np.int64) if per_row else
+              np.fromiter(itertools.chain.from_iterable(f["labels"] for f in encoded), np.int32, total))
+    flags = np.array([(f["prompt_truncated"], f["response_truncated"]) for f in encoded], bool)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids, labels=labels, lengths=lengths, flags=flags, per_row=per_row)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_encoded(path: Path) -> list[dict]:
+    with np.load(path) as entry:
+        ids, labels, lengths, flags = entry["ids"], entry["labels"], entry["lengths"], entry["flags"]
+        per_row = bool(entry["per_row"])
+    if int(lengths.sum()) != len(ids) or len(flags) != len(lengths) or \
+            len(labels) != (len(lengths) if per_row else len(ids)):
+        raise ValueError(f"{path}: inconsistent token cache entry")
+    bounds = np.cumsum(lengths)[:-1]
+    row_labels = labels.tolist() if per_row else [part.tolist() for part in np.split(labels, bounds)]
+    return [{"input_ids": part.tolist(), "labels": lab, "prompt_truncated": bool(cut), "response_truncated": bool(lost)}
+            for part, lab, (cut, lost) in zip(np.split(ids, bounds), row_labels, flags)]
+
+
+def _evict(folder: Path, limit: int) -> None:
+    """Remove the least recently used entries beyond `limit` bytes, and temporary files a
+    crashed writer left a day ago or more."""
+    entries = []
+    for p in folder.iterdir():
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # another process removed it
+            continue
+        if p.suffix == ".tmp" and time.time() - st.st_mtime > 86400:
+            p.unlink(missing_ok=True)
+        elif p.suffix == ".npz":
+            entries.append((st.st_mtime, st.st_size, p))
+    kept = 0
+    for _, size, p in sorted(entries, reverse=True):
+        kept += size
+        if kept > limit:
+            p.unlink(missing_ok=True)
 
 
 @dataclass

@@ -213,3 +213,33 @@ def test_packing_with_a_classification_head_is_refused_before_loading(tiny_model
     with pytest.raises(UserError, match="train.packing needs a causal-LM objective"):
         s.train()
     assert s.model is None
+
+
+def test_session_reuses_tokens_across_lora_settings_and_runs(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    """New LoRA settings keep the tokens (and drop the model); a new max_length re-tokenizes; a
+    second session on the same rows and settings reads them from the disk cache."""
+    monkeypatch.setenv("NB_FINETUNE_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(tiny_model_dir, tmp_path)
+    s = _session(cfg, sst2_frame)
+    s.load_model()
+    train = s.datasets["train"]
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 2  # train and validation
+    s.reconfigure(cfg.with_overrides({"model.lora_r": 8}))
+    assert s.model is None and s.datasets["train"] is train
+    s.load_model()
+    assert s.model.peft_config["default"].r == 8 and s.datasets["train"] is train
+    s.reconfigure(cfg.with_overrides({"model.lora_r": 8, "train.max_length": 48}))
+    assert s.model is None and s.datasets == {}
+    said = []
+    again = Session(cfg, progress=said.append)
+    again.prepare_data(sst2_frame)
+    again.tokenize()
+    assert [m for m in said if "read from the cache" in m] == [
+        f"{name}: tokens of {len(s.prep.splits[name])} rows read from the cache ({tmp_path / 'cache' / 'tokens'})"
+        for name in ("train", "validation")]
+    assert again.datasets["train"].features == train.features
+    off = Session(cfg.with_overrides({"data.cache_tokens": False}), progress=said.append)
+    off.prepare_data(sst2_frame)
+    monkeypatch.setattr("nb_finetune.tokenization._cached", None)  # would fail if called
+    off.tokenize()
+    assert off.datasets["train"].features == train.features
