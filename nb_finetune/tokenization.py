@@ -367,14 +367,16 @@ def _cached(folder: Path, rows: list[dict], fmt: Formatter, head_labels: dict | 
     path = Path(folder) / f"{_fingerprint(rows, fmt, head_labels)}.npz"
     try:
         encoded = _load_encoded(path)
-        os.utime(path)  # used now: eviction removes the least recently used first
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # not there, or damaged (a write cut short by a full disk, say): encode again and replace it
+    else:
+        try:
+            os.utime(path)  # used now: eviction removes the least recently used first
+        except OSError:
+            pass  # a cache someone else owns: read it all the same
         if progress:
             progress(f"tokens of {len(encoded):,} rows read from the cache ({path.parent})")
         return encoded
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass  # damaged (a write cut short by a full disk, say): encode again and replace it
     encoded = encode()
     try:
         _save_encoded(path, encoded)

@@ -201,7 +201,8 @@ def test_token_cache_misses_when_anything_the_tokens_depend_on_changes(tokenizer
         assert got.features == tokenize_frame(rows, f)[0].features
 
 
-def test_a_damaged_or_unwritable_token_cache_costs_only_the_tokenizing(tokenizer, shared_data, tmp_path):
+def test_a_damaged_or_unwritable_token_cache_costs_only_the_tokenizing(tokenizer, shared_data, tmp_path,
+                                                                       monkeypatch):
     frame = _alpaca(shared_data, 60)
     fmt = Formatter.build(tokenizer, "completion", [], 128)
     fresh = tokenize_frame(frame, fmt)[0].features
@@ -215,6 +216,13 @@ def test_a_damaged_or_unwritable_token_cache_costs_only_the_tokenizing(tokenizer
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     assert tokenize_frame(frame, fmt, cache=blocked)[0].features == fresh
+    def read_only(*args):
+        raise PermissionError("read-only file system")
+    from nb_finetune import tokenization
+    monkeypatch.setattr(tokenization.os, "utime", read_only)  # a cache another user filled: still read
+    said.clear()
+    assert tokenize_frame(frame, fmt, cache=tmp_path, progress=said.append)[0].features == fresh
+    assert len(said) == 1 and "read from the cache" in said[0]
 
 
 def test_token_cache_keeps_the_most_recently_used_entries_within_its_size(tokenizer, shared_data, tmp_path,
