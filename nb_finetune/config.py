@@ -51,8 +51,6 @@ class DataConfig:
     skip_bad_lines: bool = _f(False, "Skip rows that cannot be read (a broken JSONL line, a CSV row with too "
                               "many fields) instead of stopping; the count is reported.")
     max_rows: int = _f(0, "Use at most this many rows (0: all), sampled with the seed.", min=0)
-    cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "
-                            "2 GiB) and read them back when the same rows are tokenized the same way again.")
     drop_duplicates: bool = _f(True, "Drop exact duplicate rows before splitting (the count is reported).")
     val_fraction: float = _f(0.15, "Share of rows held out for validation during training.", min=0.0, max=0.5)
     test_fraction: float = _f(0.15, "Share of rows held out for the final test.", min=0.0, max=0.5)
@@ -116,6 +114,8 @@ class TrainConfig:
     packing: bool = _f(False, "Pack several short training rows into each row of up to max_length tokens, each "
                        "attending only to itself: less padding, more rows per step, fewer steps per epoch. "
                        "Causal-LM objectives only.")
+    cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "
+                            "2 GiB) and read them back when the same rows are tokenized the same way again.")
     eval_steps: int = _f(10, "Validate every this many optimizer steps.", min=1)
     logging_steps: int = _f(5, "Record training loss every this many optimizer steps.", min=1)
     save_steps: int = _f(0, "Checkpoint every this many steps (0: at each validation).", min=0)

@@ -100,7 +100,7 @@ class Session:
         self.formatter = Formatter.build(self.tokenizer, self.prep.task, self.prep.labels, t.max_length,
                                          m.chat_template, self.prep.config.instruction)
         head_labels = {lab: i for i, lab in enumerate(self.prep.labels)} if self.objective == "head" else None
-        cache = assets.cache_dir() / "tokens" if self.cfg.data.cache_tokens else None
+        cache = assets.cache_dir() / "tokens" if self.cfg.train.cache_tokens else None
         for name in ("train", "validation"):
             said = lambda message, name=name: self.progress(f"{name}: {message}")
             self.datasets[name], self.token_stats[name] = tokenize_frame(self.prep.splits[name], self.formatter,

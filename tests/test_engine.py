@@ -238,7 +238,7 @@ def test_session_reuses_tokens_across_lora_settings_and_runs(tiny_model_dir, tmp
         f"{name}: tokens of {len(s.prep.splits[name])} rows read from the cache ({tmp_path / 'cache' / 'tokens'})"
         for name in ("train", "validation")]
     assert again.datasets["train"].features == train.features
-    off = Session(cfg.with_overrides({"data.cache_tokens": False}), progress=said.append)
+    off = Session(cfg.with_overrides({"train.cache_tokens": False}), progress=said.append)
     off.prepare_data(sst2_frame)
     monkeypatch.setattr("nb_finetune.tokenization._cached", None)  # would fail if called
     off.tokenize()

@@ -145,6 +145,15 @@ def test_a_setting_shown_in_two_panels_stays_in_sync(ui_config):
     assert control.value == 48 and shared.config().train.max_length == 48
 
 
+def test_tokens_panel_switches_the_token_cache(ui_config):
+    from nb_finetune.ui import TokenizationPanel
+    panel = TokenizationPanel(config=ui_config)
+    box = panel.forms[0].controls["train.cache_tokens"]
+    assert box.value is True and panel.shared.config().train.cache_tokens is True
+    box.value = False
+    assert panel.shared.config().train.cache_tokens is False
+
+
 def test_controls_that_cannot_work_are_disabled_with_the_reason(ui_config, monkeypatch):
     from nb_finetune import hardware
     from nb_finetune.ui import ModelPanel

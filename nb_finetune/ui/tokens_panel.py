@@ -9,7 +9,8 @@ from .. import modeling, plots
 from ..tokenization import Formatter, batch_padding, pack_rows, token_table
 from .common import Form, Panel
 
-KEYS = ["train.max_length", "train.batch_size", "train.pad_to_multiple_of", "train.packing", "model.chat_template"]
+KEYS = ["train.max_length", "train.batch_size", "train.pad_to_multiple_of", "train.packing", "model.chat_template",
+        "train.cache_tokens"]
 SAMPLE_ROWS = 256  # rows encoded for the batch statistics: enough for stable shares, fast to redo
 
 
