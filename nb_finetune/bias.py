@@ -17,6 +17,7 @@ No widgets here; the panel and the notebooks call these functions.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -373,10 +374,29 @@ def _divergent(frame: pd.DataFrame) -> pd.DataFrame:
 
 # -- before and after --------------------------------------------------------------------
 
-def before_after(run: Callable, model) -> dict:
-    """`run(model)` on the base (adapter off) and on the tuned model."""
-    with _base(model):
-        base = run(model)
+def content_key(frame: pd.DataFrame) -> str:
+    """A digest of a frame's columns, index and values: equal for the same probe inputs."""
+    digest = hashlib.sha256(json.dumps(list(map(str, frame.columns))).encode())
+    try:
+        digest.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    except TypeError:  # unhashable cells (lists)
+        digest.update(frame.to_json(orient="split", default_handler=str).encode())
+    return digest.hexdigest()
+
+
+def before_after(run: Callable, model, memo: dict | None = None, key=None) -> dict:
+    """`run(model)` on the base (adapter off) and on the tuned model.
+
+    With `memo` and a `key` naming the base model and the probe's inputs, the base's result is
+    kept in memo[key] and reused: training the adapter again does not change the base, so a
+    probe after each training (before and after a mitigation, say) runs the base once."""
+    if memo is not None and key is not None and key in memo:
+        base = memo[key]
+    else:
+        with _base(model):
+            base = run(model)
+        if memo is not None and key is not None:
+            memo[key] = base
     return {"base": base, "tuned": run(model)}
 
 

@@ -5,6 +5,7 @@ each; `run()` does them all, as the command line does.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -66,6 +67,13 @@ class Session:
     @property
     def output_dir(self) -> Path:
         return Path(self.cfg.train.output_dir)
+
+    @property
+    def base_identity(self) -> tuple:
+        """The settings the base model's outputs depend on: every model setting but the adapter's."""
+        adapter = {"lora_r", "lora_alpha", "lora_dropout", "target_modules"}
+        return tuple((f.name, getattr(self.cfg.model, f.name)) for f in dataclasses.fields(self.cfg.model)
+                     if f.name not in adapter)
 
     @property
     def precision(self) -> str:

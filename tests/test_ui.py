@@ -434,6 +434,42 @@ def test_probe_panel_runs_pairs_and_completions_on_base_and_tuned(ui_config, sst
     assert "group list is empty" in panel.error.value and not panel.run_button.disabled
 
 
+def test_probe_panel_runs_the_base_once_across_trainings(ui_config, sst2_120, shared_data, monkeypatch):
+    """Probe, train, probe again: the base (adapter off) is not probed again, since training
+    does not change it; other pairs, or another base model setting, probe it again."""
+    from nb_finetune import bias
+    from nb_finetune.ui import ProbePanel, TrainPanel
+    from nb_finetune.ui.probe_panel import PAIR_SETS
+    panel = ProbePanel(config=ui_config, data=sst2_120)
+    panel.probe.value = next(k for k, v in PAIR_SETS.items() if v == "crows-file")
+    panel.path.value = str(shared_data / "crows_pairs" / "crows_pairs_anonymized.csv")
+    panel.limit.value = 12
+    base_runs = []
+    real_base = bias._base
+    monkeypatch.setattr(bias, "_base", lambda model: base_runs.append(1) or real_base(model))
+    panel.run_button.click()
+    first = panel.results["base"]
+    assert panel.error.value == "" and len(base_runs) == 1
+    TrainPanel(panel.shared, foreground=True).start()
+    assert panel.shared.current.train_result is not None
+    panel.run_button.click()
+    assert panel.error.value == "", panel.error.value
+    assert len(base_runs) == 1 and panel.results["base"] is first and "does not change" in panel.status.value
+    assert not panel.results["tuned"].scores["difference"].equals(first.scores["difference"])  # trained
+    panel.limit.value = 10
+    panel.run_button.click()
+    assert len(base_runs) == 2 and len(panel.results["base"].scores) == 10
+    panel.shared.set("model.lora_r", 2)  # the adapter only: the same base
+    panel.limit.value = 12
+    panel.run_button.click()
+    assert len(base_runs) == 2 and panel.results["base"] is first
+    from nb_finetune.job import Session
+    cfg = panel.shared.config()
+    identity = lambda change: Session(cfg.with_overrides(change)).base_identity
+    assert identity({"model.lora_alpha": 4, "model.lora_dropout": 0.2}) == panel.session().base_identity
+    assert identity({"model.quantization": "8bit"}) != identity({}) != identity({"model.compute_dtype": "float32"})
+
+
 def test_probe_panel_output_filter_is_probed_again(ui_config, sst2_120):
     from nb_finetune.ui import ProbePanel
     from nb_finetune.ui.probe_panel import PAIR_SETS

@@ -72,6 +72,7 @@ class ProbePanel(Panel):
         self.saved = widgets.HTML()
         self.results: dict = {}
         self._previous = None  # (train result, tuned probe result) of the last run
+        self._base_results: dict = {}  # the base's probe results, by base model and probe inputs
         self._completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples,
                                              self.block])
         self.probe.observe(lambda c: self._arrange(), names="value")
@@ -112,7 +113,11 @@ class ProbePanel(Panel):
                 scorer = bias.WordListScorer(words)
             probe = lambda m, f=None: bias.probe_completions(  # noqa: E731
                 m, tok, prompts, scorer, self.samples.value, seed=self.seed.value, progress=self.say, word_filter=f)
-            self.results = bias.before_after(probe, model)
+            scored_by = None if self.scorer.value == "your classifier" else (self.scorer.value, tuple(words))
+            key = ("completions", session.base_identity, bias.content_key(prompts), scored_by, self.samples.value,
+                   self.seed.value) if scored_by else None  # your classifier may change between runs
+            done += self._reuse_note(key)
+            self.results = bias.before_after(probe, model, self._base_results, key)
             blocked = [w.strip() for w in self.block.value.split(",") if w.strip()]
             if blocked:  # the output-side mitigation, probed again: did the gap close?
                 word_filter = mitigation.WordFilter(tok, blocked)
@@ -130,8 +135,11 @@ class ProbePanel(Panel):
             self.summary.value = "<b>gap between groups</b> (ideal 0)" + plots.table_html(rows, index=True)
         else:
             pairs = load_pair_set(choice, self.path.value, self.limit.value, self.seed.value)
+            key = ("pairs", session.base_identity, pairs.name, bias.content_key(pairs.items), self.seed.value)
+            done += self._reuse_note(key)
             self.results = bias.before_after(lambda m: bias.probe_pairs(
-                m, tok, pairs, precision="float32", progress=self.say, seed=self.seed.value), model)
+                m, tok, pairs, precision="float32", progress=self.say, seed=self.seed.value), model,
+                self._base_results, key)
             self._keep_previous(session)
             long = pd.concat([pd.concat([r.scores.assign(group="all"), r.scores.assign(group=r.scores["bias_type"])])
                              .assign(model=k, value=lambda f: f["prefers_more"].astype(float))
@@ -149,6 +157,11 @@ class ProbePanel(Panel):
         self._show_examples()
         self.say(done)
         self.shared.notify("probe")
+
+    def _reuse_note(self, key) -> str:
+        if key is None or key not in self._base_results:
+            return ""
+        return " (the base's result from an earlier run with the same model and inputs: the base does not change)"
 
     def _keep_previous(self, session) -> None:
         """After training again (say with a data-side mitigation), the earlier tuned model's
