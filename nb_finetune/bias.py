@@ -17,7 +17,6 @@ No widgets here; the panel and the notebooks call these functions.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -373,16 +372,6 @@ def _divergent(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- before and after --------------------------------------------------------------------
-
-def content_key(frame: pd.DataFrame) -> str:
-    """A digest of a frame's columns, index and values: equal for the same probe inputs."""
-    digest = hashlib.sha256(json.dumps(list(map(str, frame.columns))).encode())
-    try:
-        digest.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
-    except TypeError:  # unhashable cells (lists)
-        digest.update(frame.to_json(orient="split", default_handler=str).encode())
-    return digest.hexdigest()
-
 
 def before_after(run: Callable, model, memo: dict | None = None, key=None) -> dict:
     """`run(model)` on the base (adapter off) and on the tuned model.

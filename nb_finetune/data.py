@@ -8,6 +8,7 @@ and a `DataReport` of everything worth knowing before training.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,17 @@ import pandas as pd
 from . import assets
 from .config import DataConfig
 from .errors import UserError
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """A digest of a frame's column names, index and values: the same for the same rows."""
+    digest = hashlib.sha256(json.dumps(list(map(str, frame.columns))).encode())
+    try:
+        digest.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    except TypeError:  # unhashable cells (a chat's list of messages)
+        digest.update(frame.to_json(orient="split", default_handler=str).encode())
+    return digest.hexdigest()
+
 
 _SUFFIX_FORMAT = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".json": "json", ".jsonl": "jsonl",
                   ".parquet": "parquet", ".pq": "parquet"}

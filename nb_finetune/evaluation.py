@@ -245,8 +245,22 @@ def _short(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[: n // 2 - 2] + " ... " + text[-(n // 2 - 3):]
 
 
+def _base_once(memo: dict | None, key, compute, progress, what: str):
+    """compute() (on the base model), or its result from an earlier evaluation kept in `memo`,
+    which the caller keeps only while the base model, the tokens and the test rows stay the same."""
+    if memo is not None and key in memo:
+        progress(f"the base model's {what}: from the earlier evaluation (training does not change the base)")
+        return memo[key]
+    value = compute()
+    if memo is not None:
+        memo[key] = value
+    return value
+
+
 def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch_size: int = 8,
-             precision: str = "float32", progress=print) -> EvalResult:
+             precision: str = "float32", progress=print, base_memo: dict | None = None) -> EvalResult:
+    """The tuned model, and with cfg.baselines the base model (adapter off) and the majority
+    class, on the test split. `base_memo`: see `_base_once`."""
     test = prep.splits["test"]
     if cfg.max_test_rows and len(test) > cfg.max_test_rows:
         test = test.sample(n=cfg.max_test_rows, random_state=0).reset_index(drop=True)
@@ -261,14 +275,16 @@ def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch
         majority = prep.splits["train"]["label" if "label" in test else "completion"].value_counts().index[0]
         runs = [("tuned", None)] + ([("base", _base)] if cfg.baselines and objective != "head" else [])
         for name, ctx in runs:
-            progress(f"evaluating the {name} model on {len(test)} test rows")
-            with (ctx(model) if ctx else contextlib.nullcontext()):
-                if objective == "head":
-                    ids = {lab: i for i, lab in enumerate(labels)}
-                    ds = TokenizedDataset(fmt.encode_classification_many(test.to_dict("records"), ids))
-                    scores = head_scores(model, ds, collator, batch_size, precision)
-                else:
-                    scores = score_labels(model, fmt, test, labels, collator, batch_size, precision)
+            def scored(ctx=ctx, name=name):
+                progress(f"evaluating the {name} model on {len(test)} test rows")
+                with (ctx(model) if ctx else contextlib.nullcontext()):
+                    if objective == "head":
+                        ids = {lab: i for i, lab in enumerate(labels)}
+                        ds = TokenizedDataset(fmt.encode_classification_many(test.to_dict("records"), ids))
+                        return head_scores(model, ds, collator, batch_size, precision)
+                    return score_labels(model, fmt, test, labels, collator, batch_size, precision)
+            scores = scored() if name == "tuned" else _base_once(
+                base_memo, ("label scores", cfg.max_test_rows), scored, progress, "test scores")
             picked = np.asarray(labels)[scores.argmax(1)]
             metrics, conf = classification_metrics(truth, picked, labels)
             rows.append({"model": name, **metrics})
@@ -288,9 +304,12 @@ def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch
         from .tokenization import tokenize_frame
         ds, _ = tokenize_frame(test, fmt)
         for name, ctx in [("tuned", None)] + ([("base", _base)] if cfg.baselines else []):
-            progress(f"evaluating the {name} model on {len(ds)} test rows")
-            with (ctx(model) if ctx else contextlib.nullcontext()):
-                loss, per_row = completion_loss(model, ds, collator, batch_size, precision)
+            def losses(ctx=ctx, name=name):
+                progress(f"evaluating the {name} model on {len(ds)} test rows")
+                with (ctx(model) if ctx else contextlib.nullcontext()):
+                    return completion_loss(model, ds, collator, batch_size, precision)
+            loss, per_row = losses() if name == "tuned" else _base_once(
+                base_memo, ("test loss", cfg.max_test_rows), losses, progress, "test loss")
             rows.append({"model": name, "loss": loss, "perplexity": float(np.exp(loss))})
             if name == "tuned" and len(per_row) == len(test):
                 preds["tuned_loss"] = per_row
@@ -298,20 +317,25 @@ def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch
                                       for r in test.to_dict("records")])
         errors = errors.sort_values("tuned_loss", ascending=False).head(cfg.worst_errors) \
             if "tuned_loss" in errors else errors.head(0)
-    samples = _samples(model, fmt, test, cfg, precision, progress) if objective != "head" else \
+    samples = _samples(model, fmt, test, cfg, precision, progress, base_memo) if objective != "head" else \
         pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
     return EvalResult(pd.DataFrame(rows).set_index("model"), confusion, errors.reset_index(drop=True),
                       samples, preds)
 
 
-def _samples(model, fmt, test, cfg: EvalConfig, precision, progress) -> pd.DataFrame:
+def _samples(model, fmt, test, cfg: EvalConfig, precision, progress, base_memo: dict | None = None
+             ) -> pd.DataFrame:
     if not cfg.num_samples or "messages" in test:
         return pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
     chosen = test.head(cfg.num_samples)
     progress(f"generating {len(chosen)} samples from the base and the tuned model")
     tuned = generate(model, fmt, chosen, cfg.max_new_tokens, precision)
-    with _base(model):
-        base = generate(model, fmt, chosen, cfg.max_new_tokens, precision)
+
+    def from_base():
+        with _base(model):
+            return generate(model, fmt, chosen, cfg.max_new_tokens, precision)
+    base = _base_once(base_memo, ("samples", cfg.max_test_rows, cfg.num_samples, cfg.max_new_tokens), from_base,
+                      progress, "samples")
     reference = chosen["label"] if "label" in chosen else chosen["completion"]
     return pd.DataFrame({"prompt": [_short(fmt.prompt_text(r), 120) for r in chosen.to_dict("records")],
                          "reference": reference.values, "base": base, "tuned": tuned})

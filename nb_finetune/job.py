@@ -32,6 +32,7 @@ class Session:
         self.memory_estimate: memory.MemoryEstimate | None = None
         self.peak_memory: int | None = None
         self.eval_result: evaluation.EvalResult | None = None
+        self._base_memo: tuple = (None, {})  # (what the base's results depend on, the results)
 
     def reconfigure(self, cfg: RunConfig, source_changed: bool = False) -> None:
         """Take new settings and drop only the results they make stale, so a panel can re-run
@@ -183,8 +184,15 @@ class Session:
     def evaluate(self) -> evaluation.EvalResult:
         if self.model is None:
             self.load_model()
+        # The base model's results stand while the base, its tokens and the test rows do.
+        f, test = self.formatter, self.prep.splits["test"]
+        base = (self.base_identity, self.precision, self.cfg.train.batch_size, f.max_length, f.use_chat,
+                f.instruction, tuple(f.labels), data_mod.frame_digest(test))
+        if base != self._base_memo[0]:
+            self._base_memo = (base, {})
         self.eval_result = evaluation.evaluate(self.model, self.formatter, self.prep, self.objective, self.cfg.eval,
-                                               self.cfg.train.batch_size, self.precision, self.progress)
+                                               self.cfg.train.batch_size, self.precision, self.progress,
+                                               self._base_memo[1])
         return self.eval_result
 
     # -- files -------------------------------------------------------------------------

@@ -140,6 +140,54 @@ def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame):
         assert (out / name).is_file(), name
 
 
+@pytest.mark.parametrize("task", ["classification", "completion"])
+def test_evaluating_after_training_again_reuses_the_base_models_results(task, tiny_model_dir, tmp_path, sst2_frame,
+                                                                       shared_data, monkeypatch):
+    """The base (adapter off) gives the same test scores, loss and samples after every
+    training: evaluated once, then reused, until the base, the tokens or the test rows change."""
+    import json
+
+    import pandas as pd
+    from nb_finetune import evaluation
+    base_runs = []
+    real_base = evaluation._base
+    monkeypatch.setattr(evaluation, "_base", lambda model: base_runs.append(1) or real_base(model))
+    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=2)
+    frame = sst2_frame
+    if task == "completion":
+        cfg = cfg.with_overrides({"data.task": "completion", "data.text_column": "", "train.max_length": 96})
+        frame = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:60])
+    said = []
+    s = Session(cfg, progress=said.append)
+    s.prepare_data(frame)
+    s.train()
+    first = s.evaluate()
+    assert len(base_runs) == 2  # the test set, then the samples
+    s.reconfigure(cfg.with_overrides({"train.learning_rate": 3e-3, "model.lora_r": 8}))
+    s.discard_training()
+    s.train()
+    again = s.evaluate()
+    assert len(base_runs) == 2 and sum("from the earlier evaluation" in m for m in said) == 2
+    pd.testing.assert_series_equal(first.metrics.loc["base"], again.metrics.loc["base"])
+    assert list(first.samples["base"]) == list(again.samples["base"])
+    changed = "tuned_confidence" if task == "classification" else "tuned_loss"
+    assert not np.allclose(first.predictions[changed], again.predictions[changed])  # a newly trained tuned model
+    s.reconfigure(s.cfg.with_overrides({"eval.max_test_rows": 3}))
+    s.evaluate()
+    assert len(base_runs) == 4  # fewer test rows: the base runs again
+    test_rows = s.prep.splits["test"]
+    s.reconfigure(s.cfg.with_overrides({"eval.max_test_rows": 0, "data.seed": 7}))
+    s.prepare_data()
+    assert not s.prep.splits["test"].equals(test_rows)  # another split
+    s.evaluate()
+    assert len(base_runs) == 6  # other test rows: the base runs again
+    fresh = Session(cfg, progress=said.append)
+    fresh.prepare_data(frame)
+    fresh.train()
+    pd.testing.assert_series_equal(fresh.evaluate().metrics.loc["base"], first.metrics.loc["base"])
+    assert len(base_runs) == 8  # a new session keeps nothing: computed again, the same
+
+
 def test_decoder_with_classification_head(tiny_model_dir, tmp_path, sst2_frame):
     cfg = _cfg(tiny_model_dir, tmp_path, max_steps=3).with_overrides({"model.objective": "head"})
     s = _session(cfg, sst2_frame)

@@ -9,6 +9,7 @@ import ipywidgets as widgets
 import pandas as pd
 
 from .. import assets, bias, mitigation, plots
+from .. import data as data_mod
 from .common import Panel, image, show_figure
 
 PAIR_SETS = {
@@ -114,7 +115,7 @@ class ProbePanel(Panel):
             probe = lambda m, f=None: bias.probe_completions(  # noqa: E731
                 m, tok, prompts, scorer, self.samples.value, seed=self.seed.value, progress=self.say, word_filter=f)
             scored_by = None if self.scorer.value == "your classifier" else (self.scorer.value, tuple(words))
-            key = ("completions", session.base_identity, bias.content_key(prompts), scored_by, self.samples.value,
+            key = ("completions", session.base_identity, data_mod.frame_digest(prompts), scored_by, self.samples.value,
                    self.seed.value) if scored_by else None  # your classifier may change between runs
             done += self._reuse_note(key)
             self.results = bias.before_after(probe, model, self._base_results, key)
@@ -135,7 +136,7 @@ class ProbePanel(Panel):
             self.summary.value = "<b>gap between groups</b> (ideal 0)" + plots.table_html(rows, index=True)
         else:
             pairs = load_pair_set(choice, self.path.value, self.limit.value, self.seed.value)
-            key = ("pairs", session.base_identity, pairs.name, bias.content_key(pairs.items), self.seed.value)
+            key = ("pairs", session.base_identity, pairs.name, data_mod.frame_digest(pairs.items), self.seed.value)
             done += self._reuse_note(key)
             self.results = bias.before_after(lambda m: bias.probe_pairs(
                 m, tok, pairs, precision="float32", progress=self.say, seed=self.seed.value), model,
