@@ -34,6 +34,10 @@ What it prints (figures, never pass/fail):
 8. Attention: one training step on 8 SST-2 rows with torch's sdpa vs the short-row attention
    (nb_finetune.attention), seconds per step, and each one's adapter gradients' distance to
    fp32's and to sdpa's.
+9. Where a training step's time goes: one step on 8 x 256 Alpaca rows and on 8 SST-2 rows
+   under torch's profiler, by kind of work (the base's matmuls, the adapters' matmuls, LoRA's
+   dropout, attention, the loss, the optimizer, elementwise and the rest): what is left to
+   speed up, on the machine at hand.
 
 Run from the repository root (the default takes about 25 minutes on a 2-core CPU):
     python benchmarks/train_speed.py
@@ -512,6 +516,105 @@ def attention_speed(args) -> pd.DataFrame:
                          for f, who in ((False, "torch sdpa"), (True, "short-row (nb_finetune.attention)"))])
 
 
+# -- 9. where a step's time goes ---------------------------------------------------------------
+
+# Time inside these (forward ranges named by the benchmark, autograd's backward nodes) is booked
+# to them; the rest by the kind of operator.
+STEP_PARTS = {"FastDropout": "LoRA dropout masks", "_ScaledMaskBackward": "LoRA dropout masks",
+              "_ShortAttention": "attention", "_ShortAttentionBackward": "attention",
+              "_LinearCrossEntropy": "vocabulary projection and loss",
+              "_LinearCrossEntropyBackward": "vocabulary projection and loss",
+              "optimizer": "optimizer (fused AdamW)"}
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
+
+
+def _step_part(event) -> str:
+    node = event
+    while node is not None:
+        name = node.name.replace("autograd::engine::evaluate_function: ", "")
+        if name in STEP_PARTS:
+            return STEP_PARTS[name]
+        node = node.cpu_parent
+    if "attention" in event.name:
+        return "attention"
+    if event.name in MATMULS:
+        shapes = [s for s in event.input_shapes if s]
+        return "LoRA matmuls (rank in the shape)" if any(LORA["r"] in s for s in shapes) else "base matmuls"
+    return "elementwise and the rest"
+
+
+def step_profile(args) -> pd.DataFrame:
+    """One training step as nb_finetune trains (frozen weights in the compute dtype, autocast,
+    short-row attention, the loss without logits, fused AdamW) on the 8 longest of 160 Alpaca
+    rows and on 8 SST-2 rows, under torch's profiler: seconds of the step by kind of work. The
+    matmuls with the LoRA rank in their shape are the adapters'; LoRA's dropout, attention and
+    the loss are booked whole (their own matmuls and elementwise work)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from nb_finetune import attention, config, engine, hardware, modeling
+    from nb_finetune.lm_loss import FusedCausalLMLoss
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+    mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
+    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
+    precision = hardware.compute_dtype("auto")
+    torch.manual_seed(SEED)
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    model.train()
+    fused = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, fused=True)
+    dropout_forward = modeling.FastDropout.forward
+
+    def named_dropout(self, x):
+        with record_function("FastDropout"):
+            return dropout_forward(self, x)
+
+    modeling.FastDropout.forward = named_dropout
+    rows = []
+    try:
+        for name in ("alpaca", "sst2"):
+            train, _, task = load_rows(name, 160 if name == "alpaca" else args.batch_size, 0)
+            labels = ["negative", "positive"] if name == "sst2" else []
+            dataset, _ = tokenize_frame(train, Formatter.build(tok, task, labels, args.max_length))
+            longest = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))[:args.batch_size]
+            batch = CompletionOnlyCollator(tok.pad_token_id, 8)([dataset[i] for i in longest])
+            keep, following = engine.trained_positions(batch["labels"])
+            inputs = {**batch, "logits_to_keep": keep, "shift_labels": following}
+
+            def step():
+                with attention.for_training(model), fused.swapped_in() if fused else torch.enable_grad(), \
+                        torch.autocast("cpu", dtype=getattr(torch, precision), enabled=precision != "float32"):
+                    loss = model(**inputs).loss
+                loss.backward()
+                with record_function("optimizer"):
+                    optimizer.step()
+                optimizer.zero_grad()
+
+            with engine.frozen_weights_in(model, precision):
+                for _ in range(2):  # warm-up: the kernels' own set-up, and memory touched for the first time
+                    step()  # (one was not enough here: the page faults went to the next step's multiplies)
+                start = time.perf_counter()
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    step()
+                seconds = time.perf_counter() - start
+            parts: dict = {}
+            ops: dict = {}  # operator -> seconds, per part: the largest are printed beside it
+            for event in prof.events():
+                part, t = _step_part(event), event.self_cpu_time_total / 1e6
+                parts[part] = parts.get(part, 0.0) + t
+                ops.setdefault(part, {})[event.name] = ops.get(part, {}).get(event.name, 0.0) + t
+            total = sum(parts.values())
+            shape = "x".join(map(str, batch["input_ids"].shape))
+            for part, t in sorted(parts.items(), key=lambda kv: -kv[1]):
+                largest = sorted(ops[part].items(), key=lambda kv: -kv[1])[:4]
+                rows.append({"data": f"{name} {shape}", "part": part, "seconds": t, "share": t / total,
+                             "largest operators, s": ", ".join(f"{op.replace('aten::', '')} {v:.2f}"
+                                                               for op, v in largest if v >= 0.005)})
+            rows.append({"data": f"{name} {shape}", "part": f"the step (wall clock; profiled: {total:.2f} s)",
+                         "seconds": seconds, "share": 1.0, "largest operators, s": ""})
+    finally:
+        modeling.FastDropout.forward = dropout_forward
+    return pd.DataFrame(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="alpaca,sst2", help="comma-separated: alpaca, sst2")
@@ -525,7 +628,7 @@ def main() -> int:
     p.add_argument("--trainers", default=",".join(TRAINERS),
                    help="comma-separated, run in this order: " + ", ".join(TRAINERS))
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: training, first-step, tokenization, "
-                   "evaluation, loss, attention")
+                   "evaluation, loss, attention, profile")
     args = p.parse_args()
     unknown = {t.strip() for t in args.trainers.split(",")} - set(TRAINERS)
     if unknown:
@@ -596,6 +699,9 @@ def main() -> int:
     if "attention" not in args.skip:
         print(f"\n8. attention, one training step on {args.batch_size} SST-2 rows, best of 3:")
         print(attention_speed(args).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if "profile" not in args.skip:
+        print(f"\n9. where one training step's time goes ({hardware.compute_dtype('auto')}), torch's profiler:")
+        print(step_profile(args).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 
