@@ -26,8 +26,9 @@ def frame_digest(frame: pd.DataFrame) -> str:
     digest = hashlib.sha256(json.dumps(list(map(str, frame.columns))).encode())
     try:
         digest.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
-    except TypeError:  # unhashable cells (a chat's list of messages)
-        digest.update(frame.to_json(orient="split", default_handler=str).encode())
+    except TypeError:  # unhashable cells (a chat's list of messages, or an array of them from Parquet)
+        plain = lambda o: o.tolist() if hasattr(o, "tolist") else str(o)  # arrays whole: str() cuts long ones
+        digest.update(json.dumps(frame.to_dict(orient="split"), default=plain).encode())
     return digest.hexdigest()
 
 

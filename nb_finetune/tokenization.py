@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .data import frame_digest
 from .errors import UserError
 
 IGNORE = -100  # label value that the loss skips
@@ -324,7 +325,7 @@ def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None
             return fmt.encode_classification_many(rows, head_labels, progress)
         return fmt.encode_many(rows, progress)
 
-    encoded = _cached(cache, rows, fmt, head_labels, encode, progress) if cache and rows else encode()
+    encoded = _cached(cache, frame, fmt, head_labels, encode, progress) if cache and rows else encode()
     for f in encoded:
         stats.rows += 1
         stats.lengths.append(len(f["input_ids"]))
@@ -343,28 +344,27 @@ def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None
     return TokenizedDataset(kept), stats
 
 
-def _fingerprint(rows: list[dict], fmt: Formatter, head_labels: dict | None) -> str:
+def _fingerprint(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None) -> str:
     """Everything a split's tokens depend on: this module's code (a change to how rows are
     encoded makes every entry stale), the tokenizer's whole definition (vocabulary, merges,
     normalizer, pre- and post-processing, added tokens) and its chat template and special
     tokens, the formatter's settings, the class indices of a head, and every row's values."""
     tok = fmt.tokenizer
-    plain = lambda o: o.tolist() if hasattr(o, "tolist") else str(o)  # numpy values, whole (str cuts long arrays)
     digest = hashlib.sha256(Path(__file__).read_bytes())
     digest.update(tok.backend_tokenizer.to_str().encode())
     digest.update(json.dumps([type(tok).__name__, getattr(tok, "chat_template", None), tok.special_tokens_map,
                               sorted(tok.all_special_ids), fmt.max_length, fmt.use_chat, fmt.instruction,
-                              fmt.labels, head_labels], default=plain, sort_keys=True).encode())
-    digest.update(json.dumps(rows, default=plain).encode())
+                              fmt.labels, head_labels], default=str, sort_keys=True).encode())
+    digest.update(frame_digest(frame).encode())
     return digest.hexdigest()[:40]
 
 
-def _cached(folder: Path, rows: list[dict], fmt: Formatter, head_labels: dict | None, encode, progress=None
+def _cached(folder: Path, frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None, encode, progress=None
             ) -> list[dict]:
     """encode(), or the rows it encoded the last time it was asked for the same fingerprint.
     A missing, unreadable or damaged entry is encoded again; a folder that cannot be written
     costs only that."""
-    path = Path(folder) / f"{_fingerprint(rows, fmt, head_labels)}.npz"
+    path = Path(folder) / f"{_fingerprint(frame, fmt, head_labels)}.npz"
     try:
         encoded = _load_encoded(path)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
