@@ -276,6 +276,25 @@ def compare_training(name: str, args, peaks: dict) -> list[dict]:
     return rows
 
 
+def lora_model():
+    """SmolLM2-135M-Instruct with the benchmark's LoRA, initialised with the seed, training."""
+    from nb_finetune import config, modeling
+    mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
+    torch.manual_seed(SEED)
+    return modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg,
+                             "completion").train()
+
+
+def longest_batch(tok, name: str, n_rows: int, args) -> dict:
+    """The args.batch_size longest of a data set's first n_rows, tokenized and padded as training does."""
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+    train, _, task = load_rows(name, n_rows, 0)
+    labels = ["negative", "positive"] if name == "sst2" else []
+    dataset, _ = tokenize_frame(train, Formatter.build(tok, task, labels, args.max_length))
+    longest = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))[:args.batch_size]
+    return CompletionOnlyCollator(tok.pad_token_id, 8)([dataset[i] for i in longest])
+
+
 # -- 4. time to first step -------------------------------------------------------------------
 
 def time_to_first_step() -> pd.DataFrame:
@@ -428,18 +447,11 @@ def loss_speed(args) -> pd.DataFrame:
     from transformers import TrainingArguments
     from nb_finetune import config, engine, hardware, modeling
     from nb_finetune.lm_loss import FusedCausalLMLoss
-    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
-    mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
-    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
-    train, _, task = load_rows("alpaca", 160, 0)
-    dataset, _ = tokenize_frame(train, Formatter.build(tok, task, [], args.max_length))
-    longest = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))[:args.batch_size]
-    batch = CompletionOnlyCollator(tok.pad_token_id, 8)([dataset[i] for i in longest])
+    tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
+    batch = longest_batch(tok, "alpaca", 160, args)
     trained = int((batch["labels"][:, 1:] != -100).sum())
     precision = hardware.compute_dtype("auto")
-    torch.manual_seed(SEED)
-    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
-    model.train()
+    model = lora_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     fused = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
     with tempfile.TemporaryDirectory() as out:
@@ -478,17 +490,14 @@ def attention_speed(args) -> pd.DataFrame:
     from nb_finetune import attention, config, engine, hardware, modeling
     from nb_finetune.lm_loss import FusedCausalLMLoss
     from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
-    mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
-    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
+    tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
     train, _, task = load_rows("sst2", args.batch_size, 0)
     dataset, _ = tokenize_frame(train, Formatter.build(tok, task, ["negative", "positive"], args.max_length))
     batch = CompletionOnlyCollator(tok.pad_token_id, 8)([dataset[i] for i in range(len(dataset))])
     keep, following = engine.trained_positions(batch["labels"])
     inputs = {**batch, "logits_to_keep": keep, "shift_labels": following}
     precision = hardware.compute_dtype("auto")
-    torch.manual_seed(SEED)
-    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
-    model.train()
+    model = lora_model()
     fused = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
 
     def step(short: bool, autocast: bool = True):
@@ -552,13 +561,9 @@ def step_profile(args) -> pd.DataFrame:
     from torch.profiler import ProfilerActivity, profile, record_function
     from nb_finetune import attention, config, engine, hardware, modeling
     from nb_finetune.lm_loss import FusedCausalLMLoss
-    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
-    mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
-    tok = modeling.load_tokenizer(mcfg, progress=lambda m: None)
+    tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
     precision = hardware.compute_dtype("auto")
-    torch.manual_seed(SEED)
-    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
-    model.train()
+    model = lora_model()
     fused = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, fused=True)
     dropout_forward = modeling.FastDropout.forward
@@ -571,15 +576,11 @@ def step_profile(args) -> pd.DataFrame:
     rows = []
     try:
         for name in ("alpaca", "sst2"):
-            train, _, task = load_rows(name, 160 if name == "alpaca" else args.batch_size, 0)
-            labels = ["negative", "positive"] if name == "sst2" else []
-            dataset, _ = tokenize_frame(train, Formatter.build(tok, task, labels, args.max_length))
-            longest = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))[:args.batch_size]
-            batch = CompletionOnlyCollator(tok.pad_token_id, 8)([dataset[i] for i in longest])
+            batch = longest_batch(tok, name, 160 if name == "alpaca" else args.batch_size, args)
             keep, following = engine.trained_positions(batch["labels"])
             inputs = {**batch, "logits_to_keep": keep, "shift_labels": following}
 
-            def step():
+            def step(inputs=inputs):
                 with attention.for_training(model), fused.swapped_in() if fused else torch.enable_grad(), \
                         torch.autocast("cpu", dtype=getattr(torch, precision), enabled=precision != "float32"):
                     loss = model(**inputs).loss
@@ -595,12 +596,11 @@ def step_profile(args) -> pd.DataFrame:
                 with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                     step()
                 seconds = time.perf_counter() - start
-            parts: dict = {}
-            ops: dict = {}  # operator -> seconds, per part: the largest are printed beside it
+            ops: dict = {}  # part -> operator -> seconds: the largest operators are printed beside each part
             for event in prof.events():
-                part, t = _step_part(event), event.self_cpu_time_total / 1e6
-                parts[part] = parts.get(part, 0.0) + t
-                ops.setdefault(part, {})[event.name] = ops.get(part, {}).get(event.name, 0.0) + t
+                by_op = ops.setdefault(_step_part(event), {})
+                by_op[event.name] = by_op.get(event.name, 0.0) + event.self_cpu_time_total / 1e6
+            parts = {part: sum(by_op.values()) for part, by_op in ops.items()}
             total = sum(parts.values())
             shape = "x".join(map(str, batch["input_ids"].shape))
             for part, t in sorted(parts.items(), key=lambda kv: -kv[1]):
