@@ -38,8 +38,13 @@ What it prints (figures, never pass/fail):
    under torch's profiler, by kind of work (the base's matmuls, the adapters' matmuls, LoRA's
    dropout, attention, the loss, the optimizer, elementwise and the rest): what is left to
    speed up, on the machine at hand.
+10. The allocator between training steps: the same steps in fresh processes, alternating, with
+   the memory each step frees kept for the next (memory.freed_memory_kept, what the engine
+   does on a CPU) vs glibc's defaults: seconds for steps 2 on, page faults, peak resident
+   memory and what the process holds once training has ended.
 
-Run from the repository root (the default takes about 25 minutes on a 2-core CPU):
+Run from the repository root (the default takes about 25 minutes on a 2-core CPU, and part 10
+as long again: `--skip allocator` leaves it out):
     python benchmarks/train_speed.py
     python benchmarks/train_speed.py --steps 4 --repeats 1 --data alpaca   # a quick try
 Peak memory of LoRA vs QLoRA is printed by benchmarks/gpu_check.py (RSS on a CPU), and bias
@@ -615,6 +620,62 @@ def step_profile(args) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# -- 10. the allocator between steps -----------------------------------------------------------
+
+def allocator_child(name: str, keep: bool, args) -> dict:
+    """In a fresh process: train args.steps steps as the engine does, with freed memory kept
+    between steps or glibc's defaults; each step's seconds and page faults, the peak resident
+    memory, and what the process holds after training."""
+    import resource
+    from nb_finetune import config, engine, hardware, memory, modeling
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+    train, _, task = load_rows(name, args.steps * args.batch_size, 0)
+    tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
+    fmt = Formatter.build(tok, task, ["negative", "positive"] if name == "sst2" else [], args.max_length)
+    dataset, _ = tokenize_frame(train, fmt)
+    marks = []
+
+    class Mark(engine.Callback):
+        def on_log(self, row, history):
+            marks.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
+
+    model = lora_model()
+    with tempfile.TemporaryDirectory() as out:
+        tcfg = config.TrainConfig(output_dir=out, max_steps=args.steps, learning_rate=LR, batch_size=args.batch_size,
+                                  max_length=args.max_length, eval_steps=10**6, save_steps=10**6, logging_steps=1,
+                                  warmup_ratio=0.0, seed=args.seed)
+        memory.reset_peak()
+        engine.train(model, dataset, None, CompletionOnlyCollator(tok.pad_token_id, 8), tcfg, callbacks=[Mark()],
+                     precision=hardware.compute_dtype("auto"), keep_freed_memory=keep)
+    import psutil
+    return {"step seconds": [b[0] - a[0] for a, b in zip(marks, marks[1:])],
+            "step faults": [b[1] - a[1] for a, b in zip(marks, marks[1:])],
+            "peak GB": memory.measured_peak() / 1e9, "after GB": psutil.Process().memory_info().rss / 1e9}
+
+
+def allocator_speed(args) -> pd.DataFrame:
+    """Steps 2 to args.steps of the same training, freed memory kept vs glibc's defaults, each in
+    a fresh process (glibc's settings last for the process), alternating, args.repeats times."""
+    rows = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    for name in args.data.split(","):
+        for repeat in range(args.repeats):
+            for how in ("glibc defaults", "freed memory kept"):
+                cmd = [sys.executable, __file__, "--allocator-child", f"{name.strip()}:{how == 'freed memory kept'}",
+                       "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                       "--max-length", str(args.max_length), "--seed", str(args.seed)]
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+                got = json.loads(done.stdout.strip().splitlines()[-1])
+                faults = got["step faults"]
+                rows.append({"data": name.strip(), "allocator": how, "repeat": repeat,
+                             "steps 2-n, s": sum(got["step seconds"]), "page faults": sum(faults),
+                             "steps with faults > 1000": sum(f > 1000 for f in faults),
+                             "peak GB": got["peak GB"], "after GB": got["after GB"]})
+                print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1,
+                                                        float_format=lambda v: f"{v:.4g}"), flush=True)
+    return pd.DataFrame(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="alpaca,sst2", help="comma-separated: alpaca, sst2")
@@ -628,8 +689,14 @@ def main() -> int:
     p.add_argument("--trainers", default=",".join(TRAINERS),
                    help="comma-separated, run in this order: " + ", ".join(TRAINERS))
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: training, first-step, tokenization, "
-                   "evaluation, loss, attention, profile")
+                   "evaluation, loss, attention, profile, allocator")
+    p.add_argument("--allocator-child", default="", help=argparse.SUPPRESS)  # part 10's fresh processes
     args = p.parse_args()
+    if args.allocator_child:
+        name, keep = args.allocator_child.split(":")
+        warnings.filterwarnings("ignore")
+        print(json.dumps(allocator_child(name, keep == "True", args)))
+        return 0
     unknown = {t.strip() for t in args.trainers.split(",")} - set(TRAINERS)
     if unknown:
         p.error(f"unknown trainer(s) {', '.join(sorted(unknown))}: choose from {', '.join(TRAINERS)}")
@@ -702,6 +769,12 @@ def main() -> int:
     if "profile" not in args.skip:
         print(f"\n9. where one training step's time goes ({hardware.compute_dtype('auto')}), torch's profiler:")
         print(step_profile(args).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if "allocator" not in args.skip:
+        print(f"\n10. the allocator between training steps, {args.steps} steps x batch {args.batch_size} "
+              "in fresh processes, alternating (steps 2 on):")
+        table = allocator_speed(args)
+        print("\nmedians:\n" + table.groupby(["data", "allocator"]).median(numeric_only=True).drop(
+            columns="repeat").to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
 
 

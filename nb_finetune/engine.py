@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import attention, distributed, hardware
+from . import attention, distributed, hardware, memory
 from .config import TrainConfig
 from .errors import UserError
 from .tokenization import IGNORE
@@ -443,9 +443,12 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), stop: threading.Event | None = None,
-          precision: str = "float32", tokenizer=None, info: dict | None = None, quantized: bool = False
-          ) -> TrainResult:
+          precision: str = "float32", tokenizer=None, info: dict | None = None, quantized: bool = False,
+          keep_freed_memory: bool = True) -> TrainResult:
     """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter.
+
+    keep_freed_memory: on a CPU, keep the memory each step frees for the next one while training
+    (memory.freed_memory_kept; off only to measure what it saves).
 
     The history is written to cfg.output_dir/history.csv however training ends."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -477,7 +480,8 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
         resume = cfg.resume_from
     start = time.perf_counter()
     try:
-        with frozen_weights_in(model, precision), attention.for_training(model):
+        with frozen_weights_in(model, precision), attention.for_training(model), \
+                memory.freed_memory_kept(keep_freed_memory and not hardware.cuda_available()):
             trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         # A kernel interrupt (or a second Ctrl-C) is a stop too: keep what the finished steps trained.

@@ -23,7 +23,9 @@ parameters and the LoRA adapters it would get, then adds up, in bytes:
 """
 from __future__ import annotations
 
+import os
 import resource
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import hardware
@@ -154,3 +156,54 @@ def measured_peak() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# glibc's mallopt parameters (malloc.h) and its defaults.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_TRIM, _DEFAULT_MMAPS = 128 * 1024, 65536
+_MMAP_THRESHOLD_MAX = 32 * 2 ** 20   # the largest glibc accepts on 64-bit
+_NO_TRIM = -1                        # mallopt(3): -1 turns trimming off
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+@contextmanager
+def freed_memory_kept(enabled: bool = True):
+    """Keep the memory a training step frees for the next step, then give it back.
+
+    A CPU training step allocates and frees several GB of activations. With glibc's defaults
+    much of that goes back to the system when freed (blocks above its mmap threshold are
+    unmapped, and the top of the heap is trimmed), so the next step touches fresh pages and
+    the kernel zero-fills every one: 500,000-760,000 page faults in 8 steps on Alpaca 8 x 256
+    (benchmarks/train_speed.py, part 10). Here every block comes from the heap (none is
+    mapped on its own; a thread's arena still maps what exceeds its 64 MB heaps) and the heap
+    is not trimmed while training. Afterwards mapping and trimming are restored, with the
+    threshold left at glibc's own ceiling of 32 MB, and the free memory is returned
+    (malloc_trim): glibc's defaults had left the process holding nearly all of training's
+    peak after it ended.
+
+    Does nothing where the allocator is not glibc's, or where MALLOC_* variables already tune
+    it (Binder's start script sets a low threshold on purpose, to fit in 2 GB)."""
+    libc = _glibc() if enabled and not any(k.startswith("MALLOC_") for k in os.environ) else None
+    if libc is None:
+        yield False
+        return
+    # mallopt returns 0 for a value it refuses; whatever was set is put back below either way
+    applied = all([libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM),
+                   libc.mallopt(_M_MMAP_MAX, 0)])
+    try:
+        yield applied
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAPS)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+        libc.malloc_trim(0)

@@ -1,5 +1,6 @@
 """The memory estimate made before loading, against the peak measured after training."""
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -31,24 +32,35 @@ def test_estimate_parts_follow_the_settings():
 
 RUN = textwrap.dedent("""
     import json, sys
+    import psutil
     from nb_finetune import hardware, load_preset
     from nb_finetune.job import Session
     cfg = load_preset("demo").with_overrides({"train.max_steps": 2, "train.eval_steps": 100,
         "train.batch_size": 4, "train.max_length": 192, "train.output_dir": sys.argv[1]})
     s = Session(cfg, progress=lambda m: None)
-    s.prepare_data(); s.tokenize(); s.load_model(); s.train()
-    print(json.dumps({"estimate": s.memory_estimate.total, "peak": s.peak_memory}))
+    s.prepare_data(); s.tokenize(); s.load_model()
+    rss = lambda: psutil.Process().memory_info().rss
+    before = rss()
+    s.train()
+    print(json.dumps({"estimate": s.memory_estimate.total, "peak": s.peak_memory, "before": before,
+                      "after": rss()}))
 """)
+# glibc's own settings, as a user's machine has them (Binder's start script sets its own).
+PLAIN_ENV = {k: v for k, v in SUBPROCESS_ENV.items() if not k.startswith("MALLOC_")}
 
 
 @pytest.mark.slow
 def test_estimate_is_close_to_the_measured_peak(tmp_path):
     """SmolLM2-135M, batch 4 x 192 tokens, in a fresh process (peak memory is per process)."""
     proc = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "run")], capture_output=True, text=True,
-                          env=SUBPROCESS_ENV, timeout=600)
+                          env=PLAIN_ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.8 < got["estimate"] / got["peak"] < 1.2, got
+    if not hardware.cuda_available():
+        # what training took is given back when it ends (memory.freed_memory_kept): with glibc's
+        # defaults the process kept nearly all of it (benchmarks/train_speed.py, part 10)
+        assert got["after"] - got["before"] < 0.25 * (got["peak"] - got["before"]), got
 
 
 VALIDATE = textwrap.dedent("""
@@ -113,8 +125,47 @@ def test_peak_is_the_process_own_not_its_parents():
     del big
 
 
+KEPT = textwrap.dedent("""
+    import json, sys
+    import psutil, torch
+    from nb_finetune import memory
+    rss = lambda: psutil.Process().memory_info().rss
+    with memory.freed_memory_kept(sys.argv[1] == "on") as kept:
+        # 1 GB written, as a step's activations: 16 MB blocks and 48 MB ones (above glibc's
+        # 32 MB mmap ceiling, as the fp32 loss chunks are)
+        blocks = [torch.ones(2 ** 22 * (1 + 2 * (i % 2))) for i in range(32)]
+        held = rss()
+        del blocks
+        freed = rss()
+    print(json.dumps({"kept": kept, "held": held, "freed": freed, "after": rss()}))
+""")
+
+
+@pytest.mark.parametrize("how", ["on", "off", "binder"])
+def test_freed_memory_is_kept_while_training_and_given_back_after(how):
+    """In a fresh process each (glibc's settings last for the process): 1 GB freed inside the
+    context stays for the next step to reuse, and is returned when it ends; off, or under Binder's
+    own allocator settings, glibc returns it at once."""
+    env = PLAIN_ENV | ({"MALLOC_MMAP_THRESHOLD_": "131072"} if how == "binder" else {})
+    proc = subprocess.run([sys.executable, "-c", KEPT, "off" if how == "off" else "on"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    gb = 2 ** 30
+    if platform.libc_ver()[0] != "glibc":  # another allocator: nothing to set
+        assert not got["kept"]
+        return
+    assert got["kept"] == (how == "on"), got
+    if how == "on":
+        assert got["held"] - got["freed"] < 0.1 * gb, got   # kept
+    else:
+        assert got["held"] - got["freed"] > 0.9 * gb, got   # returned at once
+    assert got["held"] - got["after"] > 0.9 * gb, got       # and after, given back either way
+
+
 GPU_RUN = textwrap.dedent("""
     import json, sys
+    import psutil
     from nb_finetune import load_preset
     from nb_finetune.job import Session
     cfg = load_preset("qlora-gpu").with_overrides({"data.source": sys.argv[1], "data.text_column": "sentence",
