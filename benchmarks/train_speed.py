@@ -38,10 +38,11 @@ What it prints (figures, never pass/fail):
    under torch's profiler, by kind of work (the base's matmuls, the adapters' matmuls, LoRA's
    dropout, attention, the loss, the optimizer, elementwise and the rest): what is left to
    speed up, on the machine at hand.
-10. The allocator between training steps: the same steps in fresh processes, alternating, with
-   the memory each step frees kept for the next (memory.freed_memory_kept, what the engine
-   does on a CPU) vs glibc's defaults: seconds for steps 2 on, page faults, peak resident
-   memory and what the process holds once training has ended.
+10. The allocator between steps: the same training steps, and the demo's evaluation, in fresh
+   processes, alternating, with the memory each step frees kept for the next
+   (memory.freed_memory_kept, what the engine does on a CPU) vs glibc's defaults: seconds
+   (training from step 2 on), page faults, peak resident memory and what the process holds
+   once done.
 
 Run from the repository root (the default takes about 25 minutes on a 2-core CPU, and part 10
 as long again: `--skip allocator` leaves it out):
@@ -53,6 +54,7 @@ probe scoring throughput by benchmarks/crows_pairs_probe.py.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -622,59 +624,78 @@ def step_profile(args) -> pd.DataFrame:
 
 # -- 10. the allocator between steps -----------------------------------------------------------
 
-def allocator_child(name: str, keep: bool, args) -> dict:
-    """In a fresh process: train args.steps steps as the engine does, with freed memory kept
-    between steps or glibc's defaults; each step's seconds and page faults, the peak resident
-    memory, and what the process holds after training."""
+def allocator_child(what: str, keep: bool, args) -> dict:
+    """In a fresh process, with freed memory kept between steps or glibc's defaults: train
+    args.steps steps as the engine does (what: alpaca or sst2) and time steps 2 on, or evaluate
+    the demo's model on its test split (what: demo-eval, the tuned model only); seconds, page
+    faults, the peak resident memory, and what the process holds once done."""
     import resource
-    from nb_finetune import config, engine, hardware, memory, modeling
-    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
-    train, _, task = load_rows(name, args.steps * args.batch_size, 0)
-    tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
-    fmt = Formatter.build(tok, task, ["negative", "positive"] if name == "sst2" else [], args.max_length)
-    dataset, _ = tokenize_frame(train, fmt)
-    marks = []
 
-    class Mark(engine.Callback):
-        def on_log(self, row, history):
-            marks.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
-
-    model = lora_model()
-    with tempfile.TemporaryDirectory() as out:
-        tcfg = config.TrainConfig(output_dir=out, max_steps=args.steps, learning_rate=LR, batch_size=args.batch_size,
-                                  max_length=args.max_length, eval_steps=10**6, save_steps=10**6, logging_steps=1,
-                                  warmup_ratio=0.0, seed=args.seed)
-        memory.reset_peak()
-        engine.train(model, dataset, None, CompletionOnlyCollator(tok.pad_token_id, 8), tcfg, callbacks=[Mark()],
-                     precision=hardware.compute_dtype("auto"), keep_freed_memory=keep)
     import psutil
-    return {"step seconds": [b[0] - a[0] for a, b in zip(marks, marks[1:])],
-            "step faults": [b[1] - a[1] for a, b in zip(marks, marks[1:])],
+    from nb_finetune import config, engine, evaluation, hardware, load_preset, memory, modeling
+    from nb_finetune.job import Session
+    from nb_finetune.tokenization import CompletionOnlyCollator, Formatter, tokenize_frame
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    with tempfile.TemporaryDirectory() as out:
+        if what == "demo-eval":
+            session = Session(load_preset("demo").with_overrides({"eval.baselines": False, "train.output_dir": out}),
+                              progress=lambda m: None)
+            session.prepare_data()
+            session.tokenize()
+            session.load_model()
+            memory.reset_peak()
+            start, before = time.perf_counter(), faults()
+            evaluation.evaluate(session.model, session.formatter, session.prep, session.objective, session.cfg.eval,
+                                session.cfg.train.batch_size, session.precision, lambda m: None,
+                                keep_freed_memory=keep)
+            marks = [(start, before), (time.perf_counter(), faults())]
+        else:
+            train, _, task = load_rows(what, args.steps * args.batch_size, 0)
+            tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
+            fmt = Formatter.build(tok, task, ["negative", "positive"] if what == "sst2" else [], args.max_length)
+            dataset, _ = tokenize_frame(train, fmt)
+            marks = []
+
+            class Mark(engine.Callback):
+                def on_log(self, row, history):
+                    marks.append((time.perf_counter(), faults()))
+
+            model = lora_model()
+            tcfg = config.TrainConfig(output_dir=out, max_steps=args.steps, learning_rate=LR,
+                                      batch_size=args.batch_size, max_length=args.max_length, eval_steps=10**6,
+                                      save_steps=10**6, logging_steps=1, warmup_ratio=0.0, seed=args.seed)
+            memory.reset_peak()
+            engine.train(model, dataset, None, CompletionOnlyCollator(tok.pad_token_id, 8), tcfg,
+                         callbacks=[Mark()], precision=hardware.compute_dtype("auto"), keep_freed_memory=keep)
+    return {"seconds": [b[0] - a[0] for a, b in itertools.pairwise(marks)],
+            "faults": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
             "peak GB": memory.measured_peak() / 1e9, "after GB": psutil.Process().memory_info().rss / 1e9}
 
 
 def allocator_speed(args) -> pd.DataFrame:
-    """Steps 2 to args.steps of the same training, freed memory kept vs glibc's defaults, each in
-    a fresh process (glibc's settings last for the process), alternating, args.repeats times."""
+    """Steps 2 to args.steps of the same training (each data set), and the demo's evaluation,
+    freed memory kept vs glibc's defaults, each in a fresh process (glibc's settings last for
+    the process), alternating, args.repeats times."""
     rows = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    for name in args.data.split(","):
+    for what in [name.strip() for name in args.data.split(",")] + ["demo-eval"]:
         for repeat in range(args.repeats):
             for how in ("glibc defaults", "freed memory kept"):
-                cmd = [sys.executable, __file__, "--allocator-child", f"{name.strip()}:{how == 'freed memory kept'}",
+                cmd = [sys.executable, __file__, "--allocator-child", f"{what}:{how == 'freed memory kept'}",
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                        "--max-length", str(args.max_length), "--seed", str(args.seed)]
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
                 got = json.loads(done.stdout.strip().splitlines()[-1])
-                faults = got["step faults"]
-                rows.append({"data": name.strip(), "allocator": how, "repeat": repeat,
-                             "steps 2-n, s": sum(got["step seconds"]), "page faults": sum(faults),
-                             "steps with faults > 1000": sum(f > 1000 for f in faults),
-                             "peak GB": got["peak GB"], "after GB": got["after GB"]})
+                rows.append({"what": what if what == "demo-eval" else f"{what}, steps 2-{args.steps}",
+                             "allocator": how, "repeat": repeat, "seconds": sum(got["seconds"]),
+                             "page faults": sum(got["faults"]), "peak GB": got["peak GB"],
+                             "after GB": got["after GB"]})
                 print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1,
                                                         float_format=lambda v: f"{v:.4g}"), flush=True)
     return pd.DataFrame(rows)
-
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -770,10 +791,10 @@ def main() -> int:
         print(f"\n9. where one training step's time goes ({hardware.compute_dtype('auto')}), torch's profiler:")
         print(step_profile(args).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if "allocator" not in args.skip:
-        print(f"\n10. the allocator between training steps, {args.steps} steps x batch {args.batch_size} "
-              "in fresh processes, alternating (steps 2 on):")
+        print(f"\n10. the allocator between steps, {args.steps} training steps x batch {args.batch_size} "
+              "(timed from step 2) and the demo's evaluation, in fresh processes, alternating:")
         table = allocator_speed(args)
-        print("\nmedians:\n" + table.groupby(["data", "allocator"]).median(numeric_only=True).drop(
+        print("\nmedians:\n" + table.groupby(["what", "allocator"]).median(numeric_only=True).drop(
             columns="repeat").to_string(float_format=lambda v: f"{v:.4g}"))
     return 0
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import hardware, memory
 from .config import EvalConfig
 from .tokenization import IGNORE, CompletionOnlyCollator, Formatter, TokenizedDataset
 
@@ -258,9 +259,18 @@ def _base_once(memo: dict | None, key, compute, progress, what: str):
 
 
 def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch_size: int = 8,
-             precision: str = "float32", progress=print, base_memo: dict | None = None) -> EvalResult:
+             precision: str = "float32", progress=print, base_memo: dict | None = None,
+             keep_freed_memory: bool = True) -> EvalResult:
     """The tuned model, and with cfg.baselines the base model (adapter off) and the majority
-    class, on the test split. `base_memo`: see `_base_once`."""
+    class, on the test split. `base_memo`: see `_base_once`. keep_freed_memory: on a CPU,
+    batch after batch reuses the memory the last one freed (memory.freed_memory_kept; off
+    only to measure what it saves)."""
+    with memory.freed_memory_kept(keep_freed_memory and not hardware.cuda_available()):
+        return _evaluate(model, fmt, prep, objective, cfg, batch_size, precision, progress, base_memo)
+
+
+def _evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch_size: int,
+              precision: str, progress, base_memo: dict | None) -> EvalResult:
     test = prep.splits["test"]
     if cfg.max_test_rows and len(test) > cfg.max_test_rows:
         test = test.sample(n=cfg.max_test_rows, random_state=0).reset_index(drop=True)

@@ -179,9 +179,11 @@ def _glibc():
 
 @contextmanager
 def freed_memory_kept(enabled: bool = True):
-    """Keep the memory a training step frees for the next step, then give it back.
+    """Keep the memory a step frees for the next step, then give it back (around training and
+    evaluation on a CPU).
 
-    A CPU training step allocates and frees several GB of activations. With glibc's defaults
+    A CPU training step allocates and frees several GB of activations (an evaluation batch
+    less, but batch after batch). With glibc's defaults
     much of that goes back to the system when freed (blocks above its mmap threshold are
     unmapped, and the top of the heap is trimmed), so the next step touches fresh pages and
     the kernel zero-fills every one: 500,000-760,000 page faults in 8 steps on Alpaca 8 x 256
