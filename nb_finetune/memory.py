@@ -183,16 +183,16 @@ def freed_memory_kept(enabled: bool = True):
     evaluation on a CPU).
 
     A CPU training step allocates and frees several GB of activations (an evaluation batch
-    less, but batch after batch). With glibc's defaults
-    much of that goes back to the system when freed (blocks above its mmap threshold are
-    unmapped, and the top of the heap is trimmed), so the next step touches fresh pages and
-    the kernel zero-fills every one: 500,000-760,000 page faults in 8 steps on Alpaca 8 x 256
-    (benchmarks/train_speed.py, part 10). Here every block comes from the heap (none is
-    mapped on its own; a thread's arena still maps what exceeds its 64 MB heaps) and the heap
-    is not trimmed while training. Afterwards mapping and trimming are restored, with the
-    threshold left at glibc's own ceiling of 32 MB, and the free memory is returned
-    (malloc_trim): glibc's defaults had left the process holding nearly all of training's
-    peak after it ended.
+    less, but batch after batch). With glibc's defaults much of that goes back to the system
+    when freed (blocks above its mmap threshold are unmapped, and the top of the heap is
+    trimmed), so the next step touches fresh pages and the kernel zero-fills every one:
+    300,000-760,000 page faults in 8 steps on Alpaca 8 x 256 (benchmarks/train_speed.py,
+    part 10). Here every block comes from the heap (none is mapped on its own; a thread's
+    arena still maps what exceeds its 64 MB heaps) and the heap is not trimmed meanwhile.
+    Afterwards mapping and trimming are restored, with the threshold left at glibc's own
+    ceiling of 32 MB, and the free memory is returned (malloc_trim): glibc's defaults had left
+    the process holding nearly all of training's peak after it ended. Whether steps get faster
+    is within the noise of the CPU it was measured on; the memory given back is not.
 
     Does nothing where the allocator is not glibc's, or where MALLOC_* variables already tune
     it (Binder's start script sets a low threshold on purpose, to fit in 2 GB)."""

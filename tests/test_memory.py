@@ -165,7 +165,6 @@ def test_freed_memory_is_kept_while_training_and_given_back_after(how):
 
 GPU_RUN = textwrap.dedent("""
     import json, sys
-    import psutil
     from nb_finetune import load_preset
     from nb_finetune.job import Session
     cfg = load_preset("qlora-gpu").with_overrides({"data.source": sys.argv[1], "data.text_column": "sentence",
