@@ -45,7 +45,7 @@ What it prints (figures, never pass/fail):
    once done.
 
 Run from the repository root (the default takes about 25 minutes on a 2-core CPU, and part 10
-as long again: `--skip allocator` leaves it out):
+about 35 more at 20 steps, 20 at `--steps 9`; `--skip allocator` leaves it out):
     python benchmarks/train_speed.py
     python benchmarks/train_speed.py --steps 4 --repeats 1 --data alpaca   # a quick try
 Peak memory of LoRA vs QLoRA is printed by benchmarks/gpu_check.py (RSS on a CPU), and bias
