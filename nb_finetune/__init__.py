@@ -1,6 +1,10 @@
 """nb_finetune: notebook panels and a headless engine for LoRA/QLoRA fine-tuning."""
 from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig, load_preset
 from .errors import ConfigError, UserError
+from .memory import huge_pages_for_tensors
+
+# Before anything allocates a tensor: torch decides once, at its first CPU allocation.
+huge_pages_for_tensors()
 
 __all__ = ["DataConfig", "EvalConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_preset",
            "ConfigError", "UserError"]

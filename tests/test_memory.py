@@ -1,5 +1,6 @@
 """The memory estimate made before loading, against the peak measured after training."""
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -161,6 +162,62 @@ def test_freed_memory_is_kept_while_training_and_given_back_after(how):
     else:
         assert got["held"] - got["freed"] > 0.9 * gb, got   # returned at once
     assert got["held"] - got["after"] > 0.9 * gb, got       # and after, given back either way
+
+
+HUGE = textwrap.dedent("""
+    import json, os
+    import nb_finetune  # first, as a notebook or the command line does: torch decides at its first allocation
+    import torch
+    x = torch.ones(64 * 2**20)  # 256 MB, written
+    with open("/proc/self/smaps_rollup") as f:
+        huge = sum(int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:"))
+    print(json.dumps({"setting": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge": huge}))
+""")
+
+
+def _huge_pages_offered() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]  # always, madvise or never
+    except (OSError, IndexError):
+        return "never"
+
+
+@pytest.mark.parametrize("how", ["default", "turned off", "binder"])
+def test_large_tensors_sit_on_huge_pages_unless_turned_off(how):
+    """In a fresh process each: importing nb_finetune puts torch's large CPU tensors on
+    transparent huge pages where the kernel gives them on request; THP_MEM_ALLOC_ENABLE=0, or
+    Binder's allocator settings, leave them on 4 KB pages."""
+    env = {k: v for k, v in PLAIN_ENV.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env |= {"turned off": {"THP_MEM_ALLOC_ENABLE": "0"}, "binder": {"MALLOC_MMAP_THRESHOLD_": "131072"}}.get(how, {})
+    proc = subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    offered = _huge_pages_offered()
+    if offered == "never":
+        assert got["setting"] == ("0" if how == "turned off" else None), got
+        return
+    assert got["setting"] == {"default": "1", "turned off": "0", "binder": None}[how], got
+    if how == "default":
+        assert got["huge"] > 200 * 2 ** 20, got   # most of the 256 MB
+    elif offered == "madvise":                    # ("always" gives huge pages whatever torch asks)
+        assert got["huge"] < 16 * 2 ** 20, got
+
+
+def test_huge_pages_only_where_the_kernel_offers_them(tmp_path, monkeypatch):
+    from nb_finetune.memory import huge_pages_for_tensors
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    for name in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    setting = tmp_path / "enabled"
+    setting.write_text("always madvise [never]\n")
+    assert not huge_pages_for_tensors(str(setting))
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
+    assert not huge_pages_for_tensors(str(tmp_path / "missing"))  # not Linux
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
+    setting.write_text("always [madvise] never\n")
+    assert huge_pages_for_tensors(str(setting))
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
 GPU_RUN = textwrap.dedent("""
