@@ -39,10 +39,13 @@ What it prints (figures, never pass/fail):
    dropout, attention, the loss, the optimizer, elementwise and the rest): what is left to
    speed up, on the machine at hand.
 10. The allocator between steps: the same training steps, and the demo's evaluation, in fresh
-   processes, alternating, with the memory each step frees kept for the next
-   (memory.freed_memory_kept, what the engine does on a CPU) vs glibc's defaults: seconds
-   (training from step 2 on), page faults, peak resident memory and what the process holds
-   once done.
+   processes, alternating, with glibc's defaults, with the memory each step frees kept for the
+   next (memory.freed_memory_kept), and with that memory on transparent huge pages as well
+   (memory.huge_pages_for_tensors; what the engine does on a CPU): seconds (training from
+   step 2 on), page faults, peak resident memory, what the process holds once done, and how
+   much of it sat on huge pages.
+Everything in this process runs with the engine's huge pages (nb_finetune is imported before
+torch allocates anything), the TRL script included; THP_MEM_ALLOC_ENABLE=0 runs it without.
 
 Run from the repository root (the default takes about 25 minutes on a 2-core CPU, and part 10
 about 35 more at 20 steps, 20 at `--steps 9`; `--skip allocator` leaves it out):
@@ -66,6 +69,8 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+
+import nb_finetune  # noqa: F401  before torch allocates: its CPU tensors on huge pages, as the engine runs
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -561,12 +566,13 @@ def _step_part(event) -> str:
 
 def step_profile(args) -> pd.DataFrame:
     """One training step as nb_finetune trains (frozen weights in the compute dtype, autocast,
-    short-row attention, the loss without logits, fused AdamW) on the 8 longest of 160 Alpaca
-    rows and on 8 SST-2 rows, under torch's profiler: seconds of the step by kind of work. The
+    short-row attention, the loss without logits, fused AdamW, freed memory kept) on the 8
+    longest of 160 Alpaca rows and on 8 SST-2 rows, under torch's profiler: seconds of the step
+    by kind of work. The
     matmuls with the LoRA rank in their shape are the adapters'; LoRA's dropout, attention and
     the loss are booked whole (their own matmuls and elementwise work)."""
     from torch.profiler import ProfilerActivity, profile, record_function
-    from nb_finetune import attention, config, engine, hardware, modeling
+    from nb_finetune import attention, config, engine, hardware, memory, modeling
     from nb_finetune.lm_loss import FusedCausalLMLoss
     tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
     precision = hardware.compute_dtype("auto")
@@ -596,9 +602,12 @@ def step_profile(args) -> pd.DataFrame:
                     optimizer.step()
                 optimizer.zero_grad()
 
-            with engine.frozen_weights_in(model, precision):
+            # As engine.train on a CPU: memory a step frees is kept for the next, so the profiled
+            # step does not pay for fresh pages (with glibc's defaults its fp32 Alpaca step's
+            # elementwise share was 17.6%, against 10.4% once the memory had been touched).
+            with engine.frozen_weights_in(model, precision), memory.freed_memory_kept(DEVICE == "cpu"):
                 for _ in range(2):  # warm-up: the kernels' own set-up, memory touched for the first time
-                    step()  # (after one, the profiled step's multiplies took 0.6 s more here: page faults)
+                    step()
                 start = time.perf_counter()
                 with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                     step()
@@ -628,7 +637,8 @@ def allocator_child(what: str, keep: bool, args) -> dict:
     """In a fresh process, with freed memory kept between steps or glibc's defaults: train
     args.steps steps as the engine does (what: alpaca or sst2) and time steps 2 on, or evaluate
     the demo's model on its test split (what: demo-eval, the tuned model only); seconds, page
-    faults, the peak resident memory, and what the process holds once done."""
+    faults, the peak resident memory, what the process holds once done, and the most of it on
+    huge pages at a logged step (for the evaluation: once done)."""
     import resource
 
     import psutil
@@ -638,6 +648,13 @@ def allocator_child(what: str, keep: bool, args) -> dict:
 
     def faults() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def huge_gb() -> float:  # resident memory on transparent huge pages
+        try:
+            with open("/proc/self/smaps_rollup") as f:
+                return max(int(line.split()[1]) / 1e6 for line in f if line.startswith("AnonHugePages:"))
+        except (OSError, ValueError):
+            return float("nan")
 
     with tempfile.TemporaryDirectory() as out:
         if what == "demo-eval":
@@ -652,16 +669,18 @@ def allocator_child(what: str, keep: bool, args) -> dict:
                                 session.cfg.train.batch_size, session.precision, lambda m: None,
                                 keep_freed_memory=keep)
             marks = [(start, before), (time.perf_counter(), faults())]
+            huge = [huge_gb()]
         else:
             train, _, task = load_rows(what, args.steps * args.batch_size, 0)
             tok = modeling.load_tokenizer(config.ModelConfig(), progress=lambda m: None)
             fmt = Formatter.build(tok, task, ["negative", "positive"] if what == "sst2" else [], args.max_length)
             dataset, _ = tokenize_frame(train, fmt)
-            marks = []
+            marks, huge = [], []
 
             class Mark(engine.Callback):
                 def on_log(self, row, history):
                     marks.append((time.perf_counter(), faults()))
+                    huge.append(huge_gb())
 
             model = lora_model()
             tcfg = config.TrainConfig(output_dir=out, max_steps=args.steps, learning_rate=LR,
@@ -672,27 +691,33 @@ def allocator_child(what: str, keep: bool, args) -> dict:
                          callbacks=[Mark()], precision=hardware.compute_dtype("auto"), keep_freed_memory=keep)
     return {"seconds": [b[0] - a[0] for a, b in itertools.pairwise(marks)],
             "faults": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
-            "peak GB": memory.measured_peak() / 1e9, "after GB": psutil.Process().memory_info().rss / 1e9}
+            "peak GB": memory.measured_peak() / 1e9, "after GB": psutil.Process().memory_info().rss / 1e9,
+            "huge pages GB": max(huge)}
 
 
 def allocator_speed(args) -> pd.DataFrame:
     """Steps 2 to args.steps of the same training (each data set), and the demo's evaluation,
-    freed memory kept vs glibc's defaults, each in a fresh process (glibc's settings last for
-    the process), alternating, args.repeats times."""
+    with glibc's defaults, with freed memory kept, and with freed memory kept on huge pages
+    (memory.huge_pages_for_tensors), each in a fresh process (glibc's settings and torch's
+    huge-page choice last for the process), alternating, args.repeats times."""
     rows = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    # how -> (keep freed memory, THP_MEM_ALLOC_ENABLE): the engine now does the last
+    ways = {"glibc defaults": (False, "0"), "freed memory kept": (True, "0"),
+            "freed memory kept, huge pages (the engine)": (True, "1")}
     for what in [name.strip() for name in args.data.split(",")] + ["demo-eval"]:
         for repeat in range(args.repeats):
-            for how in ("glibc defaults", "freed memory kept"):
-                cmd = [sys.executable, __file__, "--allocator-child", f"{what}:{how == 'freed memory kept'}",
+            for how, (keep, huge) in ways.items():
+                cmd = [sys.executable, __file__, "--allocator-child", f"{what}:{keep}",
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                        "--max-length", str(args.max_length), "--seed", str(args.seed)]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                      env={**env, "THP_MEM_ALLOC_ENABLE": huge})
                 got = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append({"what": what if what == "demo-eval" else f"{what}, steps 2-{args.steps}",
                              "allocator": how, "repeat": repeat, "seconds": sum(got["seconds"]),
                              "page faults": sum(got["faults"]), "peak GB": got["peak GB"],
-                             "after GB": got["after GB"]})
+                             "after GB": got["after GB"], "on huge pages GB": got["huge pages GB"]})
                 print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1,
                                                         float_format=lambda v: f"{v:.4g}"), flush=True)
     return pd.DataFrame(rows)
