@@ -1,5 +1,7 @@
 """Training engine on a tiny random llama (2 layers, 64 wide) with the real SmolLM2 tokenizer."""
 import math
+import os
+import platform
 import threading
 
 import numpy as np
@@ -122,10 +124,35 @@ def test_early_stopping_on_flat_validation_loss(tiny_model_dir, tmp_path, sst2_f
     assert result.early_stopped and result.global_step == 3
 
 
-def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame):
+def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    from contextlib import contextmanager
+
+    from nb_finetune import hardware, memory
     s = _session(_cfg(tiny_model_dir, tmp_path, max_steps=2), sst2_frame)
     s.train()
-    ev = s.evaluate()
+    entered, seen = [], []  # freed_memory_kept's answers while it is entered; what each forward pass saw
+    real_kept = memory.freed_memory_kept
+
+    @contextmanager
+    def kept(enabled=True):
+        with real_kept(enabled) as applied:
+            entered.append(applied)
+            try:
+                yield applied
+            finally:
+                entered.pop()
+
+    monkeypatch.setattr(memory, "freed_memory_kept", kept)
+    hook = s.model.register_forward_pre_hook(lambda module, args: seen.append(list(entered)))
+    try:
+        ev = s.evaluate()
+    finally:
+        hook.remove()
+    # every batch of the tuned and the base model ran with the freed memory kept (glibc on a CPU)
+    applies = platform.libc_ver()[0] == "glibc" and not hardware.cuda_available() and \
+        not any(k.startswith("MALLOC_") for k in os.environ)
+    assert len(seen) > 2 and all(state == [applies] for state in seen), seen[:3]
+    assert not entered
     majority = s.prep.splits["train"]["label"].value_counts().index[0]
     assert list(ev.metrics.index) == ["tuned", "base", f"majority class ({majority})"]
     n_test = len(s.prep.splits["test"])
