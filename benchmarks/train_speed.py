@@ -568,9 +568,8 @@ def step_profile(args) -> pd.DataFrame:
     """One training step as nb_finetune trains (frozen weights in the compute dtype, autocast,
     short-row attention, the loss without logits, fused AdamW, freed memory kept) on the 8
     longest of 160 Alpaca rows and on 8 SST-2 rows, under torch's profiler: seconds of the step
-    by kind of work. The
-    matmuls with the LoRA rank in their shape are the adapters'; LoRA's dropout, attention and
-    the loss are booked whole (their own matmuls and elementwise work)."""
+    by kind of work. The matmuls with the LoRA rank in their shape are the adapters'; LoRA's
+    dropout, attention and the loss are booked whole (their own matmuls and elementwise work)."""
     from torch.profiler import ProfilerActivity, profile, record_function
     from nb_finetune import attention, config, engine, hardware, memory, modeling
     from nb_finetune.lm_loss import FusedCausalLMLoss
