@@ -220,13 +220,15 @@ def huge_pages_for_tensors(setting: str = THP_SETTING) -> bool:
     at its first CPU allocation, so later would be too late.
 
     A CPU training step streams several GB of activations through memory. With 4 KB pages
-    that is a TLB entry per 4 KB, and a miss in a virtual machine walks two page tables: on a
-    2-core AMD EPYC with bf16 (Zen 4) the fp32 copy of each 128-row chunk of the loss's
-    logits (25 MB) took 19 ms inside a training step and 6 ms on 2 MB pages, the activations'
-    own copies halved, and `nb-finetune demo` reached its first step sooner
-    (benchmarks/train_speed.py, parts 4 and 10). Huge pages pay off because the engine keeps
-    the memory a step frees for the next one (freed_memory_kept): zero-filled once, not on
-    every step. The values computed are the same; only where they sit changes.
+    that is a TLB entry per 4 KB, and a miss in a virtual machine walks two page tables. On a
+    2-core AMD EPYC with bf16 (Zen 4), profiled inside a training step, the fp32 copy of each
+    128-row chunk of the loss's logits (25 MB) took 19 ms on 4 KB pages and 6 ms on 2 MB ones,
+    and the activations' own copies halved; timed whole, without the profiler, steps took
+    the same time within that CPU's noise, `nb-finetune demo` reached its first step about
+    1 s sooner (13.9 s against 15.0 s) and Alpaca's peak was 0.4 GB lower
+    (benchmarks/train_speed.py, parts 4, 9 and 10). Huge pages pay off because the engine
+    keeps the memory a step frees for the next one (freed_memory_kept): zero-filled once, not
+    on every step. The values computed are the same; only where they sit changes.
 
     Left alone where THP_MEM_ALLOC_ENABLE is already set (0 turns this off), where MALLOC_*
     variables tune glibc for a small memory limit (Binder: 2 MB alignment would waste some of
