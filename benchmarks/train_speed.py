@@ -649,11 +649,8 @@ def allocator_child(what: str, keep: bool, args) -> dict:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def huge_gb() -> float:  # resident memory on transparent huge pages
-        try:
-            with open("/proc/self/smaps_rollup") as f:
-                return max(int(line.split()[1]) / 1e6 for line in f if line.startswith("AnonHugePages:"))
-        except (OSError, ValueError):
-            return float("nan")
+        huge = memory.resident_bytes("AnonHugePages")
+        return float("nan") if huge is None else huge / 1e9
 
     with tempfile.TemporaryDirectory() as out:
         if what == "demo-eval":

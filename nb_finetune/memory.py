@@ -177,6 +177,23 @@ def _glibc():
         return None
 
 
+def allocator_tuned_by_environment() -> bool:
+    """Whether MALLOC_* variables tune glibc on purpose (Binder's start script does, to fit in
+    2 GB): then neither freed_memory_kept nor huge_pages_for_tensors changes anything."""
+    return any(k.startswith("MALLOC_") for k in os.environ)
+
+
+def resident_bytes(kind: str) -> int | None:
+    """This process's resident memory of one kind, as /proc/self/smaps_rollup names it
+    ("Anonymous": its own, not file pages; "AnonHugePages": on transparent huge pages);
+    None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(kind + ":"))
+    except OSError:
+        return None
+
+
 @contextmanager
 def freed_memory_kept(enabled: bool = True):
     """Keep the memory a step frees for the next step, then give it back (around training and
@@ -196,7 +213,7 @@ def freed_memory_kept(enabled: bool = True):
 
     Does nothing where the allocator is not glibc's, or where MALLOC_* variables already tune
     it (Binder's start script sets a low threshold on purpose, to fit in 2 GB)."""
-    libc = _glibc() if enabled and not any(k.startswith("MALLOC_") for k in os.environ) else None
+    libc = _glibc() if enabled and not allocator_tuned_by_environment() else None
     if libc is None:
         yield False
         return
@@ -235,7 +252,7 @@ def huge_pages_for_tensors(setting: str = THP_SETTING) -> bool:
     it), and where the kernel offers no huge pages on request (not Linux, or "never")."""
     if "THP_MEM_ALLOC_ENABLE" in os.environ:
         return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
-    if any(k.startswith("MALLOC_") for k in os.environ):
+    if allocator_tuned_by_environment():
         return False
     try:
         with open(setting) as f:

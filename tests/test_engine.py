@@ -1,6 +1,5 @@
 """Training engine on a tiny random llama (2 layers, 64 wide) with the real SmolLM2 tokenizer."""
 import math
-import os
 import platform
 import threading
 
@@ -150,7 +149,7 @@ def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame, monkey
         hook.remove()
     # every batch of the tuned and the base model ran with the freed memory kept (glibc on a CPU)
     applies = platform.libc_ver()[0] == "glibc" and not hardware.cuda_available() and \
-        not any(k.startswith("MALLOC_") for k in os.environ)
+        not memory.allocator_tuned_by_environment()
     assert len(seen) > 2 and all(state == [applies] for state in seen), seen[:3]
     assert not entered
     majority = s.prep.splits["train"]["label"].value_counts().index[0]

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from nb_finetune import hardware, load_preset
-from nb_finetune.memory import estimate
+from nb_finetune.memory import THP_SETTING, estimate
 
 from conftest import SUBPROCESS_ENV
 
@@ -34,20 +34,15 @@ def test_estimate_parts_follow_the_settings():
 RUN = textwrap.dedent("""
     import json, sys
     import psutil
-    from nb_finetune import hardware, load_preset
+    from nb_finetune import hardware, load_preset, memory
     from nb_finetune.job import Session
     cfg = load_preset("demo").with_overrides({"train.max_steps": 2, "train.eval_steps": 100,
         "train.batch_size": 4, "train.max_length": 192, "train.output_dir": sys.argv[1]})
     s = Session(cfg, progress=lambda m: None)
     s.prepare_data(); s.tokenize(); s.load_model()
-    def held():
-        # the process's own memory: resident but not file-backed (bf16 training pages in about
-        # 0.5 GB more of torch's libraries, which the kernel can drop and reread at will)
-        try:
-            with open("/proc/self/smaps_rollup") as f:
-                return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
-        except OSError:
-            return psutil.Process().memory_info().rss
+    # the process's own memory: resident but not file-backed (bf16 training pages in about
+    # 0.5 GB more of torch's libraries, which the kernel can drop and reread at will)
+    held = lambda: memory.resident_bytes("Anonymous") or psutil.Process().memory_info().rss
     before = held()
     s.train()
     print(json.dumps({"estimate": s.memory_estimate.total, "peak": s.peak_memory, "before": before,
@@ -173,18 +168,16 @@ def test_freed_memory_is_kept_while_training_and_given_back_after(how):
 
 HUGE = textwrap.dedent("""
     import json, os
-    import nb_finetune  # first, as a notebook or the command line does: torch decides at its first allocation
+    from nb_finetune import memory  # first, as a notebook or the command line does: torch decides at its first allocation
     import torch
     x = torch.ones(64 * 2**20)  # 256 MB, written
-    with open("/proc/self/smaps_rollup") as f:
-        huge = sum(int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:"))
-    print(json.dumps({"setting": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge": huge}))
+    print(json.dumps({"setting": os.environ.get("THP_MEM_ALLOC_ENABLE"), "huge": memory.resident_bytes("AnonHugePages")}))
 """)
 
 
 def _huge_pages_offered() -> str:
     try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        with open(THP_SETTING) as f:
             return f.read().split("[")[1].split("]")[0]  # always, madvise or never
     except (OSError, IndexError):
         return "never"
