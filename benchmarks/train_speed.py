@@ -10,7 +10,9 @@ What it prints (figures, never pass/fail):
      fed the same rendered chat strings, as a hand-written script would do.
    - nb_finetune packed: the same with train.packing, over the same rows (one epoch, so
      fewer optimizer steps of fuller rows).
-   Runs alternate (ours, ours packed, TRL, ours, ...) in this process; the median of the repeats is
+   - nb_finetune peft layers: the same with peft's own LoRA layers in place of
+     modeling.FastLoraLinear (what it gains, and that it keeps the validation loss).
+   Runs alternate (ours, ours packed, ours with peft's layers, TRL, ours, ...) in this process; the median of the repeats is
    reported. Tokens/s counts the non-padding tokens of the batches each trainer consumed (a
    padded position is computed but is not work anyone asked for) over the wall time of
    `trainer.train()`. Quality: each trained model's loss on the same validation rows, on the
@@ -78,8 +80,9 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-
 SEED = 42
 LR = 2e-4
 RESPONSE_TEMPLATE = "<|im_start|>assistant\n"  # where TRL's collator starts the trained tokens
-# Alternated in this order; "packed" is nb_finetune with train.packing on, over the same rows.
-TRAINERS = ("nb_finetune", "nb_finetune packed", "trl")
+# Alternated in this order; "packed" is nb_finetune with train.packing on, over the same rows;
+# "peft layers" is nb_finetune with peft's own LoRA layers in place of modeling.FastLoraLinear.
+TRAINERS = ("nb_finetune", "nb_finetune packed", "nb_finetune peft layers", "trl")
 
 
 # -- 1. the machine ---------------------------------------------------------------------------
@@ -167,7 +170,8 @@ class Counting:
         return batch
 
 
-def run_ours(train: pd.DataFrame, fmt, args, out: str, packing: bool = False) -> tuple[dict, object]:
+def run_ours(train: pd.DataFrame, fmt, args, out: str, packing: bool = False,
+             fast_lora: bool = True) -> tuple[dict, object]:
     from nb_finetune import config, engine, hardware, modeling
     from nb_finetune.tokenization import CompletionOnlyCollator, pack, tokenize_frame
     mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
@@ -183,6 +187,11 @@ def run_ours(train: pd.DataFrame, fmt, args, out: str, packing: bool = False) ->
     import transformers
     transformers.set_seed(args.seed)
     model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    if not fast_lora:  # peft's own layers: each adapter casts, masks and multiplies on its own
+        from peft.tuners.lora.layer import Linear
+        for layer in model.modules():
+            if isinstance(layer, modeling.FastLoraLinear):
+                layer.__class__ = Linear
     collator = Counting(CompletionOnlyCollator(tok.pad_token_id, tcfg.pad_to_multiple_of))
     precision = hardware.compute_dtype(mcfg.compute_dtype)
     start = time.perf_counter()
@@ -268,7 +277,8 @@ def compare_training(name: str, args, peaks: dict) -> list[dict]:
                 if who == "trl":
                     figures, model = run_trl(train, fmt, args, out)
                 else:
-                    figures, model = run_ours(train, fmt, args, out, packing=who.endswith("packed"))
+                    figures, model = run_ours(train, fmt, args, out, packing=who.endswith("packed"),
+                                              fast_lora=not who.endswith("peft layers"))
             if repeat < 0:
                 del model
                 continue
@@ -281,7 +291,7 @@ def compare_training(name: str, args, peaks: dict) -> list[dict]:
                          "padding share": 1 - figures["tokens"] / figures["padded"], "tokens/s": tps,
                          "MFU bf16 peak": achieved / peaks["bfloat16"], "MFU fp32 peak": achieved / peaks["float32"],
                          "val loss": validation_loss(model, val_features)})
-            widths = {c: 18 if c == "trainer" else 13 for c in rows[-1]}  # the same columns row after row
+            widths = {c: 24 if c == "trainer" else 13 for c in rows[-1]}  # the same columns row after row
             print(pd.DataFrame(rows[-1:]).to_string(index=False, header=repeat == 0 and who == trainers[0],
                                                     col_space=widths, float_format=lambda v: f"{v:.4g}"), flush=True)
             del model
@@ -541,7 +551,10 @@ def attention_speed(args) -> pd.DataFrame:
 
 # Time inside these (forward ranges named by the benchmark, autograd's backward nodes) is booked
 # to them; the rest by the kind of operator.
+# FastDropout's masks: its own forward where peft's layers call it, zero_dropped (a masked fill,
+# MaskedFillBackward0 backward) where FastLoraLinear does.
 STEP_PARTS = {"FastDropout": "LoRA dropout masks", "_ScaledMaskBackward": "LoRA dropout masks",
+              "MaskedFillBackward0": "LoRA dropout masks",
               "_ShortAttention": "attention", "_ShortAttentionBackward": "attention",
               "_LinearCrossEntropy": "vocabulary projection and loss",
               "_LinearCrossEntropyBackward": "vocabulary projection and loss",
@@ -560,7 +573,9 @@ def _step_part(event) -> str:
         return "attention"
     if event.name in MATMULS:
         shapes = [s for s in event.input_shapes if s]
-        return "LoRA matmuls (rank in the shape)" if any(LORA["r"] in s for s in shapes) else "base matmuls"
+        # FastLoraLinear multiplies by q, k and v's A matrices stacked (3 r), gate and up's (2 r)
+        ranks = {LORA["r"], 2 * LORA["r"], 3 * LORA["r"]}
+        return "LoRA matmuls (rank in the shape)" if any(ranks & set(s) for s in shapes) else "base matmuls"
     return "elementwise and the rest"
 
 
@@ -578,13 +593,15 @@ def step_profile(args) -> pd.DataFrame:
     model = lora_model()
     fused = FusedCausalLMLoss.for_model(model, getattr(torch, precision))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, fused=True)
-    dropout_forward = modeling.FastDropout.forward
+    dropout_forward, zero_dropped = modeling.FastDropout.forward, modeling.FastDropout.zero_dropped
 
-    def named_dropout(self, x):
-        with record_function("FastDropout"):
-            return dropout_forward(self, x)
+    def named(method):
+        def recorded(self, x):
+            with record_function("FastDropout"):
+                return method(self, x)
+        return recorded
 
-    modeling.FastDropout.forward = named_dropout
+    modeling.FastDropout.forward, modeling.FastDropout.zero_dropped = named(dropout_forward), named(zero_dropped)
     rows = []
     try:
         for name in ("alpaca", "sst2"):
@@ -626,7 +643,7 @@ def step_profile(args) -> pd.DataFrame:
             rows.append({"data": f"{name} {shape}", "part": f"the step (wall clock; profiled: {total:.2f} s)",
                          "seconds": seconds, "share": 1.0, "largest operators, s": ""})
     finally:
-        modeling.FastDropout.forward = dropout_forward
+        modeling.FastDropout.forward, modeling.FastDropout.zero_dropped = dropout_forward, zero_dropped
     return pd.DataFrame(rows)
 
 

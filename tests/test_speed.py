@@ -258,6 +258,133 @@ def test_lora_dropout_layers_are_swapped_for_fast_dropout(tiny_model_dir):
     assert modeling.use_fast_dropout(model) == 0  # nothing left to swap
 
 
+class _Block(torch.nn.Module):
+    """q, k and v read one input, as in a transformer block; o reads another."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, torch.nn.Linear(width, width, bias=False))
+
+    def forward(self, x, other):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x), self.o_proj(other)
+
+
+def _adapter_is_identity(block: torch.nn.Module) -> None:
+    """Frozen weights 0 and A = B = I at scale 1: each layer outputs its adapter's dropped input."""
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if "base_layer" in name:
+                p.zero_()
+            else:
+                p.copy_(torch.eye(p.shape[0]))
+
+
+def test_layers_that_read_one_input_share_one_dropout_mask():
+    """While training, q, k and v, called with one tensor, see one dropout mask (each kept
+    element scaled by 1 / (1 - p)); a layer reading another tensor draws its own; a tensor that
+    is not the one the mask was drawn for, or was changed in place since, gets a mask of its
+    own. In eval mode the adapters see their input as it is. The layers survive pickling."""
+    import pickle
+    from peft import LoraConfig, get_peft_model
+    width, p = 48, 0.2
+    scale = 65536 / (65536 - round(p * 65536))  # FastDropout's 1 / (1 - p)
+    block = get_peft_model(_Block(width), LoraConfig(r=width, lora_alpha=width, lora_dropout=p,
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    assert modeling.use_fast_dropout(block) == 4 and modeling.use_fast_lora(block) == 4
+    layers = {n.rsplit(".", 1)[-1]: m for n, m in block.named_modules() if isinstance(m, modeling.FastLoraLinear)}
+    assert layers["q_proj"].same_input is layers["v_proj"].same_input is not None
+    assert layers["o_proj"].same_input is None
+    _adapter_is_identity(block)
+    block.train()
+    x, other = torch.randn(256, width), torch.randn(256, width)
+    torch.manual_seed(0)
+    q, k, v, o = block(x, other)
+    assert torch.equal(q, k) and torch.equal(q, v)  # one mask for the three
+    kept = q != 0
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.02)
+    torch.testing.assert_close(q[kept], x[kept] * scale)
+    o_kept = o != 0
+    assert not torch.equal(o_kept, kept) and o_kept.float().mean().item() == pytest.approx(1 - p, abs=0.02)
+    assert layers["q_proj"].same_input.x is None  # nothing held once all three have taken their part
+    torch.manual_seed(0)
+    assert torch.equal(block(x, other)[0], q)  # torch's seed decides the mask
+
+    xg = x.clone().requires_grad_()
+    torch.manual_seed(1)
+    q, k, v, _ = block(xg, other)
+    (q + 2 * k + 3 * v).sum().backward()  # d/dx: 6 x mask / (1 - p), the same mask as forward
+    torch.testing.assert_close(xg.grad, 6 * (q.detach() != 0) * scale)
+
+    q = layers["q_proj"](x)
+    k = layers["k_proj"](other)  # not the tensor q's mask was drawn for: k works on its own input
+    torch.testing.assert_close(k[k != 0], (other * scale)[k != 0])
+    y = x.clone()
+    q = layers["q_proj"](y)
+    y.add_(1.0)  # changed in place after q read it: k must not reuse q's work
+    k = layers["k_proj"](y)
+    torch.testing.assert_close(k[k != 0], (y * scale)[k != 0])
+
+    block.eval()
+    assert all(torch.equal(out, x) for out in block(x, x))
+    with torch.inference_mode():
+        assert all(torch.equal(out, x) for out in block(x.clone(), x))
+    again = pickle.loads(pickle.dumps(block))
+    assert all(torch.equal(out, x) for out in again(x, x))
+    assert type(again.base_model.model.q_proj) is modeling.FastLoraLinear
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_fast_lora_layers_give_peft_s_loss_and_gradients(tiny_model_dir, alpaca_batch, precision):
+    """The same loss and adapter gradients as peft's own LoRA layers: to float rounding in fp32;
+    under bf16 autocast (with the frozen weights in bf16, as training runs) as near fp32's as
+    peft's are. Evaluation, and the adapters switched off, give what peft gives."""
+    from peft.tuners.lora.layer import Linear
+    mcfg = config.ModelConfig(name=str(tiny_model_dir), lora_dropout=0.0)  # no masks: comparable
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(layers) == 14 and all(type(m) is modeling.FastLoraLinear for m in layers)
+    assert sum(m.same_input is not None for m in layers) == 10  # q, k, v and gate, up of 2 blocks
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+
+    def run(fast: bool, dtype: str, train: bool = True):
+        for m in layers:
+            m.__class__ = modeling.FastLoraLinear if fast else Linear
+        model.train(train)
+        model.zero_grad()
+        with engine.frozen_weights_in(model, dtype), torch.set_grad_enabled(train), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            out = model(**alpaca_batch)
+        if not train:
+            return out.logits.float()
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference_loss, reference = run(False, "float32")
+    loss, grads = run(True, precision)
+    if precision == "float32":
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
+        for name, grad in reference.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    else:
+        peft_loss, peft_grads = run(False, precision)
+        assert abs(loss - reference_loss) <= 2 * abs(peft_loss - reference_loss) + 1e-3
+
+        def distance(g):  # relative distance of all adapter gradients from fp32's
+            return (torch.cat([(g[n] - reference[n]).flatten() for n in reference]).norm()
+                    / torch.cat([reference[n].flatten() for n in reference]).norm()).item()
+        assert distance(grads) <= 1.5 * distance(peft_grads) and distance(grads) < 0.05
+    torch.testing.assert_close(run(True, precision, train=False), run(False, precision, train=False),
+                               rtol=0, atol=1e-4 if precision == "float32" else 0.1)
+    with model.disable_adapter():
+        off = run(True, precision, train=False)
+        base = run(False, precision, train=False)
+    assert torch.equal(off, base)
+
+
 @pytest.mark.slow
 def test_packed_rows_give_each_row_the_logits_it_has_alone(smollm2_dir, tokenizer, shared_data, tmp_path):
     """SmolLM2 on real Alpaca rows: packed into shared rows and passed the way the trainer
