@@ -12,8 +12,8 @@ What it prints (figures, never pass/fail):
      fewer optimizer steps of fuller rows).
    - nb_finetune peft layers: the same with peft's own LoRA layers in place of
      modeling.FastLoraLinear (what it gains, and that it keeps the validation loss).
-   Runs alternate (ours, ours packed, ours with peft's layers, TRL, ours, ...) in this process; the median of the repeats is
-   reported. Tokens/s counts the non-padding tokens of the batches each trainer consumed (a
+   Runs alternate (ours, ours packed, ours with peft's layers, TRL, ours, ...) in this
+   process; the median of the repeats is reported. Tokens/s counts the non-padding tokens of the batches each trainer consumed (a
    padded position is computed but is not work anyone asked for) over the wall time of
    `trainer.train()`. Quality: each trained model's loss on the same validation rows, on the
    response tokens only, computed the same way (fp32) for both.
