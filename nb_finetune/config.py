@@ -74,7 +74,8 @@ class ModelConfig:
                             "'yes' or 'no'.", choices=("auto", "yes", "no"))
     lora_r: int = _f(16, "LoRA rank: the adapter's inner size; higher learns more and costs more memory.", min=1, max=1024)
     lora_alpha: int = _f(32, "LoRA alpha: the adapter's output is scaled by alpha / r.", min=1, max=4096)
-    lora_dropout: float = _f(0.05, "Dropout on the adapter's input.", min=0.0, max=0.9)
+    lora_dropout: float = _f(0.05, "Dropout on the adapter's input. Training on a CPU, layers that read one "
+                                   "input (q, k, v; gate, up) share one mask, as fused layers do.", min=0.0, max=0.9)
     target_modules: str = _f("all-linear", "Layers that get adapters: 'all-linear' or comma-separated "
                              "module names, e.g. 'q_proj,v_proj'.")
     quantization: str = _f("none", "Load the frozen base in 4-bit (QLoRA) or 8-bit through bitsandbytes.",
