@@ -267,8 +267,9 @@ class FastDropout(torch.nn.Module):
         seed = int(torch.randint(0, 2 ** 62, (1,)))
         n = int(np.prod(shape))
         words = np.random.default_rng(seed).bit_generator.random_raw((n + 3) // 4)
-        # A uniform uint16 lane is below `cut` exactly when, read as int16, it is below
-        # cut - 32768: torch compares int16 (not uint16) in one vectorised pass.
+        # Read as int16, a uniform 16-bit lane is uniform over [-32768, 32767], so it is
+        # below cut - 32768 with probability cut / 65536: one vectorised int16 comparison in
+        # torch (the lanes dropped are other ones than `uint16 < cut` picked; the law is the same).
         lanes = torch.from_numpy(words.view(np.int16)[:n])
         return torch.lt(lanes, self.cut - 32768).view(shape)
 
