@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pyproject's addopts run the suite on two pytest-xdist workers, one per core of a 2-core
+# machine. Each worker, and every process a test starts, computes on one thread: two workers
+# with torch's two threads each would put four spinning threads on two cores. Set before torch
+# is imported, which reads it once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]

@@ -391,7 +391,7 @@ def test_panels_work_with_ipywidgets_7(tmp_path_factory):
     check = subprocess.run([sys.executable, "-c", "import ipywidgets; print(ipywidgets.__version__)"],
                            env=env, capture_output=True, text=True)
     assert check.stdout.strip() == "7.7.5"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-m", "not slow", "-p", "no:cacheprovider",
                           str(REPO / "tests" / "test_ui.py")], env=env, cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
