@@ -109,6 +109,20 @@ def lab(tmp_path, browser_ready):
     log.close()
 
 
+def _cells_started(page) -> bool:
+    """Whether any cell is queued, running or has run: its prompt shows [*] or a number."""
+    return page.evaluate("Array.from(document.querySelectorAll('.jp-Notebook .jp-InputPrompt'))"
+                         ".some(e => /\\[(\\*|\\d+)\\]/.test(e.innerText))")
+
+
+def _cells_state(page) -> str:
+    """Each cell's prompt and the start of its output, to say why a run did not get far."""
+    return "\n".join(page.evaluate(
+        "Array.from(document.querySelectorAll('.jp-Notebook .jp-Cell')).map(c =>"
+        " (c.querySelector('.jp-InputPrompt')?.innerText || '') + ' '"
+        " + (c.querySelector('.jp-OutputArea')?.innerText || '').slice(0, 1500))"))
+
+
 @pytest.mark.parametrize("style", ["import", "magic"])
 def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_dir, shared_data, style):
     from playwright.sync_api import sync_playwright
@@ -141,17 +155,25 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
             run_all = "() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
             page.evaluate(run_all)
             start = page.locator(".nbft-train-start")
-            # JupyterLab may ask which kernel to use the first time, dropping the run: answer with
-            # the default and run again.
-            deadline = time.monotonic() + 120
+            # JupyterLab may ask which kernel to use the first time, or drop a Run All given while
+            # the notebook is still attaching to its kernel; either way nothing runs. Answer the
+            # dialog with the default, and run again while no cell has been queued. The first
+            # cell's imports can take minutes on a CI machine whose other test worker is training.
+            deadline, asked = time.monotonic() + 300, time.monotonic()
             while not start.is_visible() and time.monotonic() < deadline:
                 accept = page.locator(".jp-Dialog .jp-mod-accept")
                 if accept.count():
                     accept.first.click()
                     time.sleep(2)
                     page.evaluate(run_all)
+                    asked = time.monotonic()
+                elif time.monotonic() - asked > 15 and not _cells_started(page):
+                    page.evaluate(run_all)
+                    asked = time.monotonic()
                 time.sleep(0.5)
-            start.wait_for(state="visible", timeout=5_000)
+            if not start.is_visible():
+                pytest.fail("the studio's Start button did not appear; cells:\n" + _cells_state(page)
+                            + "\nlab log:\n" + (root / "lab.log").read_text()[-3000:])
             plot = page.locator(".nbft-train-plot")
             plot.wait_for(state="visible", timeout=30_000)
             first = plot.get_attribute("src")
