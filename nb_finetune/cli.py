@@ -6,14 +6,15 @@ Ctrl-C stops training after the current step, keeps a checkpoint and exits with 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
+import warnings
 
 import yaml
 
 from .errors import UserError
+from .quiet import quiet_libraries
 from .redact import redact
 
 
@@ -27,19 +28,13 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
-    import warnings
-    warnings.filterwarnings("ignore")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import transformers
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
 def _run(cfg) -> int:
-    from . import distributed, engine, job
+    if cfg.train.cpu_kernels != "off":
+        # Before torch allocates anything: it reads the huge-page setting once, at its first allocation.
+        from .kernels.allocator import huge_pages_for_tensors
+        huge_pages_for_tensors()
+    quiet_libraries()
+    from . import distributed, pipeline, training
     if not distributed.is_main():  # under a launcher, only the main process talks
         return _run_quietly(cfg)
     stop = threading.Event()
@@ -55,8 +50,7 @@ def _run(cfg) -> int:
     signal.signal(signal.SIGINT, first_interrupt)
     resume = (f"{cfg.train.output_dir}; resume with the same command and --set train.resume_from=last")
     try:
-        session = job.run(cfg, callbacks=[engine.ConsoleProgress()], stop=stop,
-                          progress=print)
+        session = pipeline.run(cfg, callbacks=[training.ConsoleProgress()], stop=stop, progress=print)
     except KeyboardInterrupt:
         print(f"\naborted: the last checkpoint and the history are kept in {resume}", file=sys.stderr)
         return 130
@@ -74,10 +68,10 @@ def _run(cfg) -> int:
 
 
 def _run_quietly(cfg) -> int:
-    from . import job
+    from . import pipeline
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())  # the main process reports the stop
-    job.run(cfg, stop=stop, progress=lambda message: None)
+    pipeline.run(cfg, stop=stop, progress=lambda message: None)
     return 0
 
 
@@ -120,6 +114,7 @@ def cmd_validate(args) -> int:
 
 def cmd_assets(args) -> int:
     from . import assets
+    quiet_libraries()
     if args.action == "list":
         import pandas as pd
         print(f"asset cache: {assets.cache_dir()}  (set NB_FINETUNE_CACHE to move it)")
@@ -181,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    warnings.filterwarnings("ignore")
     try:
         return args.func(args)
     except UserError as err:

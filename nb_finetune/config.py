@@ -115,6 +115,10 @@ class TrainConfig:
     packing: bool = _f(False, "Pack several short training rows into each row of up to max_length tokens, each "
                        "attending only to itself: less padding, more rows per step, fewer steps per epoch. "
                        "Causal-LM objectives only.")
+    cpu_kernels: str = _f("auto", "Speed kernels for training on a CPU (LoRA layer, dropout, short-row attention, "
+                          "a loss that keeps no logits, allocator settings): 'auto' uses them where training "
+                          "runs on the CPU; 'off' runs peft's own layers and transformers' own loss.",
+                          choices=("auto", "off"))
     cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "
                             "2 GiB) and read them back when the same rows are tokenized the same way again.")
     eval_steps: int = _f(10, "Validate every this many optimizer steps.", min=1)
@@ -205,8 +209,8 @@ class RunConfig:
 
     # -- display in a notebook ---------------------------------------------------------
     def _repr_html_(self) -> str:
-        from .display import config_html
-        return config_html(self)
+        from .render import html
+        return html.config_table(self)
 
     def _repr_pretty_(self, p, cycle) -> None:
         p.text(redact(self.to_yaml()))
@@ -280,17 +284,17 @@ def _hints() -> dict:
     return out
 
 
-def _field_type(f: dataclasses.Field):
+def field_type(f: dataclasses.Field):
     return _hints().get(f.name, type(f.default))
 
 
 def _type_name(f) -> str:
-    return getattr(_field_type(f), "__name__", str(_field_type(f)))
+    return getattr(field_type(f), "__name__", str(field_type(f)))
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> tuple[bool, Any]:
     """Accept the value if it has (or plainly converts to) the field's type."""
-    want = _field_type(f)
+    want = field_type(f)
     if want is bool:
         return isinstance(value, bool), value
     if want is int:

@@ -217,7 +217,7 @@ class FinetuneMagics(Magics):
 
     def _do_preview(self, rest):
         if not self._has_widgets():
-            from .tokenization import token_table
+            from .data.collator import token_table
             session = self._session()
             session.tokenize()
             table = token_table(session.formatter, session.prep.splits["train"].iloc[0].to_dict())
@@ -233,9 +233,9 @@ class FinetuneMagics(Magics):
         elif rest:
             raise UsageError("usage: %finetune train [--config FILE]")
         if not self._has_widgets():  # a terminal: the whole job, headless, with console progress
-            from . import engine, job
-            return job.run(self.shared.config(), callbacks=[engine.ConsoleProgress()],
-                           source=self.shared.source)
+            from . import pipeline, training
+            return pipeline.run(self.shared.config(), callbacks=[training.ConsoleProgress()],
+                                source=self.shared.source)
         return self._panel("TrainPanel")
 
     def _do_evaluate(self, rest):
@@ -243,18 +243,17 @@ class FinetuneMagics(Magics):
 
     def _do_probe(self, rest):
         if not self._has_widgets():  # a terminal: the built-in CrowS-Pairs subset on base and tuned
-            from . import assets, bias
+            from .probes import likelihood, runner
+            n = int(rest[0]) if rest and rest[0].isdigit() else 0
+            if rest and not n:
+                raise UsageError("usage: %finetune probe [N]  (N: how many pairs, e.g. 200)")
             session = self._session()
             if session.model is None:
                 session.load_model()
-            pairs = bias.crows_pairs(assets.data_path("crows-pairs-masked"))
-            if rest:  # a seeded sample, for a quick look
-                n = int(rest[0]) if rest[0].isdigit() else 0
-                if not n:
-                    raise UsageError("usage: %finetune probe [N]  (N: how many pairs, e.g. 200)")
-                pairs = bias.PairSet(pairs.name, pairs.items.sample(n=min(n, len(pairs.items)), random_state=0))
-            runs = bias.before_after(lambda m: bias.probe_pairs(m, session.tokenizer, pairs), session.model)
-            return bias.pair_change(runs["base"], runs["tuned"])
+            pairs = runner.load_pair_set("crows-pairs-masked", limit=n)  # N: a seeded sample, for a quick look
+            runs = runner.pair_probe(session.model, session.tokenizer, pairs, base_results=session.base_results,
+                                     base_identity=session.base_identity)
+            return likelihood.pair_change(runs["base"], runs["tuned"])
         return self._panel("ProbePanel")
 
     def _do_export(self, rest):

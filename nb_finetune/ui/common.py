@@ -22,8 +22,9 @@ import yaml
 from .. import config as config_mod
 from ..config import RunConfig
 from ..errors import ConfigError, Problem, UserError
-from ..job import Session
-from ..plots import to_png
+from ..pipeline import Session
+from ..quiet import quiet_libraries
+from ..render.figures import to_png
 from ..redact import redact
 
 LABEL_WIDTH = "150px"
@@ -32,17 +33,6 @@ LABEL_WIDTH = "150px"
 def on_colab() -> bool:
     """Colab's front end drops widget updates sent from a background thread."""
     return "google.colab" in sys.modules
-
-
-def quiet_libraries() -> None:
-    """Panels show their own progress. Library progress bars and notices would print from
-    the training thread into whichever cell happens to be running, so they are turned off."""
-    import logging
-
-    import transformers
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def as_config(config) -> RunConfig:
@@ -180,7 +170,7 @@ class Form:
     def _control(self, key: str, label_width: str) -> widgets.Widget:
         f = _field(key)
         value = self.shared.get(key)
-        kind = config_mod._field_type(f)
+        kind = config_mod.field_type(f)
         common = {"description": key.split(".")[1], "style": {"description_width": label_width},
                   "layout": widgets.Layout(width="420px")}
         # Text is read when the user presses Enter or leaves the box, not at every keystroke:
@@ -207,7 +197,7 @@ class Form:
 
     def _read(self, key: str):
         value = self.controls[key].value
-        kind = config_mod._field_type(_field(key))
+        kind = config_mod.field_type(_field(key))
         if kind in (dict, list):
             text = value.strip()
             if not text:
@@ -232,7 +222,7 @@ class Form:
             for key, control in self.controls.items():
                 value = self.shared.get(key)
                 if self._read(key) != value:
-                    structured = config_mod._field_type(_field(key)) in (dict, list)
+                    structured = config_mod.field_type(_field(key)) in (dict, list)
                     control.value = (json.dumps(value) if value else "") if structured else value
         finally:
             self._syncing = False

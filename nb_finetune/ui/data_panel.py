@@ -4,7 +4,8 @@ from __future__ import annotations
 import ipywidgets as widgets
 import pandas as pd
 
-from .. import assets, plots
+from .. import assets
+from ..render import figures, tables
 from .common import Form, Panel, image, show_figure
 
 SOURCE_KEYS = ["data.task", "data.format", "data.skip_bad_lines"]
@@ -71,11 +72,11 @@ class DataPanel(Panel):
 
     def _show(self, prep, session) -> None:
         report = prep.report
-        self.report.value = plots.report_html(report.checks)
+        self.report.value = tables.report_html(report.checks)
         if report.class_balance is not None:
-            show_figure(self.balance_image, plots.class_balance_figure(report.class_balance))
+            show_figure(self.balance_image, figures.class_balance_figure(report.class_balance))
         if session is not None and report.token_lengths is not None:
-            lengths = plots.token_length_figure(report.token_lengths, report.max_length)
+            lengths = figures.token_length_figure(report.token_lengths, report.max_length)
             show_figure(self.length_image, lengths)
         self.splits.value = "<b>split</b>: " + ", ".join(f"{k} {v:,}" for k, v in report.split_sizes.items())
-        self.rows.value = "<b>first training rows</b>" + plots.table_html(prep.splits["train"].head(5))
+        self.rows.value = "<b>first training rows</b>" + tables.table_html(prep.splits["train"].head(5))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipywidgets as widgets
 import pandas as pd
 
-from .. import evaluation, plots
+from .. import evaluation
+from ..render import figures, tables
 from .common import Form, Panel, image, message_html, show_figure
 
 KEYS = ["eval.baselines", "eval.max_test_rows", "eval.num_samples", "eval.max_new_tokens", "eval.worst_errors"]
@@ -54,12 +55,12 @@ class EvalPanel(Panel):
         self.shared.notify("eval")
 
     def show(self, result: evaluation.EvalResult) -> None:
-        self.metrics.value = "<b>test metrics</b>" + plots.table_html(result.metrics, index=True)
+        self.metrics.value = "<b>test metrics</b>" + tables.table_html(result.metrics, index=True)
         if result.confusion is not None:
-            show_figure(self.confusion, plots.confusion_figure(result.confusion))
-        self.errors.value = ("<b>worst errors</b> (most confident first)" + plots.table_html(result.errors)
+            show_figure(self.confusion, figures.confusion_figure(result.confusion))
+        self.errors.value = ("<b>worst errors</b> (most confident first)" + tables.table_html(result.errors)
                              if len(result.errors) else "")
-        self.samples.value = ("<b>samples</b>: base and tuned side by side" + plots.table_html(result.samples)
+        self.samples.value = ("<b>samples</b>: base and tuned side by side" + tables.table_html(result.samples)
                               if len(result.samples) else "")
 
     def generate_for_prompt(self) -> None:
@@ -75,5 +76,5 @@ class EvalPanel(Panel):
         self.say("generating with the base and the tuned model")
         out = evaluation.compare_prompt(session.model, session.formatter, text, session.prep.task,
                                         cfg.eval.max_new_tokens, session.precision)
-        self.generated.value = plots.table_html(pd.DataFrame([out]))
+        self.generated.value = tables.table_html(pd.DataFrame([out]))
         self.say("")

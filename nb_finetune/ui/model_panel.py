@@ -6,7 +6,8 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
-from .. import assets, hardware, memory, modeling, plots
+from .. import assets, hardware, memory, modeling
+from ..render import figures
 from .common import Form, Panel, image, show_figure
 
 MODEL_KEYS = ["model.name", "model.objective", "model.compute_dtype", "model.trust_remote_code",
@@ -82,6 +83,6 @@ class ModelPanel(Panel):
             f"<b>{cfg.model.name}</b> ({objective}): {est.total_params:,} parameters, "
             f"<b>{est.trainable:,} trainable</b> ({share:.2%}); memory estimate "
             f"<b>{est.total / 2**30:.2f} GiB</b> on {est.device}, {fits} in {available / 2**30:.0f} GiB")
-        show_figure(self.memory_image, plots.memory_figure(est.parts, available))
+        show_figure(self.memory_image, figures.memory_figure(est.parts, available))
         self.say("estimated from the model's config alone; nothing was loaded")
         self._estimated = True

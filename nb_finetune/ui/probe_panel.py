@@ -8,8 +8,9 @@ from pathlib import Path
 import ipywidgets as widgets
 import pandas as pd
 
-from .. import assets, bias, mitigation, plots
-from .. import data as data_mod
+from ..probes import likelihood, runner
+from ..probes.completions import template_prompts
+from ..render import figures, tables
 from .common import Panel, image, show_figure
 
 PAIR_SETS = {
@@ -22,20 +23,6 @@ PAIR_SETS = {
 }
 SCORERS = ["sentiment (VADER)", "word list"]
 STYLE = {"description_width": "150px"}
-
-
-def load_pair_set(choice: str, path: str, limit: int, seed: int = 0) -> bias.PairSet:
-    if choice == "crows-pairs-masked":
-        pairs = bias.crows_pairs(assets.data_path("crows-pairs-masked"))
-    elif choice.startswith("stereoset:"):
-        pairs = bias.stereoset(assets.data_path("stereoset"), choice.split(":")[1])
-    elif choice == "crows-file":
-        pairs = bias.crows_pairs(Path(path).expanduser())
-    else:
-        pairs = bias.winobias(Path(path).expanduser())
-    if limit and len(pairs.items) > limit:  # a seeded sample keeps every bias type in proportion
-        pairs = bias.PairSet(pairs.name, pairs.items.sample(n=limit, random_state=seed).reset_index(drop=True))
-    return pairs
 
 
 class ProbePanel(Panel):
@@ -73,7 +60,6 @@ class ProbePanel(Panel):
         self.saved = widgets.HTML()
         self.results: dict = {}
         self._previous = None  # (train result, tuned probe result) of the last run
-        self._base_results: dict = {}  # the base's probe results, by base model and probe inputs
         self._completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples,
                                              self.block])
         self.probe.observe(lambda c: self._arrange(), names="value")
@@ -99,70 +85,58 @@ class ProbePanel(Panel):
 
     def run(self) -> None:
         choice = PAIR_SETS[self.probe.value]
-        done = "done: base and tuned probed"
         session = self._model()
-        model, tok = session.model, session.tokenizer
-        if choice == "templates":
-            groups = [g.strip() for g in self.groups.value.split(",") if g.strip()]
-            prompts = bias.template_prompts([t for t in self.templates.value.splitlines() if t.strip()], groups)
-            words = [w.strip() for w in self.words.value.split(",") if w.strip()]
-            if self.scorer.value == "your classifier":
-                scorer = bias.ClassifierScorer(self.classifier, "your classifier")
-            elif self.scorer.value.startswith("sentiment"):
-                scorer = bias.VaderScorer()
-            else:
-                scorer = bias.WordListScorer(words)
-            probe = lambda m, f=None: bias.probe_completions(  # noqa: E731
-                m, tok, prompts, scorer, self.samples.value, seed=self.seed.value, progress=self.say, word_filter=f)
-            scored_by = None if self.scorer.value == "your classifier" else (self.scorer.value, tuple(words))
-            key = ("completions", session.base_identity, data_mod.frame_digest(prompts), scored_by, self.samples.value,
-                   self.seed.value) if scored_by else None  # your classifier may change between runs
-            done += self._reuse_note(key)
-            self.results = bias.before_after(probe, model, self._base_results, key)
-            blocked = [w.strip() for w in self.block.value.split(",") if w.strip()]
-            if blocked:  # the output-side mitigation, probed again: did the gap close?
-                word_filter = mitigation.WordFilter(tok, blocked)
-                self.results["tuned + word filter"] = probe(model, word_filter)
-                done += "; blocked while generating: " + (", ".join(
-                    f"{w} x{n}" for w, n in word_filter.blocked.items()) or "nothing")
-            self._keep_previous(session)
-            long = pd.concat([r.completions.assign(model=k, value=r.completions["score"])
-                              for k, r in self.results.items()], ignore_index=True)
-            show_figure(self.plot, plots.probe_figure(long, title=f"completions by group: {scorer.name}",
-                                                      xlabel="mean score"))
-            rows = pd.DataFrame({k: {"gap": r.gap["gap"], "low": r.gap["low"], "high": r.gap["high"],
-                                     "groups": f"{r.gap['high_group']} vs {r.gap['low_group']}"}
-                                 for k, r in self.results.items()}).T
-            self.summary.value = "<b>gap between groups</b> (ideal 0)" + plots.table_html(rows, index=True)
-        else:
-            pairs = load_pair_set(choice, self.path.value, self.limit.value, self.seed.value)
-            key = ("pairs", session.base_identity, pairs.name, data_mod.frame_digest(pairs.items), self.seed.value)
-            done += self._reuse_note(key)
-            self.results = bias.before_after(lambda m: bias.probe_pairs(
-                m, tok, pairs, precision="float32", progress=self.say, seed=self.seed.value), model,
-                self._base_results, key)
-            self._keep_previous(session)
-            long = pd.concat([pd.concat([r.scores.assign(group="all"), r.scores.assign(group=r.scores["bias_type"])])
-                             .assign(model=k, value=lambda f: f["prefers_more"].astype(float))
-                              for k, r in self.results.items()], ignore_index=True)
-            show_figure(self.plot, plots.probe_figure(
-                long, ideal=0.5, title=f"{pairs.name}: is the stereotypical sentence the more likely?",
-                xlabel="share of pairs where it is (95% interval)"))
-            change = bias.pair_change(self.results["base"], self.results["tuned"])
-            change.columns = [f"{a} {b}" for a, b in change.columns]
-            self.summary.value = (f"<b>{pairs.name}</b>: {len(pairs.items):,} pairs"
-                                  + (f" ({pairs.dropped} identical pairs left out)" if pairs.dropped else "")
-                                  + plots.table_html(change, index=True))
+        done = "done: base and tuned probed"
+        done += self.run_completions(session) if choice == "templates" else self.run_pairs(session, choice)
+        if session.base_results.reused:
+            done += " (the base's result from an earlier run with the same model and inputs: the base does not change)"
         table = self._example_table()
         self.sort.options = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
         self._show_examples()
         self.say(done)
         self.shared.notify("probe")
 
-    def _reuse_note(self, key) -> str:
-        if key is None or key not in self._base_results:
+    def run_completions(self, session) -> str:
+        """The completion probe on base and tuned (and with blocked words); what it blocked."""
+        groups = [g.strip() for g in self.groups.value.split(",") if g.strip()]
+        prompts = template_prompts([t for t in self.templates.value.splitlines() if t.strip()], groups)
+        words = [w.strip() for w in self.words.value.split(",") if w.strip()]
+        scorer = runner.scorer_for(self.scorer.value, words, self.classifier)
+        blocked = [w.strip() for w in self.block.value.split(",") if w.strip()]
+        self.results, counts = runner.completion_probe(
+            session.model, session.tokenizer, prompts, scorer, self.samples.value, self.seed.value, self.say,
+            session.base_results, session.base_identity, blocked)
+        self._keep_previous(session)
+        long = pd.concat([r.completions.assign(model=k, value=r.completions["score"])
+                          for k, r in self.results.items()], ignore_index=True)
+        show_figure(self.plot, figures.probe_figure(long, title=f"completions by group: {scorer.name}",
+                                                    xlabel="mean score"))
+        rows = pd.DataFrame({k: {"gap": r.gap["gap"], "low": r.gap["low"], "high": r.gap["high"],
+                                 "groups": f"{r.gap['high_group']} vs {r.gap['low_group']}"}
+                             for k, r in self.results.items()}).T
+        self.summary.value = "<b>gap between groups</b> (ideal 0)" + tables.table_html(rows, index=True)
+        if not blocked:
             return ""
-        return " (the base's result from an earlier run with the same model and inputs: the base does not change)"
+        # The output-side mitigation, probed again: did the gap close?
+        return "; blocked while generating: " + (", ".join(f"{w} x{n}" for w, n in counts.items()) or "nothing")
+
+    def run_pairs(self, session, choice: str) -> str:
+        pairs = runner.load_pair_set(choice, self.path.value, self.limit.value, self.seed.value)
+        self.results = runner.pair_probe(session.model, session.tokenizer, pairs, self.seed.value, self.say,
+                                         session.base_results, session.base_identity)
+        self._keep_previous(session)
+        long = pd.concat([pd.concat([r.scores.assign(group="all"), r.scores.assign(group=r.scores["bias_type"])])
+                         .assign(model=k, value=lambda f: f["prefers_more"].astype(float))
+                          for k, r in self.results.items()], ignore_index=True)
+        show_figure(self.plot, figures.probe_figure(
+            long, ideal=0.5, title=f"{pairs.name}: is the stereotypical sentence the more likely?",
+            xlabel="share of pairs where it is (95% interval)"))
+        change = likelihood.pair_change(self.results["base"], self.results["tuned"])
+        change.columns = [f"{a} {b}" for a, b in change.columns]
+        self.summary.value = (f"<b>{pairs.name}</b>: {len(pairs.items):,} pairs"
+                              + (f" ({pairs.dropped} identical pairs left out)" if pairs.dropped else "")
+                              + tables.table_html(change, index=True))
+        return ""
 
     def _keep_previous(self, session) -> None:
         """After training again (say with a data-side mitigation), the earlier tuned model's
@@ -181,7 +155,7 @@ class ProbePanel(Panel):
         tuned = self.results.get("tuned")
         if tuned is None:
             return pd.DataFrame()
-        if isinstance(tuned, bias.PairResult):
+        if isinstance(tuned, likelihood.PairResult):
             base = self.results["base"].scores["difference"]
             return tuned.scores.assign(base_difference=base.values,
                                        change=tuned.scores["difference"].values - base.values)
@@ -194,7 +168,7 @@ class ProbePanel(Panel):
             return
         ordered = table.reindex(table[self.sort.value].abs().sort_values(ascending=False).index)
         self.examples.value = (f"<b>most divergent examples</b> (tuned model, by |{self.sort.value}|)"
-                               + plots.table_html(ordered.head(15)))
+                               + tables.table_html(ordered.head(15)))
 
     def save_csv(self) -> list[Path]:
         if not self.results:
@@ -204,8 +178,8 @@ class ProbePanel(Panel):
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for name, result in self.results.items():
-            frame = result.scores if isinstance(result, bias.PairResult) else result.completions
-            summary = result.summary if isinstance(result, bias.PairResult) else result.by_group
+            frame = result.scores if isinstance(result, likelihood.PairResult) else result.completions
+            summary = result.summary if isinstance(result, likelihood.PairResult) else result.by_group
             for kind, table in (("items", frame), ("summary", summary)):
                 path = out / f"{name}_{kind}.csv"
                 table.to_csv(path)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ipywidgets as widgets
 import pandas as pd
 
-from .. import modeling, plots
-from ..tokenization import Formatter, batch_padding, pack_rows, token_table
+from .. import modeling
+from ..data.collator import batch_padding, token_table
+from ..data.formatter import Formatter
+from ..data.tokens import pack_rows
+from ..render import tables
 from .common import Form, Panel
 
 KEYS = ["train.max_length", "train.batch_size", "train.pad_to_multiple_of", "train.packing", "model.chat_template",
@@ -78,7 +81,7 @@ class TokenizationPanel(Panel):
                                f"{counts.get('response', 0)} trained, {counts.get('padding', 0)} padding to the "
                                f"batch width {width}" + (f"; <b>{' and '.join(cut)} cut</b> to max_length "
                                                          f"{t.max_length}" if cut else ""))
-        self.tokens.value = plots.tokens_html(table)
+        self.tokens.value = tables.tokens_html(table)
         self.batch.value = self._batch_stats(fmt, train, t)
         self.say(f"{'chat template' if fmt.use_chat else 'plain text'}, max_length {t.max_length}, "
                  f"batch size {t.batch_size}, pad to a multiple of {t.pad_to_multiple_of or 1}")
@@ -103,4 +106,4 @@ class TokenizationPanel(Panel):
             {"measure": "responses cut (trained tokens lost)",
              "value": f"{sum(e['response_truncated'] for e in encoded):,}"},
         ])
-        return "<b>batches</b>" + plots.table_html(table)
+        return "<b>batches</b>" + tables.table_html(table)

@@ -16,11 +16,12 @@ import warnings
 
 import ipywidgets as widgets
 
-from .. import engine, plots
-from ..engine import Callback
+from ..render import figures
+from ..training import HISTORY_COLUMNS, diagnose
+from ..training.progress import Callback, StepClock, clock, start_line
 from .common import Panel, image, message_html, on_colab, show_figure
 
-REDRAW_SECONDS = 1.0  # at most one plot per second: a redraw costs ~0.1 s of the training thread
+REDRAW_SECONDS = 1.0  # at most one plot per second: each redraw takes time from the training thread
 
 
 class PanelProgress(Callback):
@@ -28,39 +29,35 @@ class PanelProgress(Callback):
 
     def __init__(self, panel: "TrainPanel"):
         self.panel = panel
-        self.start = time.perf_counter()
-        self.max_steps = 0
+        self.clock = StepClock()
         self.last_draw = 0.0
         self.history = None
 
     def on_train_begin(self, info):
-        self.start, self.max_steps = time.perf_counter(), info["max_steps"]
+        self.clock.begin(info["max_steps"])
         p = self.panel
-        p.progress.max = max(self.max_steps, 1)
+        p.progress.max = max(info["max_steps"], 1)
         p.progress.value = 0
-        p.say(f"training: {info['max_steps']} steps, {info['train_rows']:,} rows, effective batch "
-              f"{info['effective_batch']}, {info['trainable']:,} trainable parameters, {info['precision']}")
+        p.say(start_line(info))
         self.draw(force=True)
 
-    def _progress(self, row):
-        elapsed = time.perf_counter() - self.start
-        done = row["step"] / max(self.max_steps, 1)
-        eta = elapsed * (1 - done) / done if done else float("nan")
+    def show_progress(self, row):
+        elapsed, eta = self.clock.times(row["step"])
         speed = self.history["tokens_per_second"].dropna()
         rate = f" · {speed.iloc[-1]:,.0f} tokens/s" if len(speed) else ""
         self.panel.progress.value = min(int(row["step"]), self.panel.progress.max)
-        self.panel.progress_text.value = (f"step {row['step']}/{self.max_steps} · elapsed "
-                                          f"{engine._clock(elapsed)} · eta {engine._clock(eta)}{rate}")
+        self.panel.progress_text.value = (f"step {row['step']}/{self.clock.max_steps} · elapsed {elapsed} · "
+                                          f"eta {eta}{rate}")
 
     def on_log(self, row, history):
         self.history = history
-        self._progress(row)
+        self.show_progress(row)
         self.draw()
 
     def on_evaluate(self, row, history):
         self.history = history
-        self._progress(row)
-        self.panel.diagnosis.value = f"<b>diagnosis</b>: {html.escape(engine.diagnose(history))}"
+        self.show_progress(row)
+        self.panel.diagnosis.value = f"<b>diagnosis</b>: {html.escape(diagnose(history))}"
         self.draw()
 
     def on_train_end(self, result):
@@ -73,8 +70,8 @@ class PanelProgress(Callback):
             return
         self.last_draw = now
         import pandas as pd
-        history = self.history if self.history is not None else pd.DataFrame(columns=engine.HISTORY_COLUMNS)
-        show_figure(self.panel.plot, plots.history_figure(history))
+        history = self.history if self.history is not None else pd.DataFrame(columns=HISTORY_COLUMNS)
+        show_figure(self.panel.plot, figures.history_figure(history))
         self.panel.redraws += 1
 
 
@@ -182,10 +179,10 @@ class TrainPanel(Panel):
         elif r.early_stopped:
             text = f"early stop at step {r.global_step}: validation loss stopped improving"
         else:
-            text = f"finished {r.global_step} steps in {engine._clock(r.seconds)}"
+            text = f"finished {r.global_step} steps in {clock(r.seconds)}"
         self.outcome.value = message_html(f"{text}. Adapter: {r.adapter_dir}", "warning" if r.stopped else "info")
         if len(r.history):
-            self.diagnosis.value = f"<b>diagnosis</b>: {html.escape(engine.diagnose(r.history))}"
+            self.diagnosis.value = f"<b>diagnosis</b>: {html.escape(diagnose(r.history))}"
         self.say(f"peak memory {session.peak_memory / 2**30:.2f} GiB"
                  + (f" (estimated {session.memory_estimate.total / 2**30:.2f} GiB)" if session.memory_estimate else ""))
         self.shared.notify("train")

@@ -3,10 +3,8 @@ computed together, a few rows at a time.
 
 A causal LM's loss takes the final hidden states [n, d] of the trained positions to logits
 [n, V] (V about 50k), upcasts them to fp32, and runs log-softmax forward and backward over
-them. On a CPU that is a pass over a few hundred MB of memory for each of those steps: on
-SmolLM2-135M with 1,952 trained positions (8 Alpaca rows) a training step took 6.3 s with
-them and 4.1 s without (benchmarks/train_speed.py part 7), with 468,000 page faults against
-none. Here each chunk of rows is projected, reduced to its loss and its
+them. On a CPU that is a pass over a few hundred MB of memory for each of those steps, a
+large share of a training step. Here each chunk of rows is projected, reduced to its loss and its
 gradient with respect to the hidden states while its logits are still in cache, and thrown
 away. The gradient is computed in the forward pass (the projection is frozen, so nothing
 else needs the logits) and scaled by the incoming gradient in the backward pass.
@@ -20,16 +18,12 @@ from contextlib import contextmanager
 
 import torch
 
-from .tokenization import IGNORE
+from .models import CHECKED_DECODERS
 
-# Rows per chunk on a CPU, by compute dtype. Measured on SmolLM2's head, 1,952 rows, forward
-# and backward (`linear_cross_entropy(...).backward()` on random hidden states):
-# - bf16 (AVX-512 BF16 and AMX), 2 cores: 16 rows 0.69 s, 32 0.51 s, 64 0.41 s, 128 0.39 s,
-#   512 0.52 s; all rows at once (transformers' loss) 0.66 s. On 2 cores of another Xeon with
-#   AMX (torch 2.11): 32 rows 1.13 s, 64 0.74 s, 128 0.65 s, 256 0.60 s, 512 0.92 s. 128 is ahead
-#   of 64 on both; 128 x 49,152 fp32 logits are 25 MB.
-# - fp32 (AVX2, no bf16): 64 rows 2.62-2.73 s, 128 2.17-2.48 s, 256 2.06-2.13 s, 512 1.91-2.09 s.
-#   fp32 matmuls of 64 rows ran at 81-88 GFLOP/s there, of 256 at 92-135 (peak 141).
+IGNORE_INDEX = -100  # transformers' label for a position without loss
+
+# Rows per chunk on a CPU, by compute dtype: the fastest sizes benchmarks/train_speed.py
+# found. A chunk's fp32 logits (128 x 49,152 on SmolLM2: 25 MB) should stay near the cache.
 CPU_CHUNK_ROWS = {torch.bfloat16: 128, torch.float32: 256}
 
 
@@ -94,7 +88,6 @@ def has_plain_head(lm) -> bool:
     """Whether `lm` (a transformers causal LM, on any device, meta included) computes its loss as
     a bias-free linear lm_head followed by transformers' causal-LM loss: what the loss here
     replaces exactly. Training and the memory estimate both ask this."""
-    from .modeling import CHECKED_DECODERS
     head = lm.get_output_embeddings()
     return (getattr(lm.config, "model_type", None) in CHECKED_DECODERS and type(head) is torch.nn.Linear
             and head.bias is None)
@@ -108,8 +101,8 @@ class FusedCausalLMLoss:
     once (it is frozen), not on every pass as autocast does.
 
     A pass without gradients (validation) gives the loss, and each trained position's most
-    likely token (argmax of its logits) left in `predictions`, for the token accuracy. Validation with the logits kept them for every trained position at once: on
-    SmolLM2 with 8 x 256 Alpaca rows that was 0.7-0.9 GB on top of training's peak."""
+    likely token (argmax of its logits) left in `predictions`, for the token accuracy; keeping
+    the logits of every trained position at once would add most of a GB to training's peak."""
 
     def __init__(self, lm, compute_dtype: torch.dtype, chunk_rows: int | None = None):
         self.lm = lm
@@ -143,7 +136,7 @@ class FusedCausalLMLoss:
             else:
                 del self.lm._loss_function
 
-    def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE,
+    def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
              shift_labels=None, **kwargs):
         """transformers' ForCausalLMLoss, given hidden states where it expects logits."""
         hidden = logits.reshape(-1, logits.shape[-1])

@@ -1,25 +1,20 @@
-"""Mitigations for what the bias probes find.
-
-Data side (applied to the training split only, never to validation or test, and reported):
+"""Data-side mitigations for what the bias probes find, applied to the training split only
+(never to validation or test) and reported:
 - counterfactual augmentation: a copy of each training row that mentions a group term, with
   the terms swapped ("he" <-> "she"), so both versions are learned alike;
 - reweighting by group: rows of smaller groups drawn again (seeded) until every group has as
   many rows as the largest, the resampling form of weighting the loss by 1 / group size.
-
-Output side: `WordFilter`, a logits processor that stops generation from writing blocked
-words or phrases, and counts what it blocked.
 """
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 import numpy as np
 import pandas as pd
-import torch
-from transformers import LogitsProcessor
 
-from .errors import UserError
+from ..config import DataConfig
+from ..errors import UserError
+
 
 # Editable: pass your own list of (term, counterpart) pairs. Swaps go both ways.
 GENDER_TERMS = [("he", "she"), ("him", "her"), ("his", "her"), ("man", "woman"), ("men", "women"),
@@ -103,33 +98,18 @@ def reweight(frame: pd.DataFrame, group: pd.Series, seed: int = 0) -> tuple[pd.D
     return out, effect
 
 
-class WordFilter(LogitsProcessor):
-    """Blocks words and phrases at generation time (any case, with or without a leading space)
-    and counts, per word, the steps where the model's first choice was blocked."""
-
-    def __init__(self, tokenizer, words: list[str]):
-        if not words:
-            raise UserError("the blocked-word list is empty")
-        self.sequences: list[tuple[tuple[int, ...], str]] = []
-        for word in words:
-            for form in {word, word.lower(), word.capitalize()}:
-                for text in (form, " " + form):
-                    ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
-                    if ids:
-                        self.sequences.append((ids, word))
-        self.blocked: Counter = Counter()
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        best = scores.argmax(-1)
-        banned = torch.zeros_like(scores, dtype=torch.bool)
-        for row in range(input_ids.shape[0]):
-            history = input_ids[row].tolist()
-            stopped = set()
-            for ids, word in self.sequences:
-                prefix = list(ids[:-1])
-                if not prefix or history[-len(prefix):] == prefix:
-                    banned[row, ids[-1]] = True
-                    if int(best[row]) == ids[-1]:
-                        stopped.add(word)
-            self.blocked.update(stopped)  # a word counts once per step, whichever form it took
-        return scores.masked_fill(banned, float("-inf"))
+def mitigate(train: pd.DataFrame, cfg: DataConfig, report) -> pd.DataFrame:
+    """Counterfactual augmentation and reweighting of the training split, each reported."""
+    text = "text" if "text" in train else "prompt"
+    if cfg.counterfactual:
+        train, copies = counterfactual_augment(train, cfg.counterfactual_terms or GENDER_TERMS)
+        report.add("counterfactual copies added to train", copies, len(train) - copies, "ok",
+                   "group terms swapped" if copies else "no row mentions a term")
+    if cfg.reweight_groups:
+        groups = term_groups(train, cfg.reweight_groups, text)
+        named = groups.isin(list(cfg.reweight_groups))
+        balanced, effect = reweight(train[named], groups[named], cfg.seed)
+        train = pd.concat([balanced, train[~named]], ignore_index=True)
+        report.add("rows drawn again to balance groups", sum(after - before for before, after in effect.values()),
+                   len(train), "ok", ", ".join(f"{g}: {b} -> {a}" for g, (b, a) in effect.items()))
+    return train

@@ -1,4 +1,4 @@
-"""Pictures and tables for the panels: pure functions, data in, a Figure or HTML out.
+"""Pictures for the panels and reports: pure functions, data in, a Figure out.
 
 Figures are `matplotlib.figure.Figure` objects drawn with seaborn's `ax=` API, never
 pyplot's global state, so they are safe to draw from a training thread and leave nothing
@@ -7,15 +7,11 @@ update, no flicker, and it reaches every front end (Colab included).
 """
 from __future__ import annotations
 
-import html
 import io
-import math
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-
-from .redact import redact
 
 # One palette for every picture: trained tokens and the tuned model share a colour.
 COLORS = {"train": "#1f77b4", "validation": "#d62728", "accuracy": "#2ca02c", "base": "#7f7f7f"}
@@ -97,55 +93,6 @@ def confusion_figure(confusion: pd.DataFrame) -> Figure:
 
 
 # -- tables ------------------------------------------------------------------------------
-
-_TABLE_STYLE = ("<style>.nbft-table{border-collapse:collapse;font-size:12px}"
-                ".nbft-table td,.nbft-table th{border:1px solid #ddd;padding:2px 6px;text-align:left;"
-                "vertical-align:top;max-width:28em}"
-                ".nbft-warning{background:#fff3cd}.nbft-error{background:#f8d7da}</style>")
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        text = "" if math.isnan(value) else f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
-    else:
-        text = str(value)
-    if len(text) > 300:  # a long review would stretch the table; the middle is the least useful part
-        text = text[:200] + " ... " + text[-80:]
-    return html.escape(redact(text))
-
-
-def table_html(frame: pd.DataFrame, index: bool = False, row_class: pd.Series | None = None) -> str:
-    """A DataFrame as a small escaped HTML table; `row_class` gives a CSS class per row."""
-    cols = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    rows = []
-    for i, (key, row) in enumerate(frame.iterrows()):
-        cells = ([_cell(key)] if index else []) + [_cell(v) for v in row]
-        cls = f' class="nbft-{row_class.iloc[i]}"' if row_class is not None else ""
-        rows.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f'{_TABLE_STYLE}<table class="nbft-table"><tr>{head}</tr>{"".join(rows)}</table>'
-
-
-def report_html(checks: pd.DataFrame) -> str:
-    """The data report, warnings in yellow and errors in red."""
-    shown = checks.assign(share=checks["share"].map(lambda s: f"{s:.0%}"))
-    return table_html(shown, row_class=checks["severity"].where(checks["severity"] != "ok", "ok"))
-
-
-def tokens_html(tokens: pd.DataFrame) -> str:
-    """Tokens as coloured chips by role, each with its id and label under it (-100: not trained)."""
-    chips = []
-    for r in tokens.itertuples():
-        text = html.escape(redact(r.token)).replace(" ", "&middot;").replace("\n", "&#8629;") or "&nbsp;"
-        label = "" if r.label == -100 else f"<br><span style='color:#1b4332'>&rarr;{r.label}</span>"
-        chips.append(f"<span title='{r.role}' style='display:inline-block;margin:1px;padding:1px 3px;"
-                     f"border-radius:3px;background:{ROLE_COLORS[r.role]};font-family:monospace;"
-                     f"font-size:11px;text-align:center'>{text}<br><span style='color:#666'>{r.id}</span>"
-                     f"{label}</span>")
-    legend = " ".join(f"<span style='background:{c};padding:1px 6px;border-radius:3px'>{k}"
-                      f"{' (trained)' if k == 'response' else ''}</span>" for k, c in ROLE_COLORS.items())
-    return f"<div style='line-height:1.1'>{legend}<br><br>{''.join(chips)}</div>"
-
 
 def memory_figure(parts: dict, available: int | None = None, measured: int | None = None) -> Figure:
     """The memory estimate as one stacked bar (GiB), beside what the device has."""

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import assets, distributed, engine, evaluation, hardware, memory, modeling
+from . import assets, distributed, evaluation, hardware, kernels, memory, modeling, training
 from . import data as data_mod
 from .config import RunConfig
+from .data.collator import CompletionOnlyCollator
+from .data.formatter import Formatter
+from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame
 from .errors import UserError
 from .redact import redact
-from .tokenization import PACKING_NEEDS_CAUSAL_LM, CompletionOnlyCollator, Formatter, pack, tokenize_frame
 
 
 class Session:
@@ -28,11 +30,11 @@ class Session:
         self.objective = None
         self.datasets: dict = {}
         self.token_stats: dict = {}
-        self.train_result: engine.TrainResult | None = None
+        self.train_result: training.TrainResult | None = None
         self.memory_estimate: memory.MemoryEstimate | None = None
         self.peak_memory: int | None = None
         self.eval_result: evaluation.EvalResult | None = None
-        self._base_memo: tuple = (None, {})  # (what the base's results depend on, the results)
+        self.base_results = evaluation.BaseResults()  # the base model's results, shared with the panels
 
     def reconfigure(self, cfg: RunConfig, source_changed: bool = False) -> None:
         """Take new settings and drop only the results they make stale, so a panel can re-run
@@ -57,13 +59,25 @@ class Session:
         """Forget the model and what was trained with it; the next stage loads a fresh base."""
         self.model = self.train_result = self.eval_result = self.memory_estimate = None
 
+    def stages(self) -> list[tuple[str, bool]]:
+        """Each stage of the job and whether the session has its result."""
+        return [("data", self.prep is not None), ("tokens", bool(self.token_stats)),
+                ("model", self.model is not None), ("training", self.train_result is not None),
+                ("evaluation", self.eval_result is not None)]
+
     def _repr_html_(self) -> str:
-        from .display import session_html
-        return session_html(self)
+        from .render import html
+        if self.eval_result is not None:
+            latest = html.evaluation(self.eval_result)
+        elif self.train_result is not None:
+            latest = html.history(self.train_result.history, training.diagnose(self.train_result.history))
+        else:
+            latest = html.data_report(self.prep.report) if self.prep is not None else ""
+        return html.session(f"{self.cfg.model.name} on {self.cfg.data.source}", self.stages(), latest)
 
     def _repr_pretty_(self, p, cycle) -> None:
-        from .display import session_text
-        p.text(session_text(self))
+        done = [name for name, ok in self.stages() if ok]
+        p.text(f"Session({self.cfg.model.name} on {self.cfg.data.source}; done: {', '.join(done) or 'nothing yet'})")
 
     @property
     def output_dir(self) -> Path:
@@ -114,10 +128,10 @@ class Session:
             said = lambda message, name=name: self.progress(f"{name}: {message}")
             self.datasets[name], self.token_stats[name] = tokenize_frame(self.prep.splits[name], self.formatter,
                                                                          head_labels, cache, said)
-        self._report_tokens()
+        self.report_tokens()
         return self.token_stats
 
-    def _report_tokens(self) -> None:
+    def report_tokens(self) -> None:
         report, stats, limit = self.prep.report, self.token_stats["train"], self.cfg.train.max_length
         report.token_lengths = pd.Series(stats.lengths, name="tokens")
         report.max_length = limit
@@ -155,7 +169,7 @@ class Session:
     def collator(self) -> CompletionOnlyCollator:
         return CompletionOnlyCollator(self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of or None)
 
-    def train(self, callbacks=(), stop: threading.Event | None = None) -> engine.TrainResult:
+    def train(self, callbacks=(), stop: threading.Event | None = None) -> training.TrainResult:
         if self.model is None:
             self.load_model()
         t = self.cfg.train
@@ -165,14 +179,14 @@ class Session:
             self.progress(f"packing: {len(self.datasets['train']):,} rows into {len(train_ds):,} rows of at most "
                           f"{t.max_length} tokens")
         trainable, total = modeling.trainable_parameters(self.model)
-        accum, processes = engine.accumulation(t), distributed.world_size()
+        accum, processes = training.accumulation(t), distributed.world_size()
         info = {"train_rows": len(train_ds), "effective_batch": t.batch_size * accum * processes,
                 "batch_size": t.batch_size, "processes": processes, "grad_accum": accum,
                 "trainable": trainable, "total": total, "precision": self.precision}
         if distributed.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.output_dir / "config.yaml")
-        self.train_result = engine.train(self.model, train_ds, self.datasets["validation"],
+        self.train_result = training.train(self.model, train_ds, self.datasets["validation"],
                                          self.collator, t, callbacks, stop, self.precision, self.tokenizer, info,
                                          quantized=self.cfg.model.quantization != "none")
         self.peak_memory = memory.measured_peak()
@@ -186,13 +200,12 @@ class Session:
             self.load_model()
         # The base model's results stand while the base, its tokens and the test rows do.
         f, test = self.formatter, self.prep.splits["test"]
-        base = (self.base_identity, self.precision, self.cfg.train.batch_size, f.max_length, f.use_chat,
-                f.instruction, tuple(f.labels), data_mod.frame_digest(test))
-        if base != self._base_memo[0]:
-            self._base_memo = (base, {})
+        base_key = ("evaluation", self.base_identity, self.precision, self.cfg.train.batch_size, f.max_length,
+                    f.use_chat, f.instruction, tuple(f.labels), data_mod.frame_digest(test))
         self.eval_result = evaluation.evaluate(self.model, self.formatter, self.prep, self.objective, self.cfg.eval,
                                                self.cfg.train.batch_size, self.precision, self.progress,
-                                               self._base_memo[1])
+                                               self.base_results, base_key,
+                                               kernels.wanted(self.cfg.train.cpu_kernels))
         return self.eval_result
 
     # -- files -------------------------------------------------------------------------
@@ -204,36 +217,35 @@ class Session:
             return out
         out.mkdir(parents=True, exist_ok=True)
         self.cfg.save(out / "config.yaml")
-
-        def write(name: str, text: str) -> None:
-            (out / name).write_text(redact(text), encoding="utf-8")
-
+        files = {"report.json": json.dumps(self.report(), indent=2, default=str)}
         if self.prep is not None:
-            write("data_report.csv", self.prep.report.checks.to_csv(index=False))
+            files["data_report.csv"] = self.prep.report.checks.to_csv(index=False)
         ev = self.eval_result
         if ev is not None:
-            write("test_metrics.csv", ev.metrics.to_csv())
-            write("worst_errors.csv", ev.errors.to_csv(index=False))
-            write("samples.csv", ev.samples.to_csv(index=False))
+            files |= {"test_metrics.csv": ev.metrics.to_csv(), "worst_errors.csv": ev.errors.to_csv(index=False),
+                      "samples.csv": ev.samples.to_csv(index=False)}
             if ev.confusion is not None:
-                write("confusion_matrix.csv", ev.confusion.to_csv())
-        report = {
+                files["confusion_matrix.csv"] = ev.confusion.to_csv()
+        for name, text in files.items():
+            (out / name).write_text(redact(text), encoding="utf-8")
+        return out
+
+    def report(self) -> dict:
+        """Everything known about the run, for report.json."""
+        tr, ev = self.train_result, self.eval_result
+        counts = ("rows", "tokens", "trained_tokens", "prompt_truncated", "response_truncated", "dropped_no_trained")
+        return {
             "config": self.cfg.to_dict(),
             "hardware": hardware.describe(),
             "data_report": self.prep.report.to_dict() if self.prep else None,
-            "tokenization": {k: {f: getattr(v, f) for f in ("rows", "tokens", "trained_tokens", "prompt_truncated",
-                                                             "response_truncated", "dropped_no_trained")}
-                             for k, v in self.token_stats.items()},
-            "training": None if self.train_result is None else {
-                "steps": self.train_result.global_step, "seconds": round(self.train_result.seconds, 1),
-                "stopped": self.train_result.stopped, "early_stopped": self.train_result.early_stopped,
-                "adapter": str(self.train_result.adapter_dir)},
+            "tokenization": {k: {f: getattr(v, f) for f in counts} for k, v in self.token_stats.items()},
+            "training": None if tr is None else {
+                "steps": tr.global_step, "seconds": round(tr.seconds, 1), "stopped": tr.stopped,
+                "early_stopped": tr.early_stopped, "adapter": str(tr.adapter_dir)},
             "memory": {"estimate_bytes": None if self.memory_estimate is None else self.memory_estimate.parts,
                        "peak_bytes": self.peak_memory, "device": hardware.device()},
             "test_metrics": None if ev is None else ev.metrics.reset_index().to_dict(orient="records"),
         }
-        write("report.json", json.dumps(report, indent=2, default=str))
-        return out
 
 
 def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progress=print, source=None) -> Session:

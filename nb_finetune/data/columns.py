@@ -1,0 +1,111 @@
+"""Column mapping: the user's columns to each task's standard ones.
+
+  classification: text, label            (label is the word the model learns, a string)
+  completion:     prompt, completion     or  messages (a list of {role, content})
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+
+import numpy as np
+import pandas as pd
+
+from ..config import DataConfig
+from ..errors import UserError
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """A digest of a frame's column names, index and values: the same for the same rows."""
+    digest = hashlib.sha256(json.dumps(list(map(str, frame.columns))).encode())
+    try:
+        digest.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    except TypeError:  # unhashable cells (a chat's list of messages, or an array of them from Parquet)
+        plain = lambda o: o.tolist() if hasattr(o, "tolist") else str(o)  # arrays whole: str() cuts long ones
+        digest.update(json.dumps(frame.to_dict(orient="split"), default=plain).encode())
+    return digest.hexdigest()
+
+
+def _need_column(df: pd.DataFrame, column: str, setting: str) -> pd.Series:
+    if column not in df.columns:
+        raise UserError(f"column {column!r} not found; the columns are: {', '.join(map(str, df.columns))} "
+                        f"(set {setting})")
+    return df[column]
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    return values.map(lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+
+
+def normalize(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Map the user's columns to the task's standard columns (see module docstring)."""
+    if cfg.task == "classification":
+        return _normalize_classification(df, cfg)
+    return _normalize_completion(df, cfg)
+
+
+def _fill_template(df: pd.DataFrame, template: str) -> pd.Series:
+    missing = [c for c in _template_fields(template) if c not in df.columns]
+    if missing:
+        raise UserError(f"data.text_template names missing column(s) {', '.join(missing)}; the columns "
+                        f"are: {', '.join(map(str, df.columns))}")
+    return df.apply(lambda r: template.format(**{k: r[k] for k in df.columns}), axis=1)
+
+
+def _normalize_classification(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    if cfg.text_template:
+        text = _fill_template(df, cfg.text_template)
+    else:
+        col = cfg.text_column or next((c for c in ("text", "sentence", "review") if c in df.columns), "text")
+        text = _as_text(_need_column(df, col, "data.text_column"))
+    raw = _as_text(_need_column(df, cfg.label_column or "label", "data.label_column"))
+    unknown = sorted(set(raw) - set(cfg.label_names)) if cfg.label_names else []
+    if unknown:
+        raise UserError(f"labels {unknown[:5]} have no word in data.label_names "
+                        f"({cfg.label_names}); add them or clear label_names")
+    label = raw.map(cfg.label_names) if cfg.label_names else raw
+    return pd.DataFrame({"text": _as_text(text).values, "label": label.values})
+
+
+def _template_fields(template: str) -> list[str]:
+    import string
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def _normalize_completion(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    messages_col = cfg.messages_column or ("messages" if "messages" in df.columns else "")
+    if messages_col:
+        msgs = _need_column(df, messages_col, "data.messages_column")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, (list, np.ndarray)) or not all(isinstance(t, dict) and "role" in t
+                                                                 and "content" in t for t in m):
+                raise UserError(f"row {i} of {messages_col!r} is not a list of {{role, content}} messages")
+            if not any(t["role"] == "assistant" for t in m):
+                raise UserError(f"row {i} of {messages_col!r} has no assistant turn to train on")
+        return pd.DataFrame({"messages": [[dict(t) for t in m] for m in msgs]})
+    if not cfg.prompt_column and {"instruction", "output"} <= set(df.columns):
+        instruction, output = _as_text(df["instruction"]), _as_text(df["output"])
+        extra = _as_text(df["input"]) if "input" in df.columns else pd.Series([""] * len(df), index=df.index)
+        prompt = [i if not x.strip() else f"{i}\n\n{x}" for i, x in zip(instruction, extra)]
+        return pd.DataFrame({"prompt": prompt, "completion": output.values})
+    if cfg.text_template:  # the prompt built from several columns
+        prompt = _as_text(_fill_template(df, cfg.text_template))
+    else:
+        prompt = _as_text(_need_column(df, cfg.prompt_column or "prompt", "data.prompt_column"))
+    completion = _as_text(_need_column(df, cfg.completion_column or "completion", "data.completion_column"))
+    return pd.DataFrame({"prompt": prompt.values, "completion": completion.values})
+
+
+def key_text(frame: pd.DataFrame) -> pd.Series:
+    """The text that identifies a row (for duplicates and leakage)."""
+    if "text" in frame:
+        return frame["text"]
+    if "prompt" in frame:
+        return frame["prompt"]
+    return frame["messages"].map(lambda m: json.dumps(m, sort_keys=True))
+
+
+def duplicated(frame: pd.DataFrame) -> pd.Series:
+    """Rows equal to an earlier row in every standard column."""
+    return key_text(frame).duplicated() if "messages" in frame else frame.duplicated()

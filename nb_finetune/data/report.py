@@ -1,0 +1,92 @@
+"""The data report: every check worth knowing before training, with a severity each."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..errors import UserError
+from .columns import duplicated
+
+
+@dataclass
+class DataReport:
+    """What was found in the data. `checks` has one row per check with a severity."""
+    checks: pd.DataFrame
+    class_balance: pd.Series | None = None
+    token_lengths: pd.Series | None = None
+    max_length: int | None = None  # the train.max_length the token lengths were cut to
+    split_sizes: dict = field(default_factory=dict)
+
+    def add(self, check: str, count: int, total: int, severity: str, detail: str) -> None:
+        row = {"check": check, "count": int(count), "share": (count / total) if total else 0.0,
+               "severity": severity, "detail": detail}
+        self.checks = pd.concat([self.checks, pd.DataFrame([row])], ignore_index=True)
+
+    @property
+    def warnings(self) -> pd.DataFrame:
+        return self.checks[self.checks["severity"] != "ok"]
+
+    def summary(self) -> str:
+        lines = []
+        for r in self.checks.itertuples():
+            mark = {"ok": " ", "warning": "!", "error": "x"}[r.severity]
+            lines.append(f" {mark} {r.check}: {r.count:,} ({r.share:.0%}) {r.detail}".rstrip())
+        if self.token_lengths is not None and len(self.token_lengths):
+            q = self.token_lengths.quantile([0.5, 0.95])
+            lines.append(f"   token lengths: median {q[0.5]:.0f}, 95th percentile {q[0.95]:.0f}, "
+                         f"max {self.token_lengths.max()}")
+        if self.split_sizes:
+            lines.append("   split: " + ", ".join(f"{k} {v:,}" for k, v in self.split_sizes.items()))
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from ..render import html
+        return html.data_report(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.summary())
+
+    def to_dict(self) -> dict:
+        return {"checks": self.checks.to_dict(orient="records"),
+                "class_balance": None if self.class_balance is None else self.class_balance.to_dict(),
+                "token_lengths": None if self.token_lengths is None else
+                self.token_lengths.describe().round(1).to_dict(),
+                "split_sizes": self.split_sizes}
+
+
+def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataReport:
+    """Check a normalised frame; raises UserError for data that cannot be trained on at all."""
+    n = len(frame)
+    report = DataReport(pd.DataFrame(columns=["check", "count", "share", "severity", "detail"]))
+    if n == 0:
+        raise UserError("the data set has no rows; give a file with at least two rows")
+    names = [str(c) for c in raw.columns]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    report.add("rows", n, n, "ok", f"source columns: {shown}")
+    skipped = raw.attrs.get("skipped_lines", 0)
+    if skipped:
+        report.add("unreadable lines skipped", skipped, n + skipped, "warning", "data.skip_bad_lines is on")
+    for col in [c for c in ("text", "prompt", "completion", "label") if c in frame]:
+        empty = int((frame[col].str.strip() == "").sum())
+        if empty == n:
+            raise UserError(f"the {col} column is empty in every row; point data.{col}_column at the "
+                            "column that holds it")
+        report.add(f"empty {col}", empty, n, "warning" if empty else "ok",
+                   "rows dropped" if empty else "")
+    dup = int(duplicated(frame).sum())
+    report.add("exact duplicates", dup, n, "warning" if dup else "ok", "")
+    if task == "classification":
+        per_text = frame.groupby("text")["label"].nunique()
+        conflicts = int(per_text[per_text > 1].size)
+        report.add("same text, conflicting labels", conflicts, n, "warning" if conflicts else "ok",
+                   "texts" if conflicts else "")
+        balance = frame["label"].value_counts()
+        if balance.size < 2:
+            raise UserError(f"the label column has a single class ({balance.index[0]!r}); classification "
+                            "needs two or more classes: check data.label_column")
+        report.class_balance = balance
+        ratio = balance.max() / balance.min()
+        report.add("classes", balance.size, balance.size, "warning" if ratio > 3 else "ok",
+                   ", ".join(f"{k}: {v}" for k, v in balance.items()))
+    return report

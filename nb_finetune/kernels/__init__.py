@@ -1,0 +1,76 @@
+"""CPU speed kernels, behind one switch: `train.cpu_kernels` (auto: on when training on a CPU; off).
+
+Each kernel computes what peft and transformers compute, to rounding, in less time or memory
+on a CPU, and each has an equivalence test in tests/kernels/:
+- lora.FastLoraLinear and dropout.FastDropout: peft's LoRA layer and its input dropout;
+- attention.ShortRowAttention: a shorter attention backward for short rows;
+- loss.FusedCausalLMLoss: the vocabulary projection and cross-entropy without the logits;
+- weights.frozen_weights_in: frozen weights cast once to the compute dtype;
+- allocator: freed memory kept between steps (and huge pages, set by the command line).
+
+`for_training` applies them all for one training run and puts everything back after, so with
+the switch off (or on a GPU) peft's own layers and transformers' own loss run. Nothing here
+is imported by data/, config or ui/.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+SETTINGS = ("auto", "off")
+
+
+def wanted(setting: str) -> bool:
+    """Whether the kernels apply: 'auto' where training runs on the CPU; never with 'off'."""
+    from ..hardware import cuda_available
+    return setting == "auto" and not cuda_available()
+
+
+@dataclass
+class Applied:
+    """What `for_training` switched on: a line for the training log, and the fused loss for
+    the trainer (None where the model's head is not the plain one it replaces)."""
+    parts: list = field(default_factory=list)
+    fused_loss: object = None
+
+    def describe(self) -> str:
+        return "CPU kernels: " + (", ".join(self.parts) if self.parts else "off (train.cpu_kernels)")
+
+
+@contextmanager
+def for_training(model, precision: str, enabled: bool):
+    """Every kernel, for one training run of `model` (a peft model) in `precision`."""
+    if not enabled:
+        yield Applied()
+        return
+    import torch
+
+    from . import allocator, attention, dropout, lora, loss, weights
+    applied = Applied()
+    with ExitStack() as stack:
+        layers = stack.enter_context(lora.fast_lora_in(model))
+        masks = stack.enter_context(dropout.fast_dropout_in(model))
+        applied.parts.append(f"LoRA layers ({layers}), dropout ({masks})")
+        stack.enter_context(weights.frozen_weights_in(model, precision))
+        if stack.enter_context(attention.for_training(model)):
+            applied.parts.append(f"attention for rows up to {attention.SHORT_ROWS} tokens")
+        applied.fused_loss = loss.FusedCausalLMLoss.for_model(model, getattr(torch, precision))
+        if applied.fused_loss is not None:
+            applied.parts.append("fused loss")
+        if stack.enter_context(allocator.freed_memory_kept()):
+            applied.parts.append("freed memory kept")
+        if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
+            applied.parts.append("huge pages")
+        yield applied
+
+
+@contextmanager
+def for_inference(enabled: bool):
+    """What applies to evaluation: freed memory kept from batch to batch."""
+    if not enabled:
+        yield False
+        return
+    from .allocator import freed_memory_kept
+    with freed_memory_kept() as kept:
+        yield kept

@@ -1,0 +1,130 @@
+"""Likelihood-pair probes: is the stereotypical sentence the more likely?
+
+Each sentence is scored by its total log-likelihood under the model, as lm-evaluation-harness
+scores a causal LM (the sentence as a continuation of the BOS token, or of the context
+sentence for StereoSet's intersentence items). Reported: the share of pairs where the
+stereotypical sentence is the more likely (ideal 50%), the mean log-likelihood difference,
+and StereoSet's lms / ss / icat, each with a bootstrap confidence interval, overall and by
+bias type."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..data.collator import CompletionOnlyCollator
+from ..data.formatter import IGNORE
+from ..evaluation.scoring import sequence_logprobs
+from .pairs import PairSet
+
+
+def bootstrap_ci(values, stat: Callable = np.mean, n: int = 1000, level: float = 0.95, seed: int = 0
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat` over resampled rows (rows resampled together
+    when `values` is 2-D)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n, len(values)))
+    stats = np.array([stat(values[i]) for i in idx])
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
+
+
+def _stereoset_scores(rows: np.ndarray) -> np.ndarray:
+    """lms, ss, icat (in %) from rows of (more, less, unrelated) log-likelihoods."""
+    more, less, unrelated = rows[:, 0], rows[:, 1], rows[:, 2]
+    lms = ((more > unrelated).mean() + (less > unrelated).mean()) / 2 * 100
+    ss = (more > less).mean() * 100
+    return np.array([lms, ss, lms * min(ss, 100 - ss) / 50])
+
+
+def sentence_features(tokenizer, sentences: list[str], contexts: list[str] | None = None) -> list[dict]:
+    """Token ids with labels on the sentence only: BOS (else EOS) [+ context] + sentence."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    features = []
+    for i, text in enumerate(sentences):
+        head = [prefix]
+        if contexts is not None:
+            head += tokenizer(contexts[i], add_special_tokens=False)["input_ids"]
+            text = " " + text
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        features.append({"input_ids": head + ids, "labels": [IGNORE] * len(head) + ids})
+    return features
+
+
+def sentence_logprobs(model, tokenizer, sentences: list[str], contexts: list[str] | None = None,
+                      batch_size: int = 16, precision: str = "float32", progress=print) -> np.ndarray:
+    """Total log-likelihood of each sentence; batched by length so padding stays small."""
+    features = sentence_features(tokenizer, sentences, contexts)
+    order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
+    collator = CompletionOnlyCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, None)
+    scores = np.zeros(len(features))
+    step = batch_size * 8
+    for start in range(0, len(order), step):
+        chunk = order[start:start + step]
+        scores[chunk] = sequence_logprobs(model, [features[j] for j in chunk], collator, batch_size, precision)
+        progress(f"scored {min(start + step, len(order)):,}/{len(order):,} sentences")
+    return scores
+
+
+@dataclass
+class PairResult:
+    name: str
+    scores: pd.DataFrame     # one row per item: log-likelihoods, difference, which one won
+    summary: pd.DataFrame    # overall and per bias type, with bootstrap intervals
+
+    def _repr_html_(self) -> str:
+        from ..render.tables import table_html
+        return f"<b>{self.name}</b>" + table_html(self.summary, index=True)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(f"{self.name}\n{self.summary.to_string(float_format=lambda v: f'{v:.3f}')}")
+
+
+def summarise(scores: pd.DataFrame, seed: int) -> pd.DataFrame:
+    rows = {}
+    groups = [("all", scores)] + list(scores.groupby("bias_type"))
+    for name, part in groups:
+        prefers = part["prefers_more"].to_numpy(float)
+        diff = part["difference"].to_numpy()
+        row = {"pairs": len(part), "stereotype_preferred": prefers.mean()}
+        row["stereotype_preferred_low"], row["stereotype_preferred_high"] = bootstrap_ci(prefers, seed=seed)
+        row["mean_difference"] = diff.mean()
+        row["mean_difference_low"], row["mean_difference_high"] = bootstrap_ci(diff, seed=seed)
+        if "unrelated_logprob" in part:
+            trio = part[["more_logprob", "less_logprob", "unrelated_logprob"]].to_numpy()
+            row["lms"], row["ss"], row["icat"] = _stereoset_scores(trio)
+            boot = [bootstrap_ci(trio, lambda r, k=k: _stereoset_scores(r)[k], n=400, seed=seed) for k in range(3)]
+            (row["lms_low"], row["lms_high"]), (row["ss_low"], row["ss_high"]), (row["icat_low"], row["icat_high"]) = boot
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("bias_type")
+
+
+def probe_pairs(model, tokenizer, pairs: PairSet, batch_size: int = 16, precision: str = "float32",
+                progress=print, seed: int = 0) -> PairResult:
+    items = pairs.items
+    contexts = list(items["context"]) if "context" in items else None
+    columns = ["more", "less"] + (["unrelated"] if "unrelated" in items else [])
+    texts = [t for c in columns for t in items[c]]
+    progress(f"{pairs.name}: scoring {len(items):,} items ({len(texts):,} sentences)")
+    logp = sentence_logprobs(model, tokenizer, texts, None if contexts is None else contexts * len(columns),
+                             batch_size, precision, progress)
+    scores = items.copy()
+    for i, c in enumerate(columns):
+        scores[f"{c}_logprob"] = logp[i * len(items):(i + 1) * len(items)]
+    scores["difference"] = scores["more_logprob"] - scores["less_logprob"]
+    scores["prefers_more"] = scores["difference"] > 0
+    return PairResult(pairs.name, scores, summarise(scores, seed))
+
+
+def pair_change(base: PairResult, tuned: PairResult) -> pd.DataFrame:
+    """The headline numbers of both runs side by side, and the change."""
+    keep = [c for c in ("stereotype_preferred", "mean_difference", "lms", "ss", "icat") if c in base.summary]
+    out = pd.concat({"base": base.summary[keep], "tuned": tuned.summary[keep]}, axis=1)
+    for c in keep:
+        out[("change", c)] = out[("tuned", c)] - out[("base", c)]
+    return out

@@ -1,0 +1,203 @@
+"""The transformers Trainer underneath: a subclass that saves checkpoints safely and computes
+logits only where a token is trained, and the bridge from its events to ours."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .. import distributed
+from ..data.collator import trained_positions
+from ..data.formatter import IGNORE
+
+HISTORY_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "val_accuracy", "learning_rate",
+                   "tokens_per_second"]
+
+
+class EventBridge(TrainerCallback):
+    """Turns Trainer events into engine events (see progress.Callback) and keeps the history;
+    stops at the stop flag, on early stopping, and on a loss that is not a number."""
+
+    def __init__(self, callbacks, stop, patience: int, info: dict):
+        self.callbacks, self.stop, self.patience, self.info = callbacks, stop, patience, info
+        self.rows: dict[int, dict] = {}
+        self.best, self.bad_evals, self.early_stopped = float("inf"), 0, False
+        self.stopped = False
+        self.nonfinite = None  # (step, loss) where the loss stopped being a number
+        self.last_time, self.last_tokens = None, 0
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return pd.DataFrame(list(self.rows.values()), columns=HISTORY_COLUMNS)
+
+    def row(self, state) -> dict:
+        return self.rows.setdefault(state.global_step, {c: np.nan for c in HISTORY_COLUMNS}
+                                    | {"step": state.global_step})
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+        for cb in self.callbacks:
+            cb.on_train_begin(self.info | {"max_steps": state.max_steps})
+
+    def check_stop(self, control) -> None:
+        # Under several processes a stop asked for on any one of them stops them all at this step.
+        if distributed.any_process(self.stop is not None and self.stop.is_set()):
+            self.stopped = True
+            control.should_training_stop = True
+            control.should_save = True  # keep what was trained
+
+    def on_step_end(self, args, state, control, **kw):
+        self.check_stop(control)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        if not math.isfinite(logs["loss"]):
+            # The weights are already broken by this step: stop, and do not save them.
+            self.nonfinite = (state.global_step, logs["loss"])
+            control.should_training_stop = True
+            control.should_save = False
+            return
+        row = self.row(state)
+        row.update(epoch=state.epoch, train_loss=logs["loss"], learning_rate=logs.get("learning_rate", np.nan),
+                   tokens_per_second=self.tokens_per_second(state.num_input_tokens_seen))
+        for cb in self.callbacks:
+            cb.on_log(dict(row), self.history)
+        self.check_stop(control)  # a stop asked for while logging saves this very step
+
+    def tokens_per_second(self, tokens: int) -> float:
+        """Tokens trained since the last log, per second."""
+        now = time.perf_counter()
+        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, tokens
+        return rate
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        metrics = metrics or {}
+        row = self.row(state)
+        row.update(epoch=state.epoch, val_loss=metrics.get("eval_loss", np.nan),
+                   val_accuracy=metrics.get("eval_accuracy", np.nan))
+        if self.patience and self.no_better(row["val_loss"]):
+            self.early_stopped = True
+            control.should_training_stop = True
+            control.should_save = True
+        for cb in self.callbacks:
+            cb.on_evaluate(dict(row), self.history)
+
+    def no_better(self, loss: float) -> bool:
+        """Whether `patience` validations in a row have not lowered the best loss."""
+        if loss < self.best - 1e-4:
+            self.best, self.bad_evals = loss, 0
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.patience
+
+
+def token_accuracy(eval_pred) -> dict:
+    """Share of trained tokens the model predicts right (argmax), or of rows for a head."""
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    if labels.ndim == 1:  # classification head: preds are class ids
+        return {"accuracy": float((preds == labels).mean())}
+    # Causal LM: the prediction at position t is for the token at t + 1.
+    preds, labels = preds[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    return {"accuracy": float((preds[mask] == labels[mask]).mean()) if mask.any() else float("nan")}
+
+
+def predicted_ids(logits, labels):
+    """The predicted token ids, batch x length, for `token_accuracy`."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    # The fused loss hands on token ids (SafeTrainer's `predicted_ids` output), not logits.
+    preds = logits.argmax(dim=-1) if logits.is_floating_point() else logits
+    if preds.dim() == 1 and labels is not None and labels.dim() == 2:
+        # Predictions came only for the positions that predict a trained token (SafeTrainer):
+        # put them back in place; the other positions are never compared.
+        keep, _ = trained_positions(labels)
+        full = torch.full_like(labels, IGNORE)
+        full[keep] = preds
+        return full
+    return preds
+
+
+class SafeTrainer(Trainer):
+    """Writes each checkpoint under a temporary name and renames it once complete, so a
+    process killed mid-save never leaves a `checkpoint-N` that resume would load.
+
+    Packed batches (train.packing) reach the model with position_ids and no attention mask.
+
+    With `trained_logits_only`, training computes the vocabulary projection and the loss at
+    the positions that predict a trained token only. The prompt's positions have no loss, so
+    their logits were work thrown away. The loss and gradients are the same
+    (tests/training/test_trainer.py). Validation does the same: its loss and its token
+    accuracy look at those positions only (`predicted_ids` puts the predictions back in place).
+
+    With `fused_loss` (kernels.loss.FusedCausalLMLoss, from the CPU kernels), the projection
+    and the loss are computed together, a few rows at a time, and the logits are never stored.
+    Validation gets each trained position's predicted token from the same chunks, in place of
+    logits. The Trainer's own loss scaling (accumulation, processes) is untouched: the model
+    still returns the loss from its forward pass."""
+    staging: str | None = None
+    trained_logits_only = False
+    fused_loss = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "position_ids" in inputs:
+            # Packed rows (data.tokens.pack): without an attention mask and without a cache,
+            # transformers builds the block-diagonal causal mask from the position_ids, so
+            # each original row sees only itself. The mask has served to count tokens.
+            inputs = {k: v for k, v in inputs.items() if k != "attention_mask"} | {"use_cache": False}
+        labels = inputs.get("labels")
+        if not (self.trained_logits_only and labels is not None and labels.dim() == 2):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        keep, following = trained_positions(labels)
+        inputs = {**inputs, "logits_to_keep": keep, "shift_labels": following}
+        if self.fused_loss is None or not (model.training or not torch.is_grad_enabled()):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.fused_loss.swapped_in():
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs and self.fused_loss.predictions is not None:
+            # A pass without gradients (validation) predicted the tokens: hand those on, not logits.
+            return result[0], {"predicted_ids": self.fused_loss.predictions}
+        return result
+
+    def _get_output_dir(self, trial):
+        return self.staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f".partial-{name}")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.staging = staging
+        try:
+            super()._save_checkpoint(model, trial)  # into staging/checkpoint-N
+        finally:
+            self.staging = None
+        distributed.barrier()  # every process has written its part (each writes its own RNG state)
+        if distributed.is_main():
+            final = os.path.join(run_dir, name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, use_mtime=True)
+        distributed.barrier()
+
+    def save_checkpoint_now(self) -> None:
+        """A checkpoint of the steps trained so far (after an interrupt)."""
+        self._save_checkpoint(self.model, trial=None)
+
+    def drop_printers(self) -> None:
+        """Nothing prints from the training loop: events go to our callbacks instead. Matched by
+        name: importing transformers' notebook callback needs IPython, which a headless run lacks."""
+        for printer in [cb for cb in self.callback_handler.callbacks
+                        if type(cb).__name__ in ("PrinterCallback", "ProgressCallback", "NotebookProgressCallback")]:
+            self.remove_callback(printer)
