@@ -362,3 +362,29 @@ def load_preset(name: str) -> RunConfig:
     if not path.is_file():
         raise UserError(f"unknown preset {name!r}; available: {', '.join(presets())}")
     return RunConfig.load(path)
+
+
+def reference() -> str:
+    """Every setting as Markdown, from the dataclasses' help text: docs/config.md, written by
+    `python docs/config_reference.py` (a test checks that it is current)."""
+    lines = ["# Configuration reference", "",
+             "Generated from the help text in `nb_finetune/config.py` by `python docs/config_reference.py`. "
+             "A run config is YAML or JSON with the sections below; every setting is optional.", ""]
+    for section, klass in _SECTIONS.items():
+        lines += [f"## `{section}`", "", "| setting | default | accepted | what it does |", "|---|---|---|---|"]
+        for f in dataclasses.fields(klass):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"| `{f.name}` | `{json.dumps(default)}` | {_accepted(f)} | "
+                         f"{f.metadata['help'].replace('|', '&#124;')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _accepted(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if "choices" in meta:
+        return ", ".join(f"`{c}`" for c in meta["choices"])
+    lo, hi = meta.get("min"), meta.get("max")
+    bounds = f" from {lo}" if lo is not None else ""
+    bounds += f" to {hi}" if hi is not None else ""
+    return _type_name(f) + bounds

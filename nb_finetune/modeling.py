@@ -52,9 +52,9 @@ def _load_any(loader, name: str, **kwargs):
             return loader(name, **kwargs)
     except OSError:
         pass
-    raise UserError(f"model {name!r} is not a built-in name ({', '.join(n for n, a in assets.BUILTIN.items() if a.kind == 'model')}), "
-                        "a local folder, nor reachable on the Hugging Face Hub; check the name, or "
-                        "download it and give its folder")
+    builtin = ", ".join(n for n, a in assets.BUILTIN.items() if a.kind == "model")
+    raise UserError(f"model {name!r} is not a built-in name ({builtin}), a local folder, nor reachable on the "
+                    "Hugging Face Hub; check the name, or download it and give its folder")
 
 
 def load_tokenizer(cfg: ModelConfig, progress=print):

@@ -125,7 +125,8 @@ class Session:
         head_labels = {lab: i for i, lab in enumerate(self.prep.labels)} if self.objective == "head" else None
         cache = assets.cache_dir() / "tokens" if self.cfg.train.cache_tokens else None
         for name in ("train", "validation"):
-            said = lambda message, name=name: self.progress(f"{name}: {message}")
+            def said(message, name=name):
+                self.progress(f"{name}: {message}")
             self.datasets[name], self.token_stats[name] = tokenize_frame(self.prep.splits[name], self.formatter,
                                                                          head_labels, cache, said)
         self.report_tokens()
