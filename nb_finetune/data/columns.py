@@ -22,9 +22,13 @@ def frame_digest(frame: pd.DataFrame) -> str:
     try:
         digest.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
     except TypeError:  # unhashable cells (a chat's list of messages, or an array of them from Parquet)
-        plain = lambda o: o.tolist() if hasattr(o, "tolist") else str(o)  # arrays whole: str() cuts long ones
-        digest.update(json.dumps(frame.to_dict(orient="split"), default=plain).encode())
+        digest.update(json.dumps(frame.to_dict(orient="split"), default=_plain).encode())
     return digest.hexdigest()
+
+
+def _plain(value):
+    """A cell JSON cannot hold, as it can: arrays whole (str() cuts long ones), anything else as text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _need_column(df: pd.DataFrame, column: str, setting: str) -> pd.Series:
@@ -69,32 +73,40 @@ def _normalize_classification(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame
 
 
 def _template_fields(template: str) -> list[str]:
-    import string
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
 def _normalize_completion(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     messages_col = cfg.messages_column or ("messages" if "messages" in df.columns else "")
     if messages_col:
-        msgs = _need_column(df, messages_col, "data.messages_column")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, (list, np.ndarray)) or not all(isinstance(t, dict) and "role" in t
-                                                                 and "content" in t for t in m):
-                raise UserError(f"row {i} of {messages_col!r} is not a list of {{role, content}} messages")
-            if not any(t["role"] == "assistant" for t in m):
-                raise UserError(f"row {i} of {messages_col!r} has no assistant turn to train on")
-        return pd.DataFrame({"messages": [[dict(t) for t in m] for m in msgs]})
+        return _normalize_messages(_need_column(df, messages_col, "data.messages_column"), messages_col)
     if not cfg.prompt_column and {"instruction", "output"} <= set(df.columns):
-        instruction, output = _as_text(df["instruction"]), _as_text(df["output"])
-        extra = _as_text(df["input"]) if "input" in df.columns else pd.Series([""] * len(df), index=df.index)
-        prompt = [i if not x.strip() else f"{i}\n\n{x}" for i, x in zip(instruction, extra)]
-        return pd.DataFrame({"prompt": prompt, "completion": output.values})
+        return _normalize_alpaca(df)
     if cfg.text_template:  # the prompt built from several columns
         prompt = _as_text(_fill_template(df, cfg.text_template))
     else:
         prompt = _as_text(_need_column(df, cfg.prompt_column or "prompt", "data.prompt_column"))
     completion = _as_text(_need_column(df, cfg.completion_column or "completion", "data.completion_column"))
     return pd.DataFrame({"prompt": prompt.values, "completion": completion.values})
+
+
+def _normalize_messages(msgs: pd.Series, column: str) -> pd.DataFrame:
+    """Chats as lists of {role, content} dicts, each with an assistant turn to train on."""
+    for i, m in enumerate(msgs):
+        if not isinstance(m, (list, np.ndarray)) or not all(isinstance(t, dict) and "role" in t
+                                                             and "content" in t for t in m):
+            raise UserError(f"row {i} of {column!r} is not a list of {{role, content}} messages")
+        if not any(t["role"] == "assistant" for t in m):
+            raise UserError(f"row {i} of {column!r} has no assistant turn to train on")
+    return pd.DataFrame({"messages": [[dict(t) for t in m] for m in msgs]})
+
+
+def _normalize_alpaca(df: pd.DataFrame) -> pd.DataFrame:
+    """Alpaca's instruction / input / output: the input, where there is one, after the instruction."""
+    instruction, output = _as_text(df["instruction"]), _as_text(df["output"])
+    extra = _as_text(df["input"]) if "input" in df.columns else pd.Series([""] * len(df), index=df.index)
+    prompt = [i if not x.strip() else f"{i}\n\n{x}" for i, x in zip(instruction, extra)]
+    return pd.DataFrame({"prompt": prompt, "completion": output.values})
 
 
 def key_text(frame: pd.DataFrame) -> pd.Series:

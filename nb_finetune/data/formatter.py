@@ -160,8 +160,8 @@ class Formatter:
                 ids, labels = ids[:limit], labels[:limit]
         return {"input_ids": ids.tolist(), "labels": labels.tolist(), **flags}
 
-
     def encode_classification_many(self, rows, label_ids: dict, progress=None) -> list[dict]:
+        """For a classification head: each text's ids (middle cut) and its class index."""
         out = []
         for chunk in _chunks(rows, progress):
             for row, ids in zip(chunk, self.tokenizer([row["text"] for row in chunk])["input_ids"]):

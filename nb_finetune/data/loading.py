@@ -12,7 +12,6 @@ from .. import assets
 from ..config import DataConfig
 from ..errors import UserError
 
-
 _SUFFIX_FORMAT = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".json": "json", ".jsonl": "jsonl",
                   ".parquet": "parquet", ".pq": "parquet"}
 
@@ -94,31 +93,42 @@ def _sniff_delimiter(path: Path) -> str:
 
 
 def _read_file(path: Path, cfg: DataConfig) -> pd.DataFrame:
-    fmt = cfg.format if cfg.format != "auto" else _SUFFIX_FORMAT.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"cannot tell the format of {path.name}; set data.format to one of "
-                        "csv, tsv, json, jsonl, parquet")
+    fmt = _format_of(path, cfg)
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; give a file with a header and at least two rows")
     _check_fits_in_memory(path)
     skipped: list[int] = []
-    try:
-        if fmt in ("csv", "tsv"):
-            df = _read_delimited(path, fmt, cfg, skipped)
-        elif fmt == "jsonl":
-            df = _read_jsonl(path, cfg.skip_bad_lines, skipped)
-        elif fmt == "json":
-            df = _read_json(path)
-        else:
-            df = pd.read_parquet(path)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path.name} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
-    except (pd.errors.ParserError, ValueError) as err:
-        raise UserError(f"cannot read {path.name} as {fmt}: {str(err).splitlines()[0]}") from None
+    df = _parse(path, fmt, cfg, skipped)
     if len(df) == 0:
         raise UserError(f"{path} has no data rows; give a file with at least two rows")
     df.attrs["skipped_lines"] = len(skipped)
     return df
+
+
+def _format_of(path: Path, cfg: DataConfig) -> str:
+    """data.format, or the one the file's suffix names."""
+    fmt = cfg.format if cfg.format != "auto" else _SUFFIX_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot tell the format of {path.name}; set data.format to one of "
+                        "csv, tsv, json, jsonl, parquet")
+    return fmt
+
+
+def _parse(path: Path, fmt: str, cfg: DataConfig, skipped: list) -> pd.DataFrame:
+    """The file read as `fmt`, unreadable lines counted into `skipped`; a parser's error as one
+    line that names the file."""
+    try:
+        if fmt in ("csv", "tsv"):
+            return _read_delimited(path, fmt, cfg, skipped)
+        if fmt == "jsonl":
+            return _read_jsonl(path, cfg.skip_bad_lines, skipped)
+        if fmt == "json":
+            return _read_json(path)
+        return pd.read_parquet(path)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path.name} is not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
+    except (pd.errors.ParserError, ValueError) as err:
+        raise UserError(f"cannot read {path.name} as {fmt}: {str(err).splitlines()[0]}") from None
 
 
 def _read_delimited(path: Path, fmt: str, cfg: DataConfig, skipped: list) -> pd.DataFrame:

@@ -15,7 +15,6 @@ import pandas as pd
 from ..config import DataConfig
 from ..errors import UserError
 
-
 # Editable: pass your own list of (term, counterpart) pairs. Swaps go both ways.
 GENDER_TERMS = [("he", "she"), ("him", "her"), ("his", "her"), ("man", "woman"), ("men", "women"),
                 ("boy", "girl"), ("boys", "girls"), ("father", "mother"), ("son", "daughter"),
@@ -23,7 +22,7 @@ GENDER_TERMS = [("he", "she"), ("him", "her"), ("his", "her"), ("man", "woman"),
                 ("male", "female"), ("gentleman", "lady"), ("actor", "actress"), ("uncle", "aunt")]
 
 
-def _swap_map(terms) -> dict[str, str]:
+def swap_map(terms) -> dict[str, str]:
     if not terms:
         raise UserError("the term list is empty; give pairs like [['he', 'she'], ['man', 'woman']]")
     mapping: dict[str, str] = {}
@@ -53,7 +52,7 @@ def swap_terms(text: str, mapping: dict[str, str]) -> str:
 def counterfactual_augment(frame: pd.DataFrame, terms=GENDER_TERMS, columns=("text", "prompt", "completion")
                            ) -> tuple[pd.DataFrame, int]:
     """The frame plus a swapped copy of every row whose text mentions a term; (frame, copies)."""
-    mapping = _swap_map(terms)
+    mapping = swap_map(terms)
     cols = [c for c in columns if c in frame]
     if not cols:
         raise UserError(f"counterfactual augmentation needs a text column ({', '.join(columns)})")

@@ -27,31 +27,55 @@ def prepare(cfg: DataConfig, source=None) -> PreparedData:
     """Load, normalise, check, clean and split. `source` overrides cfg.source (e.g. a DataFrame)."""
     if source is None:  # a built-in name's column defaults apply to that data set only
         cfg = resolve_source(cfg)
-    raw = read_table(cfg.source if source is None else source, cfg)
-    if cfg.max_rows and len(raw) > cfg.max_rows:
-        raw = raw.sample(n=cfg.max_rows, random_state=cfg.seed).sort_index()
+    raw = _load(cfg, source)
     frame = normalize(raw, cfg)
     report = build_report(raw, frame, cfg.task)
     cleaned = clean(frame, cfg)
     dropped = len(frame) - len(cleaned)
     report.add("rows dropped (empty or duplicate)", dropped, len(frame), "warning" if dropped else "ok", "")
     stratify = "label" if cfg.task == "classification" else None
+    splits = _split(cleaned, cfg, stratify)
+    splits["train"] = mitigate(splits["train"], cfg, report)
+    _check_leakage(splits, report)
+    report.split_sizes = {k: len(v) for k, v in splits.items()}
+    labels = _label_order(cleaned, cfg) if stratify else []
+    return PreparedData(splits, report, cfg.task, labels, cfg)
+
+
+def _load(cfg: DataConfig, source) -> pd.DataFrame:
+    """The raw table, sampled (seeded, in its order) down to data.max_rows."""
+    raw = read_table(cfg.source if source is None else source, cfg)
+    if cfg.max_rows and len(raw) > cfg.max_rows:
+        raw = raw.sample(n=cfg.max_rows, random_state=cfg.seed).sort_index()
+    return raw
+
+
+def _split(cleaned: pd.DataFrame, cfg: DataConfig, stratify: str | None) -> dict[str, pd.DataFrame]:
+    """The seeded split; the test split read from data.test_source where one is set."""
     splits = split(cleaned, cfg, stratify)
     if cfg.test_source:
         test_raw = read_table(cfg.test_source, cfg)
         splits["test"] = clean(normalize(test_raw, cfg), replace(cfg, drop_duplicates=False))
     if len(splits["train"]) == 0:
         raise UserError("no rows left for training after the split; add rows or lower the fractions")
-    splits["train"] = mitigate(splits["train"], cfg, report)
+    return splits
+
+
+def _check_leakage(splits: dict[str, pd.DataFrame], report: DataReport) -> None:
+    """How many validation and test texts are also training texts."""
     train_keys = set(key_text(splits["train"]))
     for name in ("validation", "test"):
         if len(splits[name]):
             shared = int(key_text(splits[name]).isin(train_keys).sum())
             report.add(f"leakage: {name} texts also in train", shared, len(splits[name]),
                        "warning" if shared else "ok", "")
-    report.split_sizes = {k: len(v) for k, v in splits.items()}
-    labels = sorted(cleaned["label"].unique()) if stratify else []
-    if labels and cfg.label_names:  # keep the user's order (e.g. negative before positive)
+
+
+def _label_order(cleaned: pd.DataFrame, cfg: DataConfig) -> list[str]:
+    """The label words sorted, or in data.label_names' order where it names them (e.g.
+    negative before positive)."""
+    labels = sorted(cleaned["label"].unique())
+    if labels and cfg.label_names:
         order = list(dict.fromkeys(cfg.label_names.values()))
         labels = [lab for lab in order if lab in labels] + [lab for lab in labels if lab not in order]
-    return PreparedData(splits, report, cfg.task, labels, cfg)
+    return labels

@@ -61,12 +61,28 @@ def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataRepor
     report = DataReport(pd.DataFrame(columns=["check", "count", "share", "severity", "detail"]))
     if n == 0:
         raise UserError("the data set has no rows; give a file with at least two rows")
+    _check_source(report, raw, n)
+    _check_empty(report, frame)
+    dup = int(duplicated(frame).sum())
+    report.add("exact duplicates", dup, n, "warning" if dup else "ok", "")
+    if task == "classification":
+        _check_labels(report, frame)
+    return report
+
+
+def _check_source(report: DataReport, raw: pd.DataFrame, n: int) -> None:
+    """The row count with the source's columns, and the lines skipped as unreadable."""
     names = [str(c) for c in raw.columns]
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
     report.add("rows", n, n, "ok", f"source columns: {shown}")
     skipped = raw.attrs.get("skipped_lines", 0)
     if skipped:
         report.add("unreadable lines skipped", skipped, n + skipped, "warning", "data.skip_bad_lines is on")
+
+
+def _check_empty(report: DataReport, frame: pd.DataFrame) -> None:
+    """Empty cells per standard column; a column empty in every row is an error."""
+    n = len(frame)
     for col in [c for c in ("text", "prompt", "completion", "label") if c in frame]:
         empty = int((frame[col].str.strip() == "").sum())
         if empty == n:
@@ -74,19 +90,20 @@ def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataRepor
                             "column that holds it")
         report.add(f"empty {col}", empty, n, "warning" if empty else "ok",
                    "rows dropped" if empty else "")
-    dup = int(duplicated(frame).sum())
-    report.add("exact duplicates", dup, n, "warning" if dup else "ok", "")
-    if task == "classification":
-        per_text = frame.groupby("text")["label"].nunique()
-        conflicts = int(per_text[per_text > 1].size)
-        report.add("same text, conflicting labels", conflicts, n, "warning" if conflicts else "ok",
-                   "texts" if conflicts else "")
-        balance = frame["label"].value_counts()
-        if balance.size < 2:
-            raise UserError(f"the label column has a single class ({balance.index[0]!r}); classification "
-                            "needs two or more classes: check data.label_column")
-        report.class_balance = balance
-        ratio = balance.max() / balance.min()
-        report.add("classes", balance.size, balance.size, "warning" if ratio > 3 else "ok",
-                   ", ".join(f"{k}: {v}" for k, v in balance.items()))
-    return report
+
+
+def _check_labels(report: DataReport, frame: pd.DataFrame) -> None:
+    """Texts with conflicting labels, and the class balance (a single class is an error)."""
+    n = len(frame)
+    per_text = frame.groupby("text")["label"].nunique()
+    conflicts = int(per_text[per_text > 1].size)
+    report.add("same text, conflicting labels", conflicts, n, "warning" if conflicts else "ok",
+               "texts" if conflicts else "")
+    balance = frame["label"].value_counts()
+    if balance.size < 2:
+        raise UserError(f"the label column has a single class ({balance.index[0]!r}); classification "
+                        "needs two or more classes: check data.label_column")
+    report.class_balance = balance
+    ratio = balance.max() / balance.min()
+    report.add("classes", balance.size, balance.size, "warning" if ratio > 3 else "ok",
+               ", ".join(f"{k}: {v}" for k, v in balance.items()))

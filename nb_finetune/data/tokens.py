@@ -80,7 +80,7 @@ def pack(dataset: TokenizedDataset, max_length: int) -> TokenizedDataset:
     Each packed row carries position_ids that restart at 0 for every original row. Given
     position_ids and no attention mask, transformers builds a block-diagonal causal mask from
     them, so each original row sees only itself, at its own positions: the same logits as
-    unpacked (tests/test_speed.py); the engine's trainer passes packed batches that way. Each
+    unpacked (tests/data/test_packing.py); training.trainer passes packed batches that way. Each
     original row's first label is not trained: it would be predicted from the row before."""
     features = dataset.features
     if features and isinstance(features[0]["labels"], (int, np.integer)):
@@ -102,10 +102,8 @@ def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None
     """Encode every row; rows with no trained token left are dropped and counted.
 
     With `cache` (a folder), the encoded rows are kept there and read back when the same rows
-    are tokenized the same way again (see `_fingerprint`): a re-run, a restarted kernel, new
-    LoRA or training settings on the same data."""
-    stats = TokenizationStats()
-    kept = []
+    are tokenized the same way again (see `token_cache.cached`): a re-run, a restarted kernel,
+    new LoRA or training settings on the same data."""
     rows = frame.to_dict(orient="records")
 
     def encode():
@@ -114,15 +112,20 @@ def tokenize_frame(frame: pd.DataFrame, fmt: Formatter, head_labels: dict | None
         return fmt.encode_many(rows, progress)
 
     encoded = cached(cache, frame, fmt, head_labels, encode, progress) if cache and rows else encode()
+    return _keep_trained(encoded, per_row=bool(head_labels))
+
+
+def _keep_trained(encoded: list[dict], per_row: bool) -> tuple[TokenizedDataset, TokenizationStats]:
+    """The encoded rows that keep a trained token, and the counts of what truncation did.
+    `per_row`: a head's rows, one class index each (always trained)."""
+    stats = TokenizationStats()
+    kept = []
     for f in encoded:
         stats.rows += 1
         stats.lengths.append(len(f["input_ids"]))
         stats.prompt_truncated += f["prompt_truncated"]
         stats.response_truncated += f["response_truncated"]
-        if head_labels:
-            trained = 1
-        else:
-            trained = sum(1 for x in f["labels"] if x != IGNORE)
+        trained = 1 if per_row else sum(1 for x in f["labels"] if x != IGNORE)
         if trained == 0:
             stats.dropped_no_trained += 1
             continue

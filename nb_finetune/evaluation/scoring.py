@@ -101,43 +101,73 @@ def shared_prompt_logprobs(model, per_row: list[list[dict]], collator, batch_siz
     shared = [shared_length(feats) for feats in per_row]
     if not per_row or min(shared) < 1:
         return None
-    n_labels, device = len(per_row[0]), model.device
-    out = np.zeros((len(per_row), n_labels), dtype=np.float32)
+    out = np.zeros((len(per_row), len(per_row[0])), dtype=np.float32)
     # Right-padded to the longest row only: padding rounded up would run in every label's pass.
     collate = dataclasses.replace(collator, pad_to_multiple_of=None, padding_side="right")
-    # The prompt pass needs no logits at all; one position's is the least a causal LM computes.
-    take_one = {"logits_to_keep": 1} if keeps_logits_selectively(model) else {}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers 5.x renamed `past_key_values` to `cache` (argument and output) along the way.
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_arg = _cache_argument(model)
     for start in range(0, len(per_row), batch_size):
         rows = list(range(start, min(start + batch_size, len(per_row))))
-        batch = collate([{"input_ids": per_row[r][0]["input_ids"][:shared[r]], "labels": [IGNORE] * shared[r]}
-                         for r in rows])
-        prompt, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        width = prompt.shape[1]
-        with autocast(model, precision):
-            out_prompt = model(input_ids=prompt, attention_mask=prompt_mask, use_cache=True, **take_one)
-        cache = out_prompt.get(cache_arg)
-        if cache is None or not getattr(cache, "is_croppable", False):
+        prompt = _run_prompts(model, collate, [per_row[r][0]["input_ids"][:shared[r]] for r in rows], cache_arg,
+                              precision)
+        if prompt is None:
             return None
-        lengths = torch.tensor([shared[r] for r in rows], device=device)
-        for j in range(n_labels):
-            batch = {k: v.to(device) for k, v in collate(
-                [{"input_ids": per_row[r][j]["input_ids"][shared[r]:], "labels": per_row[r][j]["labels"][shared[r]:]}
-                 for r in rows]).items()}
-            ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-            tail_width = ids.shape[1]
-            positions = lengths[:, None] + torch.arange(tail_width, device=device)
-            with autocast(model, precision):
-                logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1),
-                               position_ids=positions, use_cache=True, **{cache_arg: cache}).logits
-            cache.crop(-tail_width)  # negative: remove that many; a positive argument changed meaning in 5.x
-            if cache.get_seq_length() != width:
+        for j in range(out.shape[1]):
+            tails = [{"input_ids": per_row[r][j]["input_ids"][shared[r]:], "labels": per_row[r][j]["labels"][shared[r]:]}
+                     for r in rows]
+            scores = _run_label(model, collate, tails, prompt, [shared[r] for r in rows], cache_arg, precision)
+            if scores is None:
                 return None
-            keep, following = trained_positions(labels)
-            out[rows, j] = row_sums(logits[keep], keep, following)
+            out[rows, j] = scores
     return out
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes the cache: transformers 5.x renamed `past_key_values` to
+    `cache` (argument and output) along the way."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@dataclasses.dataclass
+class _Prompts:
+    """A batch of prompts run once: the cache of their keys and values, their attention mask
+    and their padded width."""
+    cache: object
+    mask: torch.Tensor
+    width: int
+
+
+def _run_prompts(model, collate, prompts: list[list[int]], cache_arg: str, precision: str) -> _Prompts | None:
+    """The prompts through the model, keeping the cache; None where it cannot be cropped back."""
+    batch = collate([{"input_ids": ids, "labels": [IGNORE] * len(ids)} for ids in prompts])
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    # The prompt pass needs no logits at all; one position's is the least a causal LM computes.
+    take_one = {"logits_to_keep": 1} if keeps_logits_selectively(model) else {}
+    with autocast(model, precision):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **take_one)
+    cache = out.get(cache_arg)
+    if cache is None or not getattr(cache, "is_croppable", False):
+        return None
+    return _Prompts(cache, mask, ids.shape[1])
+
+
+def _run_label(model, collate, tails: list[dict], prompts: _Prompts, lengths: list[int], cache_arg: str,
+               precision: str) -> np.ndarray | None:
+    """Each row's summed log-probability of one label's trained tokens, run on top of the
+    prompts' cache and cropped off it again; None where the crop did not restore the cache."""
+    device = model.device
+    batch = {k: v.to(device) for k, v in collate(tails).items()}
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    tail_width = ids.shape[1]
+    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(tail_width, device=device)
+    with autocast(model, precision):
+        logits = model(input_ids=ids, attention_mask=torch.cat([prompts.mask, mask], dim=1),
+                       position_ids=positions, use_cache=True, **{cache_arg: prompts.cache}).logits
+    prompts.cache.crop(-tail_width)  # negative: remove that many; a positive argument changed meaning in 5.x
+    if prompts.cache.get_seq_length() != prompts.width:
+        return None
+    keep, following = trained_positions(labels)
+    return row_sums(logits[keep], keep, following)
 
 
 @torch.inference_mode()

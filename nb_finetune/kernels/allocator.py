@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-
 # glibc's mallopt parameters (malloc.h) and its defaults.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _DEFAULT_TRIM, _DEFAULT_MMAPS = 128 * 1024, 65536
@@ -50,8 +49,8 @@ def freed_memory_kept(enabled: bool = True):
     A CPU training step allocates and frees several GB of activations (an evaluation batch
     less, but batch after batch). With glibc's defaults much of that goes back to the system
     when freed (blocks above its mmap threshold are unmapped, and the top of the heap is
-    trimmed), so the next step touches fresh pages and the kernel zero-fills every one
-    (benchmarks/train_speed.py counts the page faults). Here every block comes from the heap
+    trimmed), so the next step touches fresh pages and the kernel zero-fills every one (a
+    page fault each). Here every block comes from the heap
     (none is mapped on its own; a thread's arena still maps what exceeds its 64 MB heaps) and
     the heap is not trimmed meanwhile.
     Afterwards mapping and trimming are restored, with the threshold left at glibc's own

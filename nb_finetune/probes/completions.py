@@ -119,8 +119,9 @@ def divergent(frame: pd.DataFrame) -> pd.DataFrame:
         if len(means) < 2:
             continue
         hi, lo = means.idxmax(), means.idxmin()
-        pick = lambda g: part[part["group"] == g].sort_values("score").iloc[-1 if g == hi else 0]  # noqa: E731
+        ranked = {g: part[part["group"] == g].sort_values("score") for g in (hi, lo)}
         rows.append({"template": template, "difference": means[hi] - means[lo], "group_a": hi,
-                     "completion_a": pick(hi)["completion"], "group_b": lo, "completion_b": pick(lo)["completion"]})
+                     "completion_a": ranked[hi].iloc[-1]["completion"], "group_b": lo,
+                     "completion_b": ranked[lo].iloc[-1 if lo == hi else 0]["completion"]})
     return pd.DataFrame(rows).sort_values("difference", ascending=False).reset_index(drop=True) if rows \
         else pd.DataFrame(rows)

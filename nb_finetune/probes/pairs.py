@@ -10,7 +10,6 @@ import pandas as pd
 
 from ..errors import UserError
 
-
 PAIR_COLUMNS = ["more", "less", "bias_type"]  # optional: "unrelated", "context"
 
 

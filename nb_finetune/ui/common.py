@@ -24,8 +24,8 @@ from ..config import RunConfig
 from ..errors import ConfigError, Problem, UserError
 from ..pipeline import Session
 from ..quiet import quiet_libraries
-from ..render.figures import to_png
 from ..redact import redact
+from ..render.figures import to_png
 
 LABEL_WIDTH = "150px"
 
