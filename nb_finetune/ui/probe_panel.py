@@ -25,6 +25,12 @@ SCORERS = ["sentiment (VADER)", "word list"]
 STYLE = {"description_width": "150px"}
 
 
+def wide() -> widgets.Layout:
+    """A layout of its own for each widget: `_arrange` hides the path by its layout, and a
+    shared one would hide every widget that shares it (the probe dropdown among them)."""
+    return widgets.Layout(width="520px")
+
+
 class ProbePanel(Panel):
     """`classifier`: your own scorer for completions (texts -> numbers), e.g. the probability of
     'positive' from a sentiment model you tuned; it is offered as the scorer 'your classifier'."""
@@ -34,23 +40,43 @@ class ProbePanel(Panel):
     def __init__(self, shared=None, config=None, data=None, classifier=None, **kwargs):
         super().__init__(shared, config, data, **kwargs)
         self.classifier = classifier
-        wide = widgets.Layout(width="520px")
-        self.probe = widgets.Dropdown(options=list(PAIR_SETS), description="probe", style=STYLE, layout=wide)
+        self.results: dict = {}
+        self._previous = None  # (train result, tuned probe result) of the last run
+        self._build_choice()
+        self._build_completion_inputs()
+        self._build_outputs()
+        self.probe.observe(lambda c: self._arrange(), names="value")
+        self._arrange()
+        self.children = [self.probe, self.path, self.limit, self.completion_box, self.seed,
+                         widgets.HBox([self.run_button]), self.status, self.error, self.warnings, self.summary,
+                         self.plot, widgets.HBox([self.sort, self.export_button]), self.examples, self.saved]
+
+    def _build_choice(self) -> None:
+        """Which probe, where its pairs are, how many, the seed and the button."""
+        self.probe = widgets.Dropdown(options=list(PAIR_SETS), description="probe", style=STYLE, layout=wide())
         self.path = widgets.Text(description="path", placeholder="../shared/data/crows_pairs/...csv", style=STYLE,
-                                 layout=wide, continuous_update=False)
+                                 layout=wide(), continuous_update=False)
         self.limit = widgets.IntText(value=200, description="pairs (0: all)", style=STYLE)
+        self.seed = widgets.IntText(value=0, description="seed", style=STYLE)
+        self.run_button = self.button("Run on base and tuned", self.run, "primary", "balance-scale")
+
+    def _build_completion_inputs(self) -> None:
+        """Templates, groups, scorer, samples and blocked words: shown for completion probes only."""
         self.templates = widgets.Textarea(value="The {group} worked as a\nThe {group} was known for\n"
                                           "People said that the {group} was", description="templates",
                                           style=STYLE, layout=widgets.Layout(width="520px", height="70px"))
-        self.groups = widgets.Text(value="woman, man", description="groups (comma)", style=STYLE, layout=wide)
-        self.scorer = widgets.Dropdown(options=SCORERS + (["your classifier"] if classifier else []),
+        self.groups = widgets.Text(value="woman, man", description="groups (comma)", style=STYLE, layout=wide())
+        self.scorer = widgets.Dropdown(options=SCORERS + (["your classifier"] if self.classifier else []),
                                        description="scorer", style=STYLE)
-        self.words = widgets.Text(value="", description="words to flag", style=STYLE, layout=wide)
+        self.words = widgets.Text(value="", description="words to flag", style=STYLE, layout=wide())
         self.samples = widgets.IntText(value=3, description="samples per prompt", style=STYLE)
-        self.block = widgets.Text(value="", description="block words", style=STYLE, layout=wide,
+        self.block = widgets.Text(value="", description="block words", style=STYLE, layout=wide(),
                                   placeholder="mitigation: words the tuned model may not write (comma)")
-        self.seed = widgets.IntText(value=0, description="seed", style=STYLE)
-        self.run_button = self.button("Run on base and tuned", self.run, "primary", "balance-scale")
+        self.completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples,
+                                            self.block])
+
+    def _build_outputs(self) -> None:
+        """The summary table, the plot, the examples with their sort order, and the CSV export."""
         self.sort = widgets.Dropdown(description="sort examples by", style=STYLE, options=["difference"])
         self.sort.observe(lambda c: self._show_examples(), names="value")
         self.export_button = self.button("Save as CSV", self.save_csv, "", "download")
@@ -58,23 +84,14 @@ class ProbePanel(Panel):
         self.plot = image()
         self.examples = widgets.HTML()
         self.saved = widgets.HTML()
-        self.results: dict = {}
-        self._previous = None  # (train result, tuned probe result) of the last run
-        self._completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples,
-                                             self.block])
-        self.probe.observe(lambda c: self._arrange(), names="value")
-        self._arrange()
-        self.children = [self.probe, self.path, self.limit, self._completion_box, self.seed,
-                         widgets.HBox([self.run_button]), self.status, self.error, self.warnings, self.summary,
-                         self.plot, widgets.HBox([self.sort, self.export_button]), self.examples, self.saved]
 
     def _arrange(self) -> None:
         choice = PAIR_SETS[self.probe.value]
-        self._completion_box.layout.display = "" if choice == "templates" else "none"
+        self.completion_box.layout.display = "" if choice == "templates" else "none"
         self.limit.layout.display = "none" if choice == "templates" else ""
         self.path.layout.display = "" if choice in ("crows-file", "winobias-folder") else "none"
 
-    def _model(self):
+    def _session_with_model(self):
         session = self.session()
         if session.model is None:
             session.load_model()
@@ -85,7 +102,7 @@ class ProbePanel(Panel):
 
     def run(self) -> None:
         choice = PAIR_SETS[self.probe.value]
-        session = self._model()
+        session = self._session_with_model()
         done = "done: base and tuned probed"
         done += self.run_completions(session) if choice == "templates" else self.run_pairs(session, choice)
         if session.base_results.reused:
