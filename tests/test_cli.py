@@ -5,10 +5,9 @@ import sys
 import pandas as pd
 import pytest
 import yaml
+from conftest import SUBPROCESS_ENV
 
 from nb_finetune.cli import main
-
-from conftest import SUBPROCESS_ENV
 
 
 def _config(tmp_path, **sections):

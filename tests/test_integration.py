@@ -6,7 +6,7 @@ import pytest
 
 from nb_finetune import RunConfig
 from nb_finetune.cli import main
-from nb_finetune.job import Session, run
+from nb_finetune.pipeline import Session, run
 
 
 @pytest.mark.slow
@@ -119,6 +119,7 @@ def test_gpu_check_script_runs_here(tmp_path):
     """The GPU check script runs on this CPU too (small), printing both runs side by side."""
     import subprocess
     import sys
+
     from conftest import REPO, SUBPROCESS_ENV
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--steps", "2", "--output",
                            str(tmp_path)], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)

@@ -107,25 +107,25 @@ def test_terminal_fallbacks_answer_in_text(ip, tiny_yaml, tmp_path):
 
 
 def test_rich_display_of_configs_reports_results_and_sessions(ip, tiny_yaml, tmp_path):
-    from nb_finetune import engine, job
+    from nb_finetune import pipeline, training
     from nb_finetune.config import RunConfig
     cfg = RunConfig.from_dict(yaml.safe_load(tiny_yaml))
     fmt = ip.display_formatter.format
     html, text = fmt(cfg)[0]["text/html"], fmt(cfg)[0]["text/plain"]
     assert "<table" in html and "<td style='font-weight:bold'>4</td>" in html  # lora_r differs from 16
     assert "lora_r: 4" in text
-    session = job.run(cfg, callbacks=[engine.Callback()], progress=lambda m: None)
+    session = pipeline.run(cfg, callbacks=[training.Callback()], progress=lambda m: None)
     report = fmt(session.prep.report)[0]
     assert "data:image/png;base64" in report["text/html"] and "split" in report["text/plain"]
     # The length histogram marks the max_length the rows were cut to, not the longest row.
-    from nb_finetune import plots
-    roomy = job.Session(cfg.with_overrides({"train.max_length": 256}), progress=lambda m: None)
+    from nb_finetune.render import figures
+    roomy = pipeline.Session(cfg.with_overrides({"train.max_length": 256}), progress=lambda m: None)
     roomy.prepare_data()
     roomy.tokenize()
     assert roomy.prep.report.max_length == 256 > roomy.prep.report.token_lengths.max()
-    drawn, real = [], plots.token_length_figure
+    drawn, real = [], figures.token_length_figure
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plots, "token_length_figure", lambda lengths, limit: drawn.append(limit) or real(lengths, limit))
+        mp.setattr(figures, "token_length_figure", lambda lengths, limit: drawn.append(limit) or real(lengths, limit))
         fmt(roomy.prep.report)
     assert drawn == [256]
     legend = real(roomy.prep.report.token_lengths, 256).axes[0].get_legend()
@@ -164,16 +164,19 @@ def test_probe_results_display_as_tables_and_text(tiny_model_dir):
     from IPython.core.interactiveshell import InteractiveShell
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nb_finetune import bias
+    from nb_finetune.probes.completions import probe_completions, template_prompts
+    from nb_finetune.probes.likelihood import probe_pairs
+    from nb_finetune.probes.pairs import PairSet
+    from nb_finetune.probes.scorers import WordListScorer
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    pairs = bias.PairSet("two", pd.DataFrame({"more": ["He is a nurse.", "She is strong."],
-                                               "less": ["She is a nurse.", "He is strong."], "bias_type": "gender"}))
+    pairs = PairSet("two", pd.DataFrame({"more": ["He is a nurse.", "She is strong."],
+                                          "less": ["She is a nurse.", "He is strong."], "bias_type": "gender"}))
     fmt = InteractiveShell.instance().display_formatter.format
-    shown = fmt(bias.probe_pairs(model, tok, pairs, progress=lambda m: None))[0]
+    shown = fmt(probe_pairs(model, tok, pairs, progress=lambda m: None))[0]
     assert "<table" in shown["text/html"] and "stereotype_preferred" in shown["text/plain"]
-    prompts = bias.template_prompts(["The {group} is"], ["woman", "man"])
-    result = bias.probe_completions(model, tok, prompts, bias.WordListScorer(["the"]), samples=1, max_new_tokens=3,
-                                    progress=lambda m: None)
+    prompts = template_prompts(["The {group} is"], ["woman", "man"])
+    result = probe_completions(model, tok, prompts, WordListScorer(["the"]), samples=1, max_new_tokens=3,
+                               progress=lambda m: None)
     shown = fmt(result)[0]
     assert "gap" in shown["text/html"] and "gap" in shown["text/plain"] and "woman" in shown["text/plain"]

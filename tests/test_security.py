@@ -7,8 +7,8 @@ import pytest
 from nb_finetune import RunConfig, UserError
 from nb_finetune.cli import main
 from nb_finetune.config import ModelConfig
-from nb_finetune.job import Session
 from nb_finetune.modeling import load_base, load_config
+from nb_finetune.pipeline import Session
 
 TOKEN = "hf_" + "Q3xZ9" * 7  # shaped like a real Hugging Face token
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,14 +37,16 @@ import torch
 trl = pytest.importorskip("trl")
 if trl.__version__ != "0.19.1":  # the collator was removed in 0.20; behaviours below are 0.19.1's
     pytest.skip(f"these tests pin trl==0.19.1 (found {trl.__version__})", allow_module_level=True)
+from conftest import SHARED_DATA  # noqa: E402
 from trl import DataCollatorForCompletionOnlyLM  # noqa: E402
 
 from nb_finetune import config, data, modeling  # noqa: E402
-from nb_finetune.tokenization import IGNORE, CompletionOnlyCollator, Formatter  # noqa: E402
+from nb_finetune.data.collator import CompletionOnlyCollator  # noqa: E402
+from nb_finetune.data.formatter import IGNORE, Formatter  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:This class is deprecated:DeprecationWarning")
 
-ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_demo" / "alpaca_en_demo.json"
+ALPACA = SHARED_DATA / "alpaca_demo" / "alpaca_en_demo.json"
 N_ROWS = 100
 
 # SmolLM2-135M-Instruct token ids this file relies on (checked in test_tokenizer_facts).

@@ -6,11 +6,10 @@ import subprocess
 import pandas as pd
 import pytest
 import yaml
+from conftest import SUBPROCESS_ENV
 
 from nb_finetune import RunConfig
 from nb_finetune.cli import main
-
-from conftest import SUBPROCESS_ENV
 
 
 def _job(tmp_path, tiny_model_dir, sst2_frame, name="job", **train):

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from nb_finetune.config import DataConfig
 from nb_finetune.data import read_table
-from nb_finetune.tokenization import IGNORE, CompletionOnlyCollator, Formatter
+from nb_finetune.data.collator import CompletionOnlyCollator
+from nb_finetune.data.formatter import IGNORE, Formatter
 
 # Printable text with the characters that break naive loaders: quotes, delimiters, newlines.
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), whitelist_characters='\n\t";,|\''),

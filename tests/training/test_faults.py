@@ -8,13 +8,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV
 from safetensors.torch import load_file
 
 from nb_finetune import RunConfig, UserError
-from nb_finetune.engine import Callback
-from nb_finetune.job import Session
-
-from conftest import SUBPROCESS_ENV
+from nb_finetune.pipeline import Session
+from nb_finetune.training import Callback
 
 
 def _cfg(model_dir, out, **train):
@@ -63,7 +62,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from transformers import Trainer
     from nb_finetune import RunConfig
-    from nb_finetune.job import Session
+    from nb_finetune.pipeline import Session
     import pandas as pd
     saves = []
     original = Trainer._save_rng_state

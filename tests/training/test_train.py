@@ -1,14 +1,15 @@
-"""Training engine on a tiny random llama (2 layers, 64 wide) with the real SmolLM2 tokenizer."""
+"""Training on a tiny random llama (2 layers, 64 wide) with the real SmolLM2 tokenizer: events,
+history, stop and resume, early stopping, a classification head, packing, and the tokens a
+session keeps."""
 import math
-import platform
 import threading
 
 import numpy as np
 import pytest
 
 from nb_finetune import RunConfig
-from nb_finetune.engine import HISTORY_COLUMNS, Callback
-from nb_finetune.job import Session
+from nb_finetune.pipeline import Session
+from nb_finetune.training import HISTORY_COLUMNS, Callback
 
 
 def _cfg(tiny_model_dir, tmp_path, **train):
@@ -123,97 +124,6 @@ def test_early_stopping_on_flat_validation_loss(tiny_model_dir, tmp_path, sst2_f
     assert result.early_stopped and result.global_step == 3
 
 
-def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
-    from contextlib import contextmanager
-
-    from nb_finetune import hardware, memory
-    s = _session(_cfg(tiny_model_dir, tmp_path, max_steps=2), sst2_frame)
-    s.train()
-    entered, seen = [], []  # freed_memory_kept's answers while it is entered; what each forward pass saw
-    real_kept = memory.freed_memory_kept
-
-    @contextmanager
-    def kept(enabled=True):
-        with real_kept(enabled) as applied:
-            entered.append(applied)
-            try:
-                yield applied
-            finally:
-                entered.pop()
-
-    monkeypatch.setattr(memory, "freed_memory_kept", kept)
-    hook = s.model.register_forward_pre_hook(lambda module, args: seen.append(list(entered)))
-    try:
-        ev = s.evaluate()
-    finally:
-        hook.remove()
-    # every batch of the tuned and the base model ran with the freed memory kept (glibc on a CPU)
-    applies = platform.libc_ver()[0] == "glibc" and not hardware.cuda_available() and \
-        not memory.allocator_tuned_by_environment()
-    assert len(seen) > 2 and all(state == [applies] for state in seen), seen[:3]
-    assert not entered
-    majority = s.prep.splits["train"]["label"].value_counts().index[0]
-    assert list(ev.metrics.index) == ["tuned", "base", f"majority class ({majority})"]
-    n_test = len(s.prep.splits["test"])
-    assert ev.confusion.to_numpy().sum() == n_test
-    share = (s.prep.splits["test"]["label"] == majority).mean()
-    assert math.isclose(ev.metrics.iloc[2]["accuracy"], share)
-    picked = ev.predictions["tuned_prediction"]
-    assert math.isclose(ev.metrics.loc["tuned", "accuracy"], (picked == ev.predictions["reference"]).mean())
-    assert list(ev.samples.columns) == ["prompt", "reference", "base", "tuned"] and len(ev.samples) == 1
-    out = s.write_outputs()
-    for name in ("report.json", "test_metrics.csv", "confusion_matrix.csv", "samples.csv", "data_report.csv"):
-        assert (out / name).is_file(), name
-
-
-@pytest.mark.parametrize("task", ["classification", "completion"])
-def test_evaluating_after_training_again_reuses_the_base_models_results(task, tiny_model_dir, tmp_path, sst2_frame,
-                                                                       shared_data, monkeypatch):
-    """The base (adapter off) gives the same test scores, loss and samples after every
-    training: evaluated once, then reused, until the base, the tokens or the test rows change."""
-    import json
-
-    import pandas as pd
-    from nb_finetune import evaluation
-    base_runs = []
-    real_base = evaluation._base
-    monkeypatch.setattr(evaluation, "_base", lambda model: base_runs.append(1) or real_base(model))
-    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=2)
-    frame = sst2_frame
-    if task == "completion":
-        cfg = cfg.with_overrides({"data.task": "completion", "data.text_column": "", "train.max_length": 96})
-        frame = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:60])
-    said = []
-    s = Session(cfg, progress=said.append)
-    s.prepare_data(frame)
-    s.train()
-    first = s.evaluate()
-    assert len(base_runs) == 2  # the test set, then the samples
-    s.reconfigure(cfg.with_overrides({"train.learning_rate": 3e-3, "model.lora_r": 8}))
-    s.discard_training()
-    s.train()
-    again = s.evaluate()
-    assert len(base_runs) == 2 and sum("from the earlier evaluation" in m for m in said) == 2
-    pd.testing.assert_series_equal(first.metrics.loc["base"], again.metrics.loc["base"])
-    assert list(first.samples["base"]) == list(again.samples["base"])
-    changed = "tuned_confidence" if task == "classification" else "tuned_loss"
-    assert not np.allclose(first.predictions[changed], again.predictions[changed])  # a newly trained tuned model
-    s.reconfigure(s.cfg.with_overrides({"eval.max_test_rows": 3}))
-    s.evaluate()
-    assert len(base_runs) == 4  # fewer test rows: the base runs again
-    test_rows = s.prep.splits["test"]
-    s.reconfigure(s.cfg.with_overrides({"eval.max_test_rows": 0, "data.seed": 7}))
-    s.prepare_data()
-    assert not s.prep.splits["test"].equals(test_rows)  # another split
-    s.evaluate()
-    assert len(base_runs) == 6  # other test rows: the base runs again
-    fresh = Session(cfg, progress=said.append)
-    fresh.prepare_data(frame)
-    fresh.train()
-    pd.testing.assert_series_equal(fresh.evaluate().metrics.loc["base"], first.metrics.loc["base"])
-    assert len(base_runs) == 8  # a new session keeps nothing: computed again, the same
-
-
 def test_decoder_with_classification_head(tiny_model_dir, tmp_path, sst2_frame):
     cfg = _cfg(tiny_model_dir, tmp_path, max_steps=3).with_overrides({"model.objective": "head"})
     s = _session(cfg, sst2_frame)
@@ -225,23 +135,6 @@ def test_decoder_with_classification_head(tiny_model_dir, tmp_path, sst2_frame):
     ev = s.evaluate()
     assert list(ev.metrics.index)[0] == "tuned" and "base" not in ev.metrics.index  # an untrained head has no zero-shot
     assert len(ev.samples) == 0
-
-
-def test_completion_task_reports_loss_and_perplexity(tiny_model_dir, tmp_path, shared_data):
-    import json
-    import pandas as pd
-    rows = json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:60]
-    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=3, max_length=96).with_overrides(
-        {"data.task": "completion", "data.text_column": ""})
-    s = _session(cfg, pd.DataFrame(rows))
-    s.train()
-    ev = s.evaluate()
-    assert list(ev.metrics.index) == ["tuned", "base"]
-    for name in ("tuned", "base"):
-        loss = ev.metrics.loc[name, "loss"]
-        assert np.isfinite(loss) and ev.metrics.loc[name, "perplexity"] == pytest.approx(math.exp(loss))
-    assert ev.errors["tuned_loss"].is_monotonic_decreasing
-    assert len(ev.errors) == min(10, len(s.prep.splits["test"]))  # eval.worst_errors caps it at 10
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path, sst2_frame):
@@ -257,6 +150,7 @@ def test_packed_epoch_takes_fewer_steps_over_the_same_rows(tiny_model_dir, tmp_p
     takes fewer optimizer steps than unpacked, learns, and keeps
     validation unpacked."""
     import json
+
     import pandas as pd
     rows = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:80])
     runs, begins, said = {}, {}, []
@@ -314,6 +208,6 @@ def test_session_reuses_tokens_across_lora_settings_and_runs(tiny_model_dir, tmp
     assert again.datasets["train"].features == train.features
     off = Session(cfg.with_overrides({"train.cache_tokens": False}), progress=said.append)
     off.prepare_data(sst2_frame)
-    monkeypatch.setattr("nb_finetune.tokenization._cached", None)  # would fail if called
+    monkeypatch.setattr("nb_finetune.data.tokens.cached", None)  # would fail if called
     off.tokenize()
     assert off.datasets["train"].features == train.features

@@ -4,8 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from nb_finetune.evaluation import classification_metrics, score_labels
-from nb_finetune.tokenization import CompletionOnlyCollator, Formatter
+from nb_finetune.data.collator import CompletionOnlyCollator
+from nb_finetune.data.formatter import Formatter
+from nb_finetune.evaluation import as_base
+from nb_finetune.evaluation.scoring import classification_metrics, score_labels, shared_length
 
 
 def test_classification_metrics_by_hand():
@@ -47,7 +49,6 @@ def test_prompt_once_scores_equal_whole_sequences_with_an_adapter_on_and_off(tin
     lengths in one batch; the adapter on (tuned) and switched off (base)."""
     from peft import LoraConfig, get_peft_model
 
-    from nb_finetune.evaluation import _base, _shared_length
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
@@ -59,11 +60,11 @@ def test_prompt_once_scores_equal_whole_sequences_with_an_adapter_on_and_off(tin
     per_row = [features[i:i + 3] for i in range(0, len(features), 3)]
     first_trained = [min(f["labels"].index(next(x for x in f["labels"] if x != -100)) for f in feats)
                      for feats in per_row]
-    assert any(_shared_length(feats) < t - 1 for feats, t in zip(per_row, first_trained))  # a cut prompt
-    assert len({_shared_length(feats) for feats in per_row}) > 3  # rows of many lengths
+    assert any(shared_length(feats) < t - 1 for feats, t in zip(per_row, first_trained))  # a cut prompt
+    assert len({shared_length(feats) for feats in per_row}) > 3  # rows of many lengths
     results = {}
     for adapter in ("on", "off"):
-        with _base(model) if adapter == "off" else torch.no_grad():
+        with as_base(model) if adapter == "off" else torch.no_grad():
             whole = score_labels(model, fmt, frame, labels, collator, batch_size=8, shared_prompt=False)
             once = score_labels(model, fmt, frame, labels, collator, batch_size=8, shared_prompt=True)
         assert once == pytest.approx(whole, abs=1e-3)

@@ -1,5 +1,5 @@
-"""Mitigations: counterfactual augmentation and reweighting on real SST-2 rows (training split
-only, reported), and the generation-time word filter on the real SmolLM2."""
+"""Data-side mitigations: counterfactual augmentation and reweighting on real SST-2 rows
+(training split only, reported). The generation-time word filter: tests/probes/test_filter.py."""
 from __future__ import annotations
 
 import csv
@@ -7,13 +7,13 @@ import csv
 import pandas as pd
 import pytest
 
-from nb_finetune import mitigation
 from nb_finetune.config import RunConfig
+from nb_finetune.data import mitigation
 from nb_finetune.errors import ConfigError, UserError
 
 
 def test_swap_terms_keeps_case_and_whole_words():
-    mapping = mitigation._swap_map(mitigation.GENDER_TERMS)
+    mapping = mitigation.swap_map(mitigation.GENDER_TERMS)
     assert mitigation.swap_terms("He told his Mother; the heater hummed.", mapping) == \
         "She told her Father; the heater hummed."
 
@@ -26,7 +26,7 @@ def test_counterfactual_augmentation_touches_only_the_training_split(shared_data
     from nb_finetune.data import prepare
     plain = prepare(RunConfig.from_dict({"data": base}).data)
     mitigated = prepare(RunConfig.from_dict({"data": base | {"counterfactual": True}}).data)
-    mapping = mitigation._swap_map(mitigation.GENDER_TERMS)
+    mapping = mitigation.swap_map(mitigation.GENDER_TERMS)
     train = plain.splits["train"]
     mentions = train["text"].map(lambda t: mitigation.swap_terms(t, mapping) != t)
     assert mentions.sum() > 5  # real reviews mention he/she/man/woman
@@ -56,18 +56,5 @@ def test_bad_mitigation_settings_are_named():
     fields = {p.field for p in err.value.problems}
     assert fields == {"data.counterfactual_terms", "data.reweight_groups"}
     with pytest.raises(UserError, match="term list is empty"):
-        mitigation._swap_map([])
+        mitigation.swap_map([])
 
-
-def test_word_filter_blocks_and_counts_on_a_real_model(smollm2_dir):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    ids = tok("The capital of France is the city of", return_tensors="pt")
-    free = tok.decode(model.generate(**ids, max_new_tokens=3, do_sample=False)[0, ids["input_ids"].shape[1]:])
-    assert "Paris" in free  # what the filter has to stop
-    word_filter = mitigation.WordFilter(tok, ["Paris"])
-    out = model.generate(**ids, max_new_tokens=3, do_sample=False, logits_processor=LogitsProcessorList([word_filter]))
-    filtered = tok.decode(out[0, ids["input_ids"].shape[1]:])
-    assert "Paris" not in filtered and word_filter.blocked["Paris"] >= 1

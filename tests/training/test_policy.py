@@ -1,0 +1,43 @@
+"""Training policy: accumulation that keeps the effective batch, the optimizer and checkpointing
+chosen for the hardware, and what counts as running out of memory."""
+import pytest
+import torch
+
+from nb_finetune import UserError, hardware
+from nb_finetune.config import TrainConfig
+from nb_finetune.training.policy import accumulation, is_oom, oom_advice, optimizer_and_checkpointing
+
+
+def test_accumulation_keeps_the_effective_batch_across_process_counts(monkeypatch):
+    assert accumulation(TrainConfig(batch_size=2, grad_accum=3)) == 3  # no effective_batch: grad_accum as set
+    cfg = TrainConfig(batch_size=2, grad_accum=3, effective_batch=8)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert accumulation(cfg) == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert accumulation(cfg) == 2
+    with pytest.raises(UserError, match=r"effective_batch=6 is not a multiple of batch_size 2 x 2 process\(es\) = 4"):
+        accumulation(TrainConfig(batch_size=2, effective_batch=6))  # fits one process (x 3), not two
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UserError, match=r"train.effective_batch=10 is not a multiple of batch_size 4 x 1 "
+                                        r"process\(es\) = 4; choose a multiple"):
+        accumulation(TrainConfig(batch_size=4, effective_batch=10))
+
+
+def test_qlora_on_a_gpu_gets_paged_adamw_and_checkpointing_and_a_cpu_the_fused_adamw(monkeypatch):
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    assert optimizer_and_checkpointing(TrainConfig(), quantized=True) == ("paged_adamw_8bit", True)
+    assert optimizer_and_checkpointing(TrainConfig(), quantized=False) == ("adamw_torch_fused", False)
+    assert optimizer_and_checkpointing(TrainConfig(optimizer="adamw_torch", gradient_checkpointing="no"),
+                                       quantized=True) == ("adamw_torch", False)
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    assert optimizer_and_checkpointing(TrainConfig(), quantized=True) == ("adamw_torch_fused", False)
+    assert optimizer_and_checkpointing(TrainConfig(gradient_checkpointing="yes"), quantized=False) == \
+        ("adamw_torch_fused", True)
+
+
+def test_running_out_of_memory_is_told_from_other_errors():
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)"))
+    advice = oom_advice(TrainConfig(batch_size=8, grad_accum=2, max_length=512))
+    assert "batch_size 8, max_length 512" in advice and "train.batch_size 4 with train.grad_accum 4" in advice

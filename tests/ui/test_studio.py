@@ -1,0 +1,45 @@
+"""The studio end to end: train, the evaluation that follows by itself, a prompt of your own,
+and the export of the adapter, a merged model, a job folder and a config that runs again."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PNG = b"\x89PNG"
+
+
+def test_studio_trains_evaluates_and_exports_a_rerunnable_config(ui_config, sst2_120, tmp_path):
+    from nb_finetune.config import RunConfig
+    from nb_finetune.ui import Studio
+    studio = Studio(ui_config, data=sst2_120, foreground=False)
+    studio.train.start_button.click()
+    assert studio.train.wait(180), studio.train.error.value
+    ev = studio.evaluation
+    assert ev.error.value == "" and studio.train.error.value == "", (ev.error.value, studio.train.error.value)
+    for name in ("tuned", "base", "majority class"):
+        assert f"<td>{name}" in ev.metrics.value
+    assert bytes(ev.confusion.value).startswith(PNG) and "samples" in ev.samples.value
+    assert studio.tabs.selected_index == studio.panels.index(ev)
+    ev.prompt.value = "a wonderful, moving film"
+    ev.generate_button.click()
+    assert ev.error.value == "" and "wonderful" in ev.generated.value
+
+    exp = studio.export
+    exp.folder.value = str(tmp_path / "export")
+    exp.merged.value = True
+    exp.export_button.click()
+    assert exp.error.value == "", exp.error.value
+    out = tmp_path / "export"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert list((out / "merged").glob("*.safetensors")) and (out / "job" / "launch_torchrun.sh").is_file()
+    cfg = RunConfig.load(out / "config.yaml")
+    assert Path(cfg.data.source) == (out / "data.jsonl").resolve()  # the in-memory frame, saved beside it
+    assert cfg.model.lora_r == 4 and cfg.train.max_steps == 12
+
+
+def test_export_before_training_saves_the_config_and_says_what_is_missing(ui_config, tmp_path):
+    from nb_finetune.ui import ExportPanel
+    panel = ExportPanel(config=ui_config)
+    panel.folder.value = str(tmp_path / "out")
+    panel.export_button.click()
+    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert "train one first" in panel.error.value
