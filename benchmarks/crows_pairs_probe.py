@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nb_finetune import assets, bias
+from nb_finetune import assets
+from nb_finetune.probes.likelihood import probe_pairs
+from nb_finetune.probes.pairs import PairSet, crows_pairs
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "crows_pairs" / "crows_pairs_anonymized.csv"
 
@@ -40,13 +42,13 @@ def main():
     path = assets.model_path("smollm2-135m-instruct", progress=lambda m: None)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    pairs = bias.crows_pairs(DATA)
-    pairs = bias.PairSet(pairs.name, pairs.items.head(args.pairs))
+    pairs = crows_pairs(DATA)
+    pairs = PairSet(pairs.name, pairs.items.head(args.pairs))
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float32")
 
     start = time.perf_counter()
-    result = bias.probe_pairs(model, tok, pairs, batch_size=args.batch_size, progress=lambda m: None)
+    result = probe_pairs(model, tok, pairs, batch_size=args.batch_size, progress=lambda m: None)
     batched = time.perf_counter() - start
 
     sub = pairs.items.head(args.baseline_pairs)

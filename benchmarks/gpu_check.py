@@ -16,9 +16,12 @@ import pandas as pd
 
 
 def one_run(quantization: str, steps: int, output: str) -> dict:
+    # As `nb-finetune run` does, before torch is imported: it reads the setting once.
+    from nb_finetune.kernels.allocator import huge_pages_for_tensors
+    huge_pages_for_tensors()
     from nb_finetune import hardware, load_preset, memory
-    from nb_finetune.evaluation import completion_loss
-    from nb_finetune.job import Session
+    from nb_finetune.evaluation.scoring import completion_loss
+    from nb_finetune.pipeline import Session
 
     gpu = hardware.cuda_available()
     # The CPU path only proves the script runs: a small slice, short rows.
@@ -42,7 +45,8 @@ def one_run(quantization: str, steps: int, output: str) -> dict:
     return {"run": "QLoRA 4-bit" if quantization == "4bit" else "LoRA", "device": hardware.describe().get("gpu", "cpu"),
             "steps": result.global_step, "train seconds": round(seconds, 1),
             "tokens/s": round(h["tokens_per_second"].dropna().median(), 0),
-            "estimated MiB": round(estimate), "peak MiB": round(peak), "val loss before": round(before, 4), "final val loss": round(h["val_loss"].dropna().iloc[-1], 4)}
+            "estimated MiB": round(estimate), "peak MiB": round(peak), "val loss before": round(before, 4),
+            "final val loss": round(h["val_loss"].dropna().iloc[-1], 4)}
 
 
 def main() -> int:

@@ -27,12 +27,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
-import transformers
 
-from nb_finetune import engine
 from nb_finetune.config import RunConfig
-from nb_finetune.job import Session
+from nb_finetune.kernels.allocator import huge_pages_for_tensors
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 SEED = 42
@@ -74,6 +71,8 @@ def config_for(name: str, test_path: Path, train_rows: int, args) -> RunConfig:
 
 
 def run_one(name: str, train: pd.DataFrame, test_path: Path, args) -> dict:
+    from nb_finetune.pipeline import Session
+    from nb_finetune.training import ConsoleProgress
     print(f"\n=== {name} ===", flush=True)
     cfg = config_for(name, test_path, len(train), args)
     session = Session(cfg, progress=lambda m: print(m, flush=True))
@@ -81,7 +80,7 @@ def run_one(name: str, train: pd.DataFrame, test_path: Path, args) -> dict:
     print("data report:\n" + session.prep.report.summary(), flush=True)
     session.tokenize()
     session.load_model()
-    result = session.train([engine.ConsoleProgress(lambda m: print(m, flush=True))])
+    result = session.train([ConsoleProgress(lambda m: print(m, flush=True))])
     start = time.perf_counter()
     ev = session.evaluate()
     eval_seconds = time.perf_counter() - start
@@ -117,6 +116,11 @@ def main() -> None:
     p.add_argument("--max-test-rows", type=int, default=0, help="test on at most this many rows (0: all)")
     args = p.parse_args()
 
+    # As `nb-finetune run` does, before torch is imported (it reads the setting once, at its
+    # first allocation), so that these figures compare with the command line's.
+    huge_pages_for_tensors()
+    import torch
+    import transformers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # read when a process forks, not on import
     transformers.logging.set_verbosity_error()
     # Timings only compare on an otherwise idle machine: record how busy it was.
