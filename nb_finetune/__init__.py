@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in ("Session", "run"):
+        from .quiet import quiet_notices
+        quiet_notices()
         from . import pipeline
         return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -19,6 +21,8 @@ def __getattr__(name: str):
 
 def load_ipython_extension(shell) -> None:
     """`%load_ext nb_finetune`: the `%finetune` and `%%finetune_config` magics."""
+    from .quiet import quiet_notices
+    quiet_notices()
     from .magics import load
     load(shell)
 

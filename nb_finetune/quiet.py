@@ -6,9 +6,16 @@ import logging
 import os
 
 
+def quiet_notices() -> None:
+    """Raise the level of loggers that speak while their library is imported, so call this
+    before importing it: bitsandbytes warns, on CPUs with AVX-512 BF16, about optional kernels
+    it cannot fetch, and peft imports it."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_notices()
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

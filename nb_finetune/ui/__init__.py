@@ -4,6 +4,11 @@
     Studio()                      # the built-in demo, every stage in tabs
     DataPanel(data=my_frame)      # one stage alone
 """
+# ruff: noqa: E402
+from ..quiet import quiet_notices
+
+quiet_notices()  # before the panels import peft, and with it bitsandbytes, which logs as it loads
+
 from .common import Shared
 from .data_panel import DataPanel
 from .eval_panel import EvalPanel
