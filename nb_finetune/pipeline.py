@@ -138,7 +138,8 @@ class Session:
         report.max_length = limit
         n = stats.rows
         report.add(f"prompts cut to max_length {limit}", stats.prompt_truncated, n,
-                   "warning" if stats.prompt_truncated > n / 4 else "ok", "middle of the prompt removed")
+                   "warning" if stats.prompt_truncated > n / 4 else "ok",
+                   "middle of the prompt removed" if stats.prompt_truncated else "")
         report.add("responses cut", stats.response_truncated, n, "warning" if stats.response_truncated else "ok",
                    "raise train.max_length" if stats.response_truncated else "")
         dropped = sum(s.dropped_no_trained for s in self.token_stats.values())

@@ -21,6 +21,7 @@ from ..config import EvalConfig
 from ..data.collator import CompletionOnlyCollator
 from ..data.formatter import Formatter
 from ..data.tokens import TokenizedDataset, tokenize_frame
+from ..render.tables import shorten
 from .base_cache import BaseResults, as_base
 from .scoring import classification_metrics, completion_loss, generate, head_scores, score_labels
 
@@ -32,6 +33,7 @@ class EvalResult:
     errors: pd.DataFrame                  # worst errors of the tuned model
     samples: pd.DataFrame                 # prompt, reference, base, tuned
     predictions: pd.DataFrame             # one row per test row
+    instruction: str = ""                 # before every text in errors and samples (shown once, not per row)
 
     def summary(self) -> str:
         return self.metrics.to_string(float_format=lambda v: f"{v:.3f}")
@@ -55,11 +57,6 @@ def label_candidates(prep) -> list[str]:
     if 2 <= len(unique) <= 20 and max(len(u) for u in unique) <= 40:
         return sorted(unique)
     return []
-
-
-def shorten(text: str, n: int = 160) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n // 2 - 2] + " ... " + text[-(n // 2 - 3):]
 
 
 def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch_size: int = 8,
@@ -101,8 +98,16 @@ class Run:
         rows, confusion, errors = self.label_metrics(labels) if labels else self.completion_metrics()
         samples = self.samples() if self.objective != "head" else \
             pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
+        instruction = self.fmt.instruction if "text" in test else ""
         return EvalResult(pd.DataFrame(rows).set_index("model"), confusion, errors.reset_index(drop=True),
-                          samples, self.preds)
+                          samples, self.preds, instruction)
+
+    def shown(self, row: dict, n: int = 160) -> str:
+        """A test row's prompt as the tables show it: a text without the instruction every
+        text shares (the result holds it once), shortened."""
+        if "messages" in row:
+            return "(chat)"
+        return shorten(row["text"] if "text" in row else self.fmt.prompt_text(row), n)
 
     def tuned_and_base(self, compute, with_base: bool, key: tuple, what: str) -> list:
         """[(name, compute(name))] for the tuned model and, with_base, the base (kept)."""
@@ -141,8 +146,7 @@ class Run:
             metrics, _ = classification_metrics(truth, np.full(len(truth), majority), labels)
             rows.append({"model": f"majority class ({majority})", **metrics})
         wrong = self.preds[self.preds["tuned_prediction"] != self.preds["reference"]].copy()
-        wrong.insert(0, "text", [shorten(self.fmt.prompt_text(r))
-                                 for r in self.test.loc[wrong.index].to_dict("records")])
+        wrong.insert(0, "text", [self.shown(r) for r in self.test.loc[wrong.index].to_dict("records")])
         return rows, confusion, wrong.sort_values("tuned_confidence", ascending=False).head(self.cfg.worst_errors)
 
     def completion_metrics(self):
@@ -159,8 +163,7 @@ class Run:
             rows.append({"model": name, "loss": loss, "perplexity": float(np.exp(loss))})
             if name == "tuned" and len(per_row) == len(self.test):
                 self.preds["tuned_loss"] = per_row
-        errors = self.preds.assign(prompt=[shorten(self.fmt.prompt_text(r)) if "messages" not in r else "(chat)"
-                                           for r in self.test.to_dict("records")])
+        errors = self.preds.assign(prompt=[self.shown(r) for r in self.test.to_dict("records")])
         errors = errors.sort_values("tuned_loss", ascending=False).head(self.cfg.worst_errors) \
             if "tuned_loss" in errors else errors.head(0)
         return rows, None, errors
@@ -175,7 +178,7 @@ class Run:
             lambda name: generate(self.model, self.fmt, chosen, cfg.max_new_tokens, self.precision), True,
             ("samples", cfg.max_test_rows, cfg.num_samples, cfg.max_new_tokens), "samples"))
         reference = chosen["label"] if "label" in chosen else chosen["completion"]
-        return pd.DataFrame({"prompt": [shorten(self.fmt.prompt_text(r), 120) for r in chosen.to_dict("records")],
+        return pd.DataFrame({"prompt": [self.shown(r, 120) for r in chosen.to_dict("records")],
                              "reference": reference.values, "base": outputs["base"], "tuned": outputs["tuned"]})
 
 

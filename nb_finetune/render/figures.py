@@ -12,6 +12,7 @@ import io
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # One palette for every picture: trained tokens and the tuned model share a colour.
 COLORS = {"train": "#1f77b4", "validation": "#d62728", "accuracy": "#2ca02c", "base": "#7f7f7f"}
@@ -51,6 +52,8 @@ def history_figure(history: pd.DataFrame, title: str = "") -> Figure:
     acc_ax.set(xlabel="step", ylabel="accuracy", title="validation accuracy (trained tokens)", ylim=(0, 1.02))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
+        # Steps are whole numbers: no tick at 2.5, even around a single validation step.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if not len(history):
         loss_ax.text(0.5, 0.5, "waiting for the first step", ha="center", va="center",
                      transform=loss_ax.transAxes, color="gray")

@@ -75,10 +75,18 @@ def train_result_text(result, diagnosis: str) -> str:
     return f"{ending(result)}{result.adapter_dir}\n{diagnosis}\n{result.history.tail(5).to_string(index=False)}"
 
 
+def instruction(text: str) -> str:
+    """The instruction before every text of the tables that follow, said once instead of in each row."""
+    return (f"<div style='color:#444;margin:4px 0'>each text below followed the instruction "
+            f"<i>{html.escape(redact(text))}</i></div>") if text else ""
+
+
 def evaluation(result) -> str:
     out = [title("test metrics"), table_html(result.metrics, index=True)]
     if result.confusion is not None:
         out.append(image(figures.confusion_figure(result.confusion)))
+    if len(result.errors) or len(result.samples):
+        out.append(instruction(result.instruction))
     if len(result.errors):
         out += [title("worst errors"), table_html(result.errors)]
     if len(result.samples):

@@ -15,13 +15,29 @@ TABLE_STYLE = ("<style>.nbft-table{border-collapse:collapse;font-size:12px}"
                 ".nbft-warning{background:#fff3cd}.nbft-error{background:#f8d7da}</style>")
 
 
+def shorten(text: str, n: int = 160) -> str:
+    """`text` on one line in about `n` characters: its start and its end around an ellipsis
+    (the middle is the least useful part), each cut between words (inside one only where a
+    single word is that long)."""
+    text = " ".join(str(text).split())
+    if len(text) <= n:
+        return text
+    room = n - 3  # for " … "
+    head_end, tail_start = room * 2 // 3, len(text) - room // 3
+    if text[head_end] != " " and " " in text[:head_end]:
+        head_end = text.rindex(" ", 0, head_end)
+    if text[tail_start - 1] != " ":  # the end from its next word on (none: the start alone)
+        tail_start = text.index(" ", tail_start) + 1 if " " in text[tail_start:] else len(text)
+    return f"{text[:head_end].rstrip()} \u2026 {text[tail_start:].lstrip()}".rstrip()
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         text = "" if math.isnan(value) else f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
     else:
         text = str(value)
-    if len(text) > 300:  # a long review would stretch the table; the middle is the least useful part
-        text = text[:200] + " ... " + text[-80:]
+        if len(text) > 300:  # a long review would stretch the table
+            text = shorten(text, 300)
     return html.escape(redact(text))
 
 

@@ -243,16 +243,41 @@ class Form:
         self.notes[key].value = f"<span style='color:#666'>{html.escape(reason)}</span>"
 
 
-def image() -> widgets.Image:
-    return widgets.Image(format="png")
+class Picture(widgets.VBox):
+    """A figure's place in a panel: a one-line hint of what will appear until there is a
+    picture (an empty Image shows in the browser as a broken-picture icon), then the picture
+    at its own pixel size. `clear()` goes back to the hint."""
 
+    def __init__(self, hint: str, **kwargs):
+        self.hint = widgets.HTML(f"<span style='color:#888'>{html.escape(hint)}</span>")
+        self.image = widgets.Image(format="png", layout=widgets.Layout(display="none"))
+        # Start, not stretch: a stretched picture is drawn wider or taller than its pixels.
+        kwargs.setdefault("layout", widgets.Layout(align_items="flex-start"))
+        super().__init__([self.hint, self.image], **kwargs)
 
-def show_figure(widget: widgets.Image, fig) -> None:
-    """Put a figure into an Image widget at its own pixel size (front ends otherwise stretch a
-    small picture to the panel's width)."""
-    png = to_png(fig)
-    widget.width = str(int.from_bytes(png[16:20], "big"))  # PNG header: width at bytes 16-19
-    widget.value = png
+    @property
+    def value(self) -> bytes:
+        """The PNG shown; empty while the hint is."""
+        return bytes(self.image.value)
+
+    @property
+    def shown(self) -> bool:
+        return self.image.layout.display != "none"
+
+    def show(self, fig) -> None:
+        self.show_png(to_png(fig))
+
+    def show_png(self, png: bytes) -> None:
+        # The width attribute keeps front ends from stretching a small picture to the panel's width.
+        self.image.width = str(int.from_bytes(png[16:20], "big"))  # PNG header: width at bytes 16-19
+        self.image.value = png
+        self.image.layout.display = ""
+        self.hint.layout.display = "none"
+
+    def clear(self) -> None:
+        self.image.layout.display = "none"
+        self.hint.layout.display = ""
+        self.image.value = b""
 
 
 def message_html(text: str, kind: str = "error", details: str = "") -> str:

@@ -6,7 +6,7 @@ import pandas as pd
 
 from .. import assets
 from ..render import figures, tables
-from .common import Form, Panel, image, show_figure
+from .common import Form, Panel, Picture
 
 SOURCE_KEYS = ["data.task", "data.format", "data.skip_bad_lines"]
 COLUMN_KEYS = ["data.text_column", "data.text_template", "data.label_column", "data.label_names",
@@ -28,7 +28,7 @@ class DataPanel(Panel):
                                        description="source", ensure_option=False,
                                        placeholder="built-in name, file path or Hub id", continuous_update=False,
                                        style={"description_width": "150px"}, layout=widgets.Layout(width="420px"))
-        self.source.observe(lambda c: self.shared.set("data.source", c["new"]), names="value")
+        self.source.observe(self._source_typed, names="value")
         self.source_note = widgets.HTML()
         if self.shared.source is not None:
             self._show_frame_source(self.shared.source)
@@ -36,7 +36,8 @@ class DataPanel(Panel):
                       Form(self.shared, MITIGATION_KEYS)]
         self.load_button = self.button("Load and check", self.load, "primary", "table")
         self.report = widgets.HTML()
-        self.balance_image, self.length_image = image(), image()
+        self.balance_image = Picture("The class balance appears here once the data is loaded.")
+        self.length_image = Picture("Tokens per row appear here once the data is loaded and tokenized.")
         self.splits = widgets.HTML()
         self.rows = widgets.HTML()
         settings = widgets.Accordion(children=[f.widget for f in self.forms[1:]])
@@ -45,14 +46,21 @@ class DataPanel(Panel):
         settings.selected_index = None
         self.children = [widgets.HBox([self.source, self.source_note]), self.forms[0].widget, settings,
                          widgets.HBox([self.load_button]), self.status, self.error, self.warnings,
-                         self.report, widgets.HBox([self.balance_image, self.length_image]), self.splits,
+                         self.report, widgets.HBox([self.balance_image, self.length_image],
+                                                   layout=widgets.Layout(align_items="flex-start")), self.splits,
                          self.rows]
+
+    def _source_typed(self, change) -> None:
+        # While a DataFrame is used the box names it, and that name is no setting.
+        if not self.source.disabled:
+            self.shared.set("data.source", change["new"])
 
     def _show_frame_source(self, frame) -> None:
         self.source.disabled = True
         n = len(frame)
-        self.source_note.value = (f"<span style='color:#444'>using the DataFrame given ({n:,} rows; columns "
-                                  f"{', '.join(map(str, getattr(frame, 'columns', [])))})</span>")
+        self.source.value = f"DataFrame ({n:,} rows)"
+        self.source_note.value = (f"<span style='color:#444'>used instead of data.source; columns "
+                                  f"{', '.join(map(str, getattr(frame, 'columns', [])))}</span>")
 
     def set_data(self, frame: pd.DataFrame) -> None:
         """Use an in-memory DataFrame instead of the source named in the settings."""
@@ -74,9 +82,12 @@ class DataPanel(Panel):
         report = prep.report
         self.report.value = tables.report_html(report.checks)
         if report.class_balance is not None:
-            show_figure(self.balance_image, figures.class_balance_figure(report.class_balance))
+            self.balance_image.show(figures.class_balance_figure(report.class_balance))
+        else:
+            self.balance_image.clear()  # a task without classes: no earlier data set's balance
         if session is not None and report.token_lengths is not None:
-            lengths = figures.token_length_figure(report.token_lengths, report.max_length)
-            show_figure(self.length_image, lengths)
+            self.length_image.show(figures.token_length_figure(report.token_lengths, report.max_length))
+        else:
+            self.length_image.clear()  # until this data set is tokenized
         self.splits.value = "<b>split</b>: " + ", ".join(f"{k} {v:,}" for k, v in report.split_sizes.items())
         self.rows.value = "<b>first training rows</b>" + tables.table_html(prep.splits["train"].head(5))

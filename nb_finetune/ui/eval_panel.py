@@ -7,7 +7,8 @@ import pandas as pd
 
 from .. import evaluation
 from ..render import figures, tables
-from .common import Form, Panel, image, message_html, show_figure
+from ..render.html import instruction
+from .common import Form, Panel, Picture, message_html
 
 KEYS = ["eval.baselines", "eval.max_test_rows", "eval.num_samples", "eval.max_new_tokens", "eval.worst_errors"]
 
@@ -23,7 +24,8 @@ class EvalPanel(Panel):
         self.note = widgets.HTML()
         self.metrics = widgets.HTML()
         self.metrics.add_class("nbft-eval-metrics")
-        self.confusion = image()
+        self.confusion = Picture("The confusion matrix appears here after Evaluate (for label tasks).")
+        self.instruction = widgets.HTML()
         self.errors = widgets.HTML()
         self.samples = widgets.HTML()
         self.prompt = widgets.Textarea(placeholder="type a prompt (or a text to classify)",
@@ -32,8 +34,8 @@ class EvalPanel(Panel):
         self.generated = widgets.HTML()
         self.shared.observe(self._on_event)
         self.children = [self.forms[0].widget, widgets.HBox([self.evaluate_button, self.after_training]),
-                         self.status, self.error, self.warnings, self.note, self.metrics, self.confusion, self.errors,
-                         self.samples, widgets.HTML("<b>your prompt</b>"),
+                         self.status, self.error, self.warnings, self.note, self.metrics, self.confusion,
+                         self.instruction, self.errors, self.samples, widgets.HTML("<b>your prompt</b>"),
                          widgets.HBox([self.prompt, self.generate_button]), self.generated]
 
     def _on_event(self, event: str) -> None:
@@ -57,7 +59,11 @@ class EvalPanel(Panel):
     def show(self, result: evaluation.EvalResult) -> None:
         self.metrics.value = "<b>test metrics</b>" + tables.table_html(result.metrics, index=True)
         if result.confusion is not None:
-            show_figure(self.confusion, figures.confusion_figure(result.confusion))
+            self.confusion.show(figures.confusion_figure(result.confusion))
+        else:
+            self.confusion.clear()
+        shown = len(result.errors) or len(result.samples)
+        self.instruction.value = instruction(result.instruction) if shown else ""
         self.errors.value = ("<b>worst errors</b> (most confident first)" + tables.table_html(result.errors)
                              if len(result.errors) else "")
         self.samples.value = ("<b>samples</b>: base and tuned side by side" + tables.table_html(result.samples)

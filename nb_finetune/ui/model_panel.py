@@ -8,7 +8,7 @@ import ipywidgets as widgets
 
 from .. import assets, hardware, memory, modeling
 from ..render import figures
-from .common import Form, Panel, image, show_figure
+from .common import Form, Panel, Picture
 
 MODEL_KEYS = ["model.name", "model.objective", "model.compute_dtype", "model.trust_remote_code",
               "model.allow_pickle"]
@@ -39,7 +39,7 @@ class ModelPanel(Panel):
         self.hardware = widgets.HTML(f"<b>hardware</b>: {hardware.summary()}")
         self.estimate_button = self.button("Estimate memory", self.estimate, "", "calculator")
         self.estimate_text = widgets.HTML()
-        self.memory_image = image()
+        self.memory_image = Picture("The memory estimate appears here once you press Estimate memory.")
         sections = widgets.Accordion(children=[f.widget for f in self.forms])
         for i, name in enumerate(["model", "LoRA", "quantization (QLoRA)", "training",
                                   "run: output, validation, checkpoints"]):
@@ -83,6 +83,6 @@ class ModelPanel(Panel):
             f"<b>{cfg.model.name}</b> ({objective}): {est.total_params:,} parameters, "
             f"<b>{est.trainable:,} trainable</b> ({share:.2%}); memory estimate "
             f"<b>{est.total / 2**30:.2f} GiB</b> on {est.device}, {fits} in {available / 2**30:.0f} GiB")
-        show_figure(self.memory_image, figures.memory_figure(est.parts, available))
+        self.memory_image.show(figures.memory_figure(est.parts, available))
         self.say("estimated from the model's config alone; nothing was loaded")
         self._estimated = True

@@ -11,7 +11,7 @@ import pandas as pd
 from ..probes import likelihood, runner
 from ..probes.completions import template_prompts
 from ..render import figures, tables
-from .common import Panel, image, show_figure
+from .common import Panel, Picture
 
 PAIR_SETS = {
     "CrowS-Pairs (built-in masked subset)": "crows-pairs-masked",
@@ -81,7 +81,7 @@ class ProbePanel(Panel):
         self.sort.observe(lambda c: self._show_examples(), names="value")
         self.export_button = self.button("Save as CSV", self.save_csv, "", "download")
         self.summary = widgets.HTML()
-        self.plot = image()
+        self.plot = Picture("The plot per group appears here once a probe has run.")
         self.examples = widgets.HTML()
         self.saved = widgets.HTML()
 
@@ -107,8 +107,7 @@ class ProbePanel(Panel):
         done += self.run_completions(session) if choice == "templates" else self.run_pairs(session, choice)
         if session.base_results.reused:
             done += " (the base's result from an earlier run with the same model and inputs: the base does not change)"
-        table = self._example_table()
-        self.sort.options = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+        self._offer_sort_columns()
         self._show_examples()
         self.say(done)
         self.shared.notify("probe")
@@ -126,8 +125,7 @@ class ProbePanel(Panel):
         self._keep_previous(session)
         long = pd.concat([r.completions.assign(model=k, value=r.completions["score"])
                           for k, r in self.results.items()], ignore_index=True)
-        show_figure(self.plot, figures.probe_figure(long, title=f"completions by group: {scorer.name}",
-                                                    xlabel="mean score"))
+        self.plot.show(figures.probe_figure(long, title=f"completions by group: {scorer.name}", xlabel="mean score"))
         rows = pd.DataFrame({k: {"gap": r.gap["gap"], "low": r.gap["low"], "high": r.gap["high"],
                                  "groups": f"{r.gap['high_group']} vs {r.gap['low_group']}"}
                              for k, r in self.results.items()}).T
@@ -145,7 +143,7 @@ class ProbePanel(Panel):
         long = pd.concat([pd.concat([r.scores.assign(group="all"), r.scores.assign(group=r.scores["bias_type"])])
                          .assign(model=k, value=lambda f: f["prefers_more"].astype(float))
                           for k, r in self.results.items()], ignore_index=True)
-        show_figure(self.plot, figures.probe_figure(
+        self.plot.show(figures.probe_figure(
             long, ideal=0.5, title=f"{pairs.name}: is the stereotypical sentence the more likely?",
             xlabel="share of pairs where it is (95% interval)"))
         change = likelihood.pair_change(self.results["base"], self.results["tuned"])
@@ -177,6 +175,15 @@ class ProbePanel(Panel):
             return tuned.scores.assign(base_difference=base.values,
                                        change=tuned.scores["difference"].values - base.values)
         return tuned.divergent
+
+    def _offer_sort_columns(self) -> None:
+        """The examples' numeric columns to sort by. New options reset a Dropdown to the first
+        one, so the order chosen (or else `difference`) is put back."""
+        table = self._example_table()
+        chosen = self.sort.value
+        options = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+        self.sort.options = options
+        self.sort.value = next((c for c in (chosen, "difference") if c in options), options[0] if options else None)
 
     def _show_examples(self) -> None:
         table = self._example_table()

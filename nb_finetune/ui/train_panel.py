@@ -19,7 +19,7 @@ import ipywidgets as widgets
 from ..render import figures
 from ..training import HISTORY_COLUMNS, diagnose
 from ..training.progress import Callback, StepClock, clock, start_line
-from .common import Panel, image, message_html, on_colab, show_figure
+from .common import Panel, Picture, message_html, on_colab
 
 REDRAW_SECONDS = 1.0  # at most one plot per second: each redraw takes time from the training thread
 
@@ -71,7 +71,7 @@ class PanelProgress(Callback):
         self.last_draw = now
         import pandas as pd
         history = self.history if self.history is not None else pd.DataFrame(columns=HISTORY_COLUMNS)
-        show_figure(self.panel.plot, figures.history_figure(history))
+        self.panel.plot.show(figures.history_figure(history))
         self.panel.redraws += 1
 
 
@@ -96,11 +96,11 @@ class TrainPanel(Panel):
             "<span style='color:#666'>runs in the background: Stop ends it after the current step</span>")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="420px"))
         self.progress_text = widgets.HTML()
-        self.plot = image()
+        self.plot = Picture("The loss curves appear here once training starts.")
         self.diagnosis = widgets.HTML()
         self.outcome = widgets.HTML()
         # Class names let a browser test (or a user's CSS) find these among the widgets.
-        self.plot.add_class("nbft-train-plot")
+        self.plot.image.add_class("nbft-train-plot")  # the <img> itself: its src changes
         self.start_button.add_class("nbft-train-start")
         self.stop_button.add_class("nbft-train-stop")
         self.outcome.add_class("nbft-train-outcome")

@@ -67,6 +67,10 @@ def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame, monkey
     picked = ev.predictions["tuned_prediction"]
     assert math.isclose(ev.metrics.loc["tuned", "accuracy"], (picked == ev.predictions["reference"]).mean())
     assert list(ev.samples.columns) == ["prompt", "reference", "base", "tuned"] and len(ev.samples) == 1
+    # the texts alone in the tables; the instruction they share once, in the result
+    assert ev.instruction == s.formatter.instruction and ev.instruction
+    from nb_finetune.render.tables import shorten
+    assert ev.samples["prompt"].iloc[0] == shorten(s.prep.splits["test"]["text"].iloc[0], 120)
     out = s.write_outputs()
     for name in ("report.json", "test_metrics.csv", "confusion_matrix.csv", "samples.csv", "data_report.csv"):
         assert (out / name).is_file(), name

@@ -21,3 +21,20 @@ def test_renderers_are_pure_figures():
     assert all(isinstance(f, Figure) for f in figs)
     assert all(figures.to_png(f).startswith(PNG) for f in figs)
     assert plt.get_fignums() == before  # nothing left in pyplot's global state
+
+
+def test_the_training_plot_steps_are_whole_numbers():
+    """A 17-step run once showed ticks at 2.5, 7.5, ...: a step is a whole number."""
+    import numpy as np
+    import pandas as pd
+
+    from nb_finetune.render import figures
+    from nb_finetune.training import HISTORY_COLUMNS
+    for steps in (3, 17):
+        rows = [{c: np.nan for c in HISTORY_COLUMNS} | {"step": i, "train_loss": 2.0 / i} for i in range(1, steps + 1)]
+        rows[-1] |= {"val_loss": 1.0, "val_accuracy": 0.5}
+        fig = figures.history_figure(pd.DataFrame(rows))
+        fig.draw_without_rendering()
+        for ax in fig.axes:
+            labels = [t.get_text().replace("\u2212", "-") for t in ax.get_xticklabels() if t.get_text()]
+            assert labels and all(float(t).is_integer() and "." not in t for t in labels), labels

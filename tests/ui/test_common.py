@@ -13,6 +13,41 @@ import sys
 import pytest
 from conftest import REPO, SUBPROCESS_ENV
 
+PNG = b"\x89PNG"
+# What the run under ipywidgets 7.7 must pass by name: what is shown and hidden, and no Layout
+# that hides one widget hiding another.
+VISIBILITY_TESTS = ["test_each_probe_shows_only_its_own_inputs", "test_no_two_widgets_share_a_layout",
+                    "test_every_image_is_hidden_until_it_has_a_picture",
+                    "test_a_picture_shows_its_hint_until_it_has_a_picture"]
+
+
+def tree(widget):
+    """The widget and every widget below it (a Tab's or an Accordion's pages included)."""
+    yield widget
+    for child in getattr(widget, "children", None) or ():
+        yield from tree(child)
+
+
+def shown(widget) -> bool:
+    return widget.layout.display != "none"
+
+
+def shared_layouts(root) -> list[tuple[str, str]]:
+    """Pairs of widgets under `root` holding the same Layout object: hiding one hides the other."""
+    owner, found = {}, []
+    for w in tree(root):
+        first = owner.setdefault(id(w.layout), w)
+        if first is not w:
+            found.append((repr(first)[:80], repr(w)[:80]))
+    return found
+
+
+def fresh_panels() -> list:
+    """The studio and every panel alone, each as it first appears (the built-in demo)."""
+    from nb_finetune.ui import DataPanel, EvalPanel, ExportPanel, ModelPanel, ProbePanel, Studio, TokenizationPanel, TrainPanel
+    return [Studio(), DataPanel(), TokenizationPanel(), ModelPanel(), TrainPanel(), EvalPanel(), ProbePanel(),
+            ExportPanel()]
+
 
 def test_panels_work_with_no_arguments(smollm2_dir):
     """The built-in demo: every panel builds, and the data panel loads and checks its data."""
@@ -65,10 +100,58 @@ def test_a_setting_shown_in_two_panels_stays_in_sync(ui_config):
     assert control.value == 48 and shared.config().train.max_length == 48
 
 
+def test_no_two_widgets_share_a_layout():
+    """A Layout shared by two widgets once hid the probe dropdown along with the path."""
+    import ipywidgets as widgets
+    for panel in fresh_panels():
+        assert shared_layouts(panel) == [], type(panel).__name__
+    # the check itself finds a shared one
+    a = widgets.Text()
+    assert len(shared_layouts(widgets.VBox([a, widgets.Text(layout=a.layout)]))) == 1
+
+
+def test_every_image_is_hidden_until_it_has_a_picture():
+    """An empty Image shows in the browser as a broken-picture icon: every image sits in a
+    Picture, hidden with its hint shown until it has a picture."""
+    import ipywidgets as widgets
+
+    from nb_finetune.ui.common import Picture
+    for panel in fresh_panels():
+        widgets_here = list(tree(panel))
+        pictures = [w for w in widgets_here if isinstance(w, Picture)]
+        images = [w for w in widgets_here if isinstance(w, widgets.Image)]
+        assert sorted(map(id, images)) == sorted(id(p.image) for p in pictures), "an Image outside a Picture"
+        for picture in pictures:
+            assert shown(picture.image) == bool(picture.value) != shown(picture.hint), picture.hint.value
+    studio = fresh_panels()[0]
+    hints = [w.hint.value for w in tree(studio) if isinstance(w, Picture) and shown(w.hint)]
+    assert len(hints) >= 4 and any("class balance appears here" in h for h in hints)
+    assert studio.train.plot.value.startswith(PNG) and shown(studio.train.plot.image)  # empty axes at once
+
+
+def test_a_picture_shows_its_hint_until_it_has_a_picture():
+    from matplotlib.figure import Figure
+
+    from nb_finetune.ui.common import Picture
+    picture = Picture("The plot appears here once it exists.")
+    assert shown(picture.hint) and not shown(picture.image) and picture.value == b""
+    assert "The plot appears here" in picture.hint.value
+    fig = Figure(figsize=(2.0, 1.0))
+    fig.subplots()
+    picture.show(fig)
+    assert shown(picture.image) and not shown(picture.hint) and picture.value.startswith(PNG)
+    # at its own pixel size: the width the PNG header gives (2 inches at 90 dpi, about 180)
+    assert picture.image.width == str(int.from_bytes(picture.value[16:20], "big"))
+    assert 150 <= int(picture.image.width) <= 200
+    assert picture.layout.align_items == "flex-start"  # not stretched across the panel
+    picture.clear()
+    assert shown(picture.hint) and not shown(picture.image) and picture.value == b""
+
+
 @pytest.mark.slow
 def test_panels_work_with_ipywidgets_7(tmp_path_factory):
     """The panel tests (every file in tests/ui but the slow ones) again, in a process that
-    imports ipywidgets 7.7 instead of 8."""
+    imports ipywidgets 7.7 instead of 8; the visibility checks among them by name."""
     target = tmp_path_factory.mktemp("ipywidgets7")
     pins = ["ipywidgets==7.7.5", "widgetsnbextension==3.6.10", "jupyterlab_widgets==1.1.11",
             "ipython_genutils==0.2.0"]
@@ -81,6 +164,8 @@ def test_panels_work_with_ipywidgets_7(tmp_path_factory):
                            env=env, capture_output=True, text=True)
     assert check.stdout.strip() == "7.7.5"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-m", "not slow", "-p", "no:cacheprovider",
-                          str(REPO / "tests" / "ui")], env=env, cwd=REPO, capture_output=True, text=True)
+                          "-rA", str(REPO / "tests" / "ui")], env=env, cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "no tests ran" not in run.stdout
+    passed = {line.split("::")[-1].split()[0] for line in run.stdout.splitlines() if line.startswith("PASSED ")}
+    assert set(VISIBILITY_TESTS) <= passed, sorted(set(VISIBILITY_TESTS) - passed)

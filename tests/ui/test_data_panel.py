@@ -8,7 +8,11 @@ PNG = b"\x89PNG"
 def test_data_panel_loads_a_frame_and_shows_report_plots_and_split(ui_config, sst2_120):
     from nb_finetune.ui import DataPanel
     panel = DataPanel(config=ui_config, data=sst2_120)
-    assert panel.source.disabled and "120 rows" in panel.source_note.value
+    # the box names the frame used, not the data.source it stands in for (which stays as set)
+    assert panel.source.disabled and panel.source.value == "DataFrame (120 rows)"
+    assert "sentence, label" in panel.source_note.value and panel.shared.get("data.source") == "imdb-sample"
+    pictures = (panel.balance_image, panel.length_image)
+    assert not any(p.shown for p in pictures) and "class balance appears here" in panel.balance_image.hint.value
     panel.load_button.click()
     assert panel.error.value == "", panel.error.value
     prep = panel.shared.current.prep
@@ -17,7 +21,11 @@ def test_data_panel_loads_a_frame_and_shows_report_plots_and_split(ui_config, ss
     for name, n in sizes.items():
         assert f"{name} {n:,}" in panel.splits.value
     assert "exact duplicates" in panel.report.value and "classes" in panel.report.value
-    assert bytes(panel.balance_image.value).startswith(PNG) and bytes(panel.length_image.value).startswith(PNG)
+    assert panel.balance_image.value.startswith(PNG) and panel.length_image.value.startswith(PNG)
+    for picture in pictures:  # each at its own pixel size, in a row that does not stretch it
+        assert picture.shown and picture.image.width == str(int.from_bytes(picture.value[16:20], "big"))
+    row = next(w for w in panel.children if pictures[0] in getattr(w, "children", ()))
+    assert row.layout.align_items == "flex-start" and pictures[0].layout.align_items == "flex-start"
     assert panel.rows.value.count("<tr>") == 6  # a header and five rows
     assert not panel.load_button.disabled
 
@@ -47,3 +55,15 @@ def test_data_panel_mitigation_settings_change_the_training_rows(ui_config, sst2
     assert panel.error.value == "", panel.error.value
     assert len(panel.shared.current.prep.splits["train"]) > before
     assert "counterfactual copies added to train" in panel.report.value
+
+
+def test_data_report_notes_removed_prompt_middles_only_when_some_were(ui_config, sst2_120):
+    from nb_finetune.ui import DataPanel
+    panel = DataPanel(config=ui_config, data=sst2_120)
+    for max_length in (256, 24):
+        panel.shared.set("train.max_length", max_length)
+        panel.load_button.click()
+        assert panel.error.value == "", panel.error.value
+        cut = panel.shared.current.token_stats["train"].prompt_truncated
+        assert cut == 0 if max_length == 256 else cut > 0
+        assert ("middle of the prompt removed" in panel.report.value) == (cut > 0), max_length

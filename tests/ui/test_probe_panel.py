@@ -25,7 +25,8 @@ def test_each_probe_shows_only_its_own_inputs(ui_config):
     from nb_finetune.ui import ProbePanel
     from nb_finetune.ui.probe_panel import PAIR_SETS
     panel = ProbePanel(config=ui_config)
-    for label, kind in PAIR_SETS.items():
+    assert panel.completion_box.layout.display == "none"  # until "templates" is chosen
+    for label, kind in [*PAIR_SETS.items(), next(iter(PAIR_SETS.items()))]:  # and back to the first
         panel.probe.value = label
         shown = {name for name in ("probe", "path", "limit", "completion_box", "groups", "seed")
                  if getattr(panel, name).layout.display != "none"}
@@ -43,15 +44,19 @@ def test_probe_panel_runs_pairs_and_completions_on_base_and_tuned(ui_config, sst
     choose(panel, "crows-file")
     assert panel.path.layout.display == "" and panel.completion_box.layout.display == "none"
     crows_file(panel, shared_data, 16)
+    assert "appears here once a probe has run" in panel.plot.hint.value and not panel.plot.shown
     panel.run_button.click()
     assert panel.error.value == "", panel.error.value
-    assert set(panel.results) == {"base", "tuned"}
+    assert set(panel.results) == {"base", "tuned"} and panel.plot.shown
+    assert panel.sort.value == "difference"  # not the first numeric column
     tuned = panel.results["tuned"]
     assert isinstance(tuned, PairResult) and len(tuned.scores) == 16
     assert "stereotype_preferred" in panel.summary.value and bytes(panel.plot.value).startswith(PNG)
     assert "most divergent examples" in panel.examples.value and "change" in panel.sort.options
     panel.sort.value = "more_logprob"
     assert "|more_logprob|" in panel.examples.value
+    panel.run_button.click()  # the order chosen stays for the next run
+    assert panel.sort.value == "more_logprob" and "|more_logprob|" in panel.examples.value
     written = panel.save_csv()
     assert {p.name for p in written} >= {"base_items.csv", "tuned_summary.csv"}
     assert len(pd.read_csv(written[0])) == 16

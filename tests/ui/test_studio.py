@@ -17,7 +17,11 @@ def test_studio_trains_evaluates_and_exports_a_rerunnable_config(ui_config, sst2
     assert ev.error.value == "" and studio.train.error.value == "", (ev.error.value, studio.train.error.value)
     for name in ("tuned", "base", "majority class"):
         assert f"<td>{name}" in ev.metrics.value
-    assert bytes(ev.confusion.value).startswith(PNG) and "samples" in ev.samples.value
+    assert ev.confusion.value.startswith(PNG) and ev.confusion.shown and "samples" in ev.samples.value
+    # the instruction every text followed is said once, above the tables, not in each row
+    instruction = studio.shared.current.formatter.instruction
+    assert instruction and ev.instruction.value.count(instruction) == 1
+    assert instruction not in ev.samples.value and instruction not in ev.errors.value
     assert studio.tabs.selected_index == studio.panels.index(ev)
     ev.prompt.value = "a wonderful, moving film"
     ev.generate_button.click()
