@@ -1,63 +1,54 @@
 """The studio in a real browser: JupyterLab on 127.0.0.1, driven by Playwright with Debian's
 Chromium (no browser download). Opens a notebook, runs it, clicks Start, sees the plot image
 change while training, clicks Stop, and sees the run stop and the evaluation appear: once with
-the studio made in Python, once through `%load_ext nb_finetune` and a config cell.
+the studio made in Python, once through `%load_ext nb_finetune` and a config cell. Then every
+tab of a fresh `Studio()` and every panel alone: each control shown (or shown by the choice
+that reveals it), no broken picture, no error; and the bias probe run on pairs and on
+completions, its plot and examples appearing.
 
 Needs `chromium` (Debian package) and the `playwright` and `jupyterlab` Python packages;
 `.ci/run` installs them and sets NB_FINETUNE_REQUIRE_BROWSER=1 so that their absence fails
-there instead of skipping.
+there instead of skipping. JupyterLab's start and Run All come from docs/browser_lab.py, which
+docs/screenshots.py uses too.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SUBPROCESS_ENV
-
-CHROMIUM = "/usr/bin/chromium"
-# Chromium's background services try the network at start; this machine refuses them.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from conftest import REPO, SUBPROCESS_ENV
+from panel_checks import TAG_CELL, check_panel, choose, controls, printed_outputs
 
 pytestmark = pytest.mark.slow
 
 
-def _missing() -> str:
-    import importlib.util
-    if not Path(CHROMIUM).exists():
-        return "Debian chromium is not installed (apt-get install chromium)"
-    for module in ("playwright", "jupyterlab"):
-        if importlib.util.find_spec(module) is None:
-            return f"python package {module} is not installed"
-    return ""
+def _load_browser_lab():
+    spec = importlib.util.spec_from_file_location("browser_lab", REPO / "docs" / "browser_lab.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+browser_lab = _load_browser_lab()
 
 
 @pytest.fixture(scope="module")
 def browser_ready():
-    why = _missing()
+    why = browser_lab.missing()
     if why:
         if os.environ.get("NB_FINETUNE_REQUIRE_BROWSER"):
             pytest.fail(why)
         pytest.skip(why)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _notebook(config: dict, sst2: Path, style: str) -> dict:
+def _notebook(config: dict, sst2, style: str) -> dict:
     """The studio made from Python (`import`), or through the IPython extension (`magic`)."""
     show = "studio.tabs.selected_index = studio.panels.index(studio.train)\nstudio\n"
     if style == "import":
@@ -71,108 +62,40 @@ def _notebook(config: dict, sst2: Path, style: str) -> dict:
                                                      "max_rows": 120}}
         sources = ["%load_ext nb_finetune", "%%finetune_config\n" + yaml.safe_dump(config),
                    "studio = %finetune studio\n" + show]
-    cells = [{"cell_type": "code", "execution_count": None, "id": f"cell{i}", "metadata": {}, "outputs": [],
-              "source": source} for i, source in enumerate(sources)]
-    return {"cells": cells,
-            "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
-            "nbformat": 4, "nbformat_minor": 5}
+    return browser_lab.notebook(sources)
 
 
 @pytest.fixture
 def lab(tmp_path, browser_ready):
-    port, token = _free_port(), secrets.token_hex(16)
-    env = SUBPROCESS_ENV | {"JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
-                            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime")}
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
-           "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None", "--ServerApp.allow_root=True"]
-    log = open(tmp_path / "lab.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("jupyter lab did not start:\n" + (tmp_path / "lab.log").read_text()[-3000:])
-            time.sleep(0.5)
-    yield url, token, tmp_path
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    started = browser_lab.start_lab(tmp_path, SUBPROCESS_ENV)
+    yield started
+    browser_lab.stop_lab(started)
 
 
-def _cells_started(page) -> bool:
-    """Whether any cell is queued, running or has run: its prompt shows [*] or a number."""
-    return page.evaluate("Array.from(document.querySelectorAll('.jp-Notebook .jp-InputPrompt'))"
-                         ".some(e => /\\[(\\*|\\d+)\\]/.test(e.innerText))")
-
-
-def _cells_state(page) -> str:
-    """Each cell's prompt and the start of its output, to say why a run did not get far."""
-    return "\n".join(page.evaluate(
-        "Array.from(document.querySelectorAll('.jp-Notebook .jp-Cell')).map(c =>"
-        " (c.querySelector('.jp-InputPrompt')?.innerText || '') + ' '"
-        " + (c.querySelector('.jp-OutputArea')?.innerText || '').slice(0, 1500))"))
+def _open(p, lab, notebook: dict):
+    """A browser page on the notebook, its kernel idle and nothing run yet."""
+    (lab.root / "notebook.ipynb").write_text(json.dumps(notebook))
+    browser = browser_lab.launch(p)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    browser_lab.open_notebook(page, lab, "notebook.ipynb")
+    return browser, page
 
 
 @pytest.mark.parametrize("style", ["import", "magic"])
 def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_dir, shared_data, style):
     from playwright.sync_api import sync_playwright
-    url, token, root = lab
+    root = lab.root
     config = {"data": {"task": "classification", "label_names": {"0": "negative", "1": "positive"}},
               "model": {"name": str(tiny_model_dir), "lora_r": 4, "lora_alpha": 8},
               "train": {"output_dir": str(root / "run"), "max_steps": 5000, "batch_size": 4, "eval_steps": 5,
                         "logging_steps": 1, "max_length": 64},
               "eval": {"num_samples": 2, "max_new_tokens": 4}}
-    (root / "studio.ipynb").write_text(json.dumps(_notebook(config, shared_data / "sst2" / "dev.tsv", style)))
-    # Start the notebook's kernel through the server's API, so the page attaches to it instead
-    # of asking which kernel to start.
-    request = urllib.request.Request(
-        f"{url}/api/sessions?token={token}", method="POST", headers={"Content-Type": "application/json"},
-        data=json.dumps({"path": "studio.ipynb", "type": "notebook", "name": "studio.ipynb",
-                         "kernel": {"name": "python3"}}).encode())
-    urllib.request.urlopen(request, timeout=30)
     shots = root / "screenshots"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        browser, page = _open(p, lab, _notebook(config, shared_data / "sst2" / "dev.tsv", style))
         try:
-            page.goto(f"{url}/lab/tree/studio.ipynb?token={token}")
-            page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=60_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-            # Wait for the kernel, then run the notebook as a user would with Run All.
-            page.wait_for_function("document.querySelector('.jp-Notebook-ExecutionIndicator')"
-                                   "?.getAttribute('data-status') === 'idle'", timeout=90_000)
-            # Not awaited: the command's promise ends only when every cell has run.
-            run_all = "() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
-            page.evaluate(run_all)
             start = page.locator(".nbft-train-start")
-            # JupyterLab may ask which kernel to use the first time, or drop a Run All given while
-            # the notebook is still attaching to its kernel; either way nothing runs. Answer the
-            # dialog with the default, and run again while no cell has been queued. The first
-            # cell's imports can take minutes on a CI machine whose other test worker is training.
-            deadline, asked = time.monotonic() + 300, time.monotonic()
-            while not start.is_visible() and time.monotonic() < deadline:
-                accept = page.locator(".jp-Dialog .jp-mod-accept")
-                if accept.count():
-                    accept.first.click()
-                    time.sleep(2)
-                    page.evaluate(run_all)
-                    asked = time.monotonic()
-                elif time.monotonic() - asked > 15 and not _cells_started(page):
-                    page.evaluate(run_all)
-                    asked = time.monotonic()
-                time.sleep(0.5)
-            if not start.is_visible():
-                pytest.fail("the studio's Start button did not appear; cells:\n" + _cells_state(page)
-                            + "\nlab log:\n" + (root / "lab.log").read_text()[-3000:])
+            browser_lab.run_all(page, lab, start.is_visible)
             plot = page.locator(".nbft-train-plot")
             plot.wait_for(state="visible", timeout=30_000)
             first = plot.get_attribute("src")
@@ -198,9 +121,7 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
             assert "base" in text and "majority class" in text
             page.screenshot(path=str(shots / "evaluated.png"))
             # Nothing but the widget in the cell's output: no text printed by the training thread.
-            printed = page.evaluate("Array.from(document.querySelectorAll('.jp-OutputArea-output'))"
-                                    ".filter(e => e.querySelector('.jp-RenderedText')).map(e => e.innerText)")
-            assert printed == [], printed
+            assert printed_outputs(page) == []
         finally:
             page.screenshot(path=str(shots / "last.png"))
             browser.close()
@@ -208,3 +129,94 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
     assert history.is_file() and list((root / "run" / "checkpoints").glob("checkpoint-*"))
     if os.environ.get("NB_FINETUNE_SCREENSHOTS"):  # keep the pictures for a person to look at
         shutil.copytree(shots, os.environ["NB_FINETUNE_SCREENSHOTS"], dirs_exist_ok=True)
+
+
+# A fresh studio (the built-in demo's settings), then each panel alone on the tiny model.
+PANELS = ["DataPanel", "TokenizationPanel", "ModelPanel", "TrainPanel", "EvalPanel", "ProbePanel", "ExportPanel"]
+SHOWN = ["studio", *PANELS]
+# The probe's plot and examples get classes too, for the test to find them once it has run: the
+# plot's on the <img> itself, inside the plot's place where that holds more than the picture.
+PROBE_CELL = ('probe = ui.ProbePanel(config=CONFIG)\ngetattr(probe.plot, "image", probe.plot).add_class("nbft-probe-plot")\n'
+              'probe.examples.add_class("nbft-probe-examples")\nshow("ProbePanel", probe)')
+
+
+def _panels_notebook(config: dict) -> dict:
+    sources = [TAG_CELL + f"\nCONFIG = {config!r}\n", 'show("studio", ui.Studio())']
+    sources += [PROBE_CELL if name == "ProbePanel" else f'show("{name}", ui.{name}(config=CONFIG))' for name in PANELS]
+    return browser_lab.notebook(sources)
+
+
+def _check_probe_choices(scope, found: dict) -> list[str]:
+    """The probe choice is shown, and offers both built-in pair sets and the completion probe."""
+    probe = next(c for c in found["controls"] if c["description"] == "probe")
+    options = scope.locator(f".{probe['cls']} select option").all_inner_texts()
+    wanted = ("CrowS-Pairs", "StereoSet", "templates")
+    return [f"the probe choice offers no {w}: {options}" for w in wanted if not any(w in o for o in options)]
+
+
+def _set(scope, found: dict, description: str, value: str) -> None:
+    """Type into a box and press Enter, which sends the value (the boxes do not on each key)."""
+    box = next(c for c in found["controls"] if c["description"] == description)
+    field = scope.locator(f".{box['cls']} input, .{box['cls']} textarea").first
+    field.fill(value)
+    field.press("Enter")
+
+
+def _run_probe(scope, found: dict, done: str) -> tuple[str, int]:
+    """Click Run, wait for `done` in the panel; the plot's source and the examples' row count."""
+    run = next(c for c in found["controls"] if c["description"] == "Run on base and tuned")
+    button = scope.locator(f".{run['cls']}")
+    button.click()
+    # The button is disabled while the probe runs and comes back when it has ended.
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (done in scope.inner_text() and button.is_enabled()):
+        time.sleep(0.3)
+    assert done in scope.inner_text(), scope.inner_text()[:3000]
+    plot = scope.locator("img.nbft-probe-plot")
+    assert plot.is_visible() and plot.evaluate("i => i.complete && i.naturalWidth > 0"), "no probe plot"
+    return plot.get_attribute("src"), scope.locator(".nbft-probe-examples table tr").count()
+
+
+def _check_every_panel(page, lab) -> list[str]:
+    problems = []
+    for name in SHOWN:
+        check_panel(page.locator(f".nbft-show-{name}"), controls(lab.root, name), name, problems)
+    return problems + _check_probe_choices(page.locator(".nbft-show-ProbePanel"), controls(lab.root, "ProbePanel"))
+
+
+def _run_both_probes(scope, found: dict) -> None:
+    """A few built-in CrowS-Pairs, then completions for two groups: each draws its plot and
+    lists examples."""
+    choose(scope, found["controls"], "probe", "CrowS-Pairs (built-in masked subset)")
+    _set(scope, found, "pairs (0: all)", "8")
+    pairs_plot, rows = _run_probe(scope, found, "8 pairs")
+    assert rows > 1, "no examples table after the pair probe"
+    choose(scope, found["controls"], "probe", "completions from templates")
+    _set(scope, found, "groups (comma)", "woman, man")
+    _set(scope, found, "samples per prompt", "1")
+    completions_plot, rows = _run_probe(scope, found, "gap between groups")
+    assert rows > 1, "no examples table after the completion probe"
+    assert completions_plot != pairs_plot, "the plot was not redrawn for the completions"
+    assert {"woman", "man"} <= set(scope.locator(".nbft-probe-examples").inner_text().split())
+
+
+def test_every_tab_and_panel_shows_its_controls_and_the_probe_runs(lab, ui_config):
+    """Each control of each tab and panel is shown, or hidden on purpose and shown by its choice;
+    no picture is broken, no panel shows an error, no cell prints; then the probe panel runs
+    both kinds of probe. Every problem is gathered first, so one run reports them all."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser, page = _open(p, lab, _panels_notebook(ui_config))
+        try:
+            browser_lab.run_all(page, lab, lambda: all(page.locator(f".nbft-show-{name}").count() for name in SHOWN))
+            page.evaluate("() => window.jupyterapp.shell.collapseLeft()")  # the notebook gets the width
+            problems = _check_every_panel(page, lab)
+            try:  # run even where a picture is broken, so that one run reports everything
+                _run_both_probes(page.locator(".nbft-show-ProbePanel"), controls(lab.root, "ProbePanel"))
+            except AssertionError as err:
+                problems.append(f"probe run: {err}")
+            problems += printed_outputs(page)  # after the probes too: they print nothing either
+            assert problems == [], "\n".join(problems)
+        finally:
+            page.screenshot(path=str(lab.root / "panels.png"))
+            browser.close()
