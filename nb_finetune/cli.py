@@ -28,12 +28,18 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def _run(cfg) -> int:
+def set_up_process(cfg) -> None:
+    """What the command line settles for its whole process before the libraries load: huge
+    pages for torch's tensors where the CPU kernels are on, and quiet libraries."""
     if cfg.train.cpu_kernels != "off":
         # Before torch allocates anything: it reads the huge-page setting once, at its first allocation.
         from .kernels.allocator import huge_pages_for_tensors
         huge_pages_for_tensors()
     quiet_libraries()
+
+
+def _run(cfg) -> int:
+    set_up_process(cfg)
     from . import distributed, pipeline, training
     if not distributed.is_main():  # under a launcher, only the main process talks
         return _run_quietly(cfg)

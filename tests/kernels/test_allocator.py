@@ -55,9 +55,8 @@ def test_freed_memory_is_kept_while_training_and_given_back_after(how):
     assert got["held"] - got["after"] > 0.9 * gb, got       # and after, given back either way
 
 
-# The command line's entry point with the given train.cpu_kernels, stopped where it would start
-# the libraries (huge pages are chosen before that), or only an import of the package; then torch
-# allocates for the first time.
+# The command line's set-up of its process with the given train.cpu_kernels, or only an import
+# of the package; then torch allocates for the first time.
 HUGE = textwrap.dedent("""
     import json, os, sys
     how = sys.argv[1]
@@ -65,15 +64,7 @@ HUGE = textwrap.dedent("""
         import nb_finetune  # noqa: F401
     else:
         from nb_finetune import cli, load_preset
-        class Started(Exception):
-            pass
-        def started():
-            raise Started
-        cli.quiet_libraries = started
-        try:
-            cli._run(load_preset("demo").with_overrides({"train.cpu_kernels": how}))
-        except Started:
-            pass
+        cli.set_up_process(load_preset("demo").with_overrides({"train.cpu_kernels": how}))
     import torch
     from nb_finetune.kernels.allocator import resident_bytes
     x = torch.ones(64 * 2**20)  # 256 MB, written
