@@ -7,8 +7,8 @@ parameters and the LoRA adapters it would get, then adds up, in bytes:
                  embeddings and norms stay 16/32-bit
   adapters       trainable parameters x (4 weight + 4 gradient + 8 AdamW moments), or
                  x (4 + 4 + 2) with an 8-bit optimizer
-  activations    per layer and token, the bytes kept for backward (ACTIVATION_BYTES, from
-                 SmolLM2-135M runs of benchmarks/train_speed.py and gpu_check.py); with
+  activations    per layer and token, the bytes kept for backward (ACTIVATION_BYTES,
+                 measured on SmolLM2-135M; tests/test_memory.py holds the estimate to a peak); with
                  gradient checkpointing only the layer inputs (2 or 4 bytes x hidden) plus one
                  layer's worth (two on a GPU)
   logits         trained tokens x vocab x 14 bytes (16-bit logits, their fp32 copy, the

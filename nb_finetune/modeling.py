@@ -111,8 +111,8 @@ def load_base(cfg: ModelConfig, objective: str, labels: list[str] | None = None,
     """The frozen base model, before adapters."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     quant = quantization_config(cfg)
-    # On a CPU, float32 weights with bf16 autocast train faster than bf16 weights
-    # (benchmarks/train_speed.py); on CUDA, half-precision weights save memory.
+    # On a CPU, bf16 autocast over float32 weights (bf16 weights train slower there);
+    # on CUDA, half-precision weights save memory.
     dtype = torch.float32 if not hardware.cuda_available() else getattr(torch, hardware.compute_dtype(cfg.compute_dtype))
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     local_gpu = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process under a launcher

