@@ -98,7 +98,8 @@ class Run:
         rows, confusion, errors = self.label_metrics(labels) if labels else self.completion_metrics()
         samples = self.samples() if self.objective != "head" else \
             pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
-        instruction = self.fmt.instruction if "text" in test else ""
+        # A classification head reads the text alone: no instruction to show.
+        instruction = self.fmt.instruction if "text" in test and self.objective != "head" else ""
         return EvalResult(pd.DataFrame(rows).set_index("model"), confusion, errors.reset_index(drop=True),
                           samples, self.preds, instruction)
 

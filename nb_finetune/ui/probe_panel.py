@@ -102,6 +102,7 @@ class ProbePanel(Panel):
 
     def run(self) -> None:
         choice = PAIR_SETS[self.probe.value]
+        self.saved.value = ""  # the last export was of the previous results
         session = self._session_with_model()
         done = "done: base and tuned probed"
         done += self.run_completions(session) if choice == "templates" else self.run_pairs(session, choice)
