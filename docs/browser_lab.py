@@ -1,17 +1,20 @@
 """JupyterLab on 127.0.0.1 driven by Playwright with Debian's Chromium (no browser download):
 start the server in a throw-away folder, open a notebook whose kernel is already running, and
-Run All until the page shows what the caller waits for.
+Run All until the page shows what the caller waits for; then the studio's SST-2 notebook cell,
+and what both sides do on the page: click a tab, choose in a dropdown, type into a box, find
+broken pictures and error boxes, wait for a condition.
 
-Shared by docs/screenshots.py and the browser tests in tests/ui. It sits here rather than under
-tests/ because the screenshot script is run from docs/, where this folder is on sys.path; the
-tests load it by its path. Needs the `jupyterlab` and `playwright` Python packages and
-/usr/bin/chromium.
+Shared by docs/screenshots.py and the tests in tests/ui. It sits here rather than under tests/
+because the screenshot script is run from docs/, where this folder is on sys.path; the tests get
+it from tests/conftest.py, which loads it by its path. Needs the `jupyterlab` and `playwright`
+Python packages and /usr/bin/chromium (this module itself imports neither).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -26,6 +29,14 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+# A tab's header (lumino's class; "p-" before JupyterLab 4).
+TABS = ".lm-TabBar-tab, .p-TabBar-tab"
+# The class nb_finetune.ui.common.message_html gives its red error box.
+ERROR_BOX = ".nbft-error-box"
+# Each picture shown under `el`: whether it has loaded, its own size, its size on the page, its classes.
+PICTURES = ("el => Array.from(el.querySelectorAll('img')).filter(i => i.offsetParent !== null)"
+            ".map(i => ({complete: i.complete, width: i.naturalWidth, height: i.naturalHeight,"
+            " shown_width: i.clientWidth, shown_height: i.clientHeight, cls: i.className}))")
 
 
 class LabError(Exception):
@@ -59,6 +70,15 @@ def notebook(sources: list[str]) -> dict:
     cells = [{"cell_type": "code", "execution_count": None, "id": f"cell{i}", "metadata": {}, "outputs": [],
               "source": source} for i, source in enumerate(sources)]
     return {"cells": cells, "metadata": {"kernelspec": KERNELSPEC}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def sst2_studio_cell(config: dict, data: Path, show: str = "studio\n") -> str:
+    """A cell making `studio = Studio(config, data=frame)` over 120 rows (60 of each label) of
+    SST-2's `data` file, then running `show`."""
+    return ("import csv\nimport pandas as pd\nfrom nb_finetune.ui import Studio\n"
+            f"frame = pd.read_csv({str(data)!r}, sep='\\t', quoting=csv.QUOTE_NONE, dtype=str)\n"
+            "frame = frame.groupby('label').head(60).reset_index(drop=True)\n"
+            f"studio = Studio({config!r}, data=frame)\n" + show)
 
 
 def free_port() -> int:
@@ -177,3 +197,50 @@ def run_all(page, lab: Lab, ready, timeout: float = 300) -> None:
         time.sleep(0.5)
     if not ready():
         raise LabError("the notebook did not get ready; cells:\n" + cells_state(page) + "\nlab log:\n" + lab.log())
+
+
+def wait_until(check, timeout: float, interval: float = 0.3):
+    """Call `check` until it answers something true and return that answer; after `timeout`
+    seconds, its last (false) answer."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
+
+
+def click_tab(scope, title: str) -> None:
+    """Click the tab headed `title` exactly (not one whose title only contains it)."""
+    scope.locator(TABS).filter(has_text=re.compile(rf"^\s*{re.escape(title)}\s*$")).first.click()
+
+
+def choose(scope, label: str, option: str) -> None:
+    """Pick `option` in the shown dropdown labelled `label`."""
+    named = scope.page.locator("label", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
+    scope.locator(".widget-dropdown", has=named).locator("select").filter(visible=True).first.select_option(
+        label=option)
+
+
+def set_box(scope, label: str, value: str) -> None:
+    """Type into the box labelled `label` and press Enter, which sends the value (the boxes
+    do not send on each key)."""
+    box = scope.locator(".widget-inline-hbox", has_text=label).locator("input, textarea").first
+    box.wait_for(state="visible", timeout=30_000)
+    box.fill(value)
+    box.press("Enter")
+
+
+def pictures(scope, timeout: float) -> list[dict]:
+    """The pictures shown under `scope` (see PICTURES), once all have loaded or `timeout`
+    seconds have passed; one loaded with no width is broken."""
+    wait_until(lambda: all(i["complete"] for i in scope.evaluate(PICTURES)), timeout, 0.2)
+    return scope.evaluate(PICTURES)
+
+
+def error_boxes(scope):
+    """The error boxes shown under `scope`: panels show an error in one, never as printed text."""
+    return scope.locator(ERROR_BOX).filter(visible=True)
+
+
+def full_width(page) -> None:
+    """Put the file browser away, so that the notebook gets the window's width."""
+    page.evaluate("() => window.jupyterapp.shell.collapseLeft()")

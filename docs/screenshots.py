@@ -3,9 +3,10 @@
 Starts `jupyter lab` on 127.0.0.1 (a token, a free port, a throw-away folder), writes a
 notebook that shows `Studio(config, data=frame)` over 120 SST-2 rows with a tiny, fast
 configuration (SmolLM2-135M-Instruct, 12 steps), and drives it with Playwright and Debian's
-Chromium as the browser test does (both start JupyterLab through docs/browser_lab.py): load
-the data, preview the tokens, look at the model, train, let the evaluation run, run two small
-bias probes and export. Each picture is of the studio's output area only:
+Chromium as the browser test does (both start JupyterLab, and click, type and wait on the page,
+through docs/browser_lab.py): load the data, preview the tokens, look at the model, train, let
+the evaluation run, run two small bias probes and export. Each picture is of the studio's
+output area only:
 
     studio.png       the Data tab after "Load and check" (what a user sees first)
     tokens.png       the Tokens tab: one row's tokens by role, and the padding of batches
@@ -64,27 +65,12 @@ def config() -> dict:
             "eval": {"max_test_rows": 40, "num_samples": 2, "max_new_tokens": 8}}
 
 
-def notebook(cfg: dict, data: Path) -> dict:
-    return browser_lab.notebook([
-        "import csv\nimport pandas as pd\nfrom nb_finetune.ui import Studio\n"
-        f"frame = pd.read_csv({str(data)!r}, sep='\\t', quoting=csv.QUOTE_NONE, dtype=str)\n"
-        "frame = frame.groupby('label').head(60).reset_index(drop=True)\n"
-        f"studio = Studio({cfg!r}, data=frame)\nstudio\n"])
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise Failure(f"{what} did not appear within {timeout:.0f} s")
-
-
-def tab(studio, title: str) -> None:
-    studio.locator(".lm-TabBar-tab, .p-TabBar-tab").filter(
-        has_text=re.compile(rf"^\s*{re.escape(title)}\s*$")).first.click()
+def must_appear(check, timeout: float, what: str, interval: float = 0.3):
+    """browser_lab.wait_until's answer; a Failure naming `what` if it never came."""
+    value = browser_lab.wait_until(check, timeout, interval)
+    if not value:
+        raise Failure(f"{what} did not appear within {timeout:.0f} s")
+    return value
 
 
 def panel_text(studio) -> str:
@@ -93,27 +79,26 @@ def panel_text(studio) -> str:
 
 
 def wait_for_text(studio, pattern: str, timeout: float, what: str) -> re.Match:
-    return wait_until(lambda: re.search(pattern, panel_text(studio)), timeout, what)
+    return must_appear(lambda: re.search(pattern, panel_text(studio)), timeout, what)
 
 
 def fail_on_panel_error(studio, where: str) -> None:
-    # Panels show an error in a red box (common.message_html), never as printed text.
-    if studio.locator("div[style*='background:#fdecea']").filter(visible=True).count():
+    if browser_lab.error_boxes(studio).count():
         raise Failure(f"the {where} tab shows an error:\n" + panel_text(studio)[:3000])
 
 
 def images_loaded(studio, name: str) -> None:
     """Wait until every visible picture in the studio has loaded. A broken one stops the script
     (no such picture belongs in the docs); one drawn out of proportion is noted."""
-    script = ("el => Array.from(el.querySelectorAll('img')).filter(i => i.offsetParent !== null)"
-              ".map(i => ({complete: i.complete, w: i.naturalWidth, h: i.naturalHeight,"
-              " cw: i.clientWidth, ch: i.clientHeight}))")
-    wait_until(lambda: all(i["complete"] for i in studio.evaluate(script)), 30, "the panel's pictures")
-    for i in studio.evaluate(script):
-        if i["w"] == 0:
+    shown = browser_lab.pictures(studio, 30)
+    if not all(i["complete"] for i in shown):
+        raise Failure("the panel's pictures did not appear within 30 s")
+    for i in shown:
+        if i["width"] == 0:
             raise Failure(f"{name}: a picture shows as a broken image")
-        if abs(i["cw"] / i["w"] - i["ch"] / i["h"]) > 0.05:
-            print(f"note: {name}: a {i['w']}x{i['h']} picture is shown at {i['cw']}x{i['ch']}", file=sys.stderr)
+        if abs(i["shown_width"] / i["width"] - i["shown_height"] / i["height"]) > 0.05:
+            print(f"note: {name}: a {i['width']}x{i['height']} picture is shown at "
+                  f"{i['shown_width']}x{i['shown_height']}", file=sys.stderr)
 
 
 def shoot(page, studio, path: Path, until=None) -> None:
@@ -159,24 +144,8 @@ def shrink(png: bytes) -> bytes:
     return out
 
 
-def set_box(studio, label: str, value: str) -> None:
-    """Type into the box labelled `label` and press Enter, which sends the value (the boxes
-    do not send on each key)."""
-    box = studio.locator(".widget-inline-hbox", has_text=label).locator("input, textarea").first
-    box.wait_for(state="visible", timeout=30_000)
-    box.fill(value)
-    box.press("Enter")
-
-
-def choose(studio, label: str, option: str) -> None:
-    """Pick `option` in the shown dropdown labelled `label`."""
-    named = studio.page.locator("label", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
-    studio.locator(".widget-dropdown", has=named).locator("select").filter(visible=True).first.select_option(
-        label=option)
-
-
 def take_data_tokens_model(page, studio, out: Path) -> None:
-    tab(studio, "Data")
+    browser_lab.click_tab(studio, "Data")
     load = studio.locator("button", has_text="Load and check")
     load.wait_for(state="visible", timeout=30_000)
     load.click()
@@ -184,13 +153,13 @@ def take_data_tokens_model(page, studio, out: Path) -> None:
     fail_on_panel_error(studio, "Data")
     shoot(page, studio, out / "studio.png")
 
-    tab(studio, "Tokens")
+    browser_lab.click_tab(studio, "Tokens")
     studio.locator("button", has_text="Preview").click()
     wait_for_text(studio, r"row 0: \d+ tokens", 120, "the Tokens tab's preview")
     fail_on_panel_error(studio, "Tokens")
     shoot(page, studio, out / "tokens.png")
 
-    tab(studio, "Model")
+    browser_lab.click_tab(studio, "Model")
     # The memory estimate is made when the studio opens if the model is in the cache.
     wait_for_text(studio, r"trainable", 120, "the Model tab's memory estimate")
     fail_on_panel_error(studio, "Model")
@@ -198,13 +167,13 @@ def take_data_tokens_model(page, studio, out: Path) -> None:
 
 
 def take_train_evaluate(page, studio, out: Path) -> None:
-    tab(studio, "Train")
+    browser_lab.click_tab(studio, "Train")
     start = studio.locator(".nbft-train-start")
     start.wait_for(state="visible", timeout=30_000)
     start.click()
     # Mid-run, late enough for two validations: one point alone makes a poor curve.
-    step = wait_until(lambda: (m := re.search(r"step (\d+)/(\d+)", panel_text(studio))) and int(m[1]) >= 10 and m,
-                      TRAIN_TIMEOUT, "step 10 in the Train tab", interval=0.2)
+    step = must_appear(lambda: (m := re.search(r"step (\d+)/(\d+)", panel_text(studio))) and int(m[1]) >= 10 and m,
+                       TRAIN_TIMEOUT, "step 10 in the Train tab", interval=0.2)
     time.sleep(1)  # the redraw follows the progress text
     fail_on_panel_error(studio, "Train")
     shoot(page, studio, out / "train.png")
@@ -221,8 +190,8 @@ def take_train_evaluate(page, studio, out: Path) -> None:
 
 
 def take_probes(page, studio, out: Path) -> None:
-    tab(studio, "Bias probe")
-    set_box(studio, "pairs (0: all)", str(PROBE_PAIRS))
+    browser_lab.click_tab(studio, "Bias probe")
+    browser_lab.set_box(studio, "pairs (0: all)", str(PROBE_PAIRS))
     run = studio.locator("button", has_text="Run on base and tuned")
     run.click()
     wait_for_text(studio, r"done: base and tuned probed", 300, "the Bias probe's result")
@@ -232,18 +201,18 @@ def take_probes(page, studio, out: Path) -> None:
     # The examples table lists 15 long pairs; three are enough to show what it holds.
     shoot(page, studio, out / "probe.png", until=studio.locator("table").last.locator("tr").nth(3))
 
-    choose(studio, "probe", "completions from templates")
-    set_box(studio, "samples per prompt", "2")
+    browser_lab.choose(studio, "probe", "completions from templates")
+    browser_lab.set_box(studio, "samples per prompt", "2")
     run.click()
     # The status line says "done" after the pair probe too: the button coming back ends this run.
-    wait_until(lambda: "gap between groups" in panel_text(studio) and run.is_enabled(), 300,
+    must_appear(lambda: "gap between groups" in panel_text(studio) and run.is_enabled(), 300,
                "the completion probe's result")
     fail_on_panel_error(studio, "Bias probe")
     shoot(page, studio, out / "completions.png", until=studio.locator("table").last)
 
 
 def take_export(page, studio, out: Path) -> None:
-    tab(studio, "Export")
+    browser_lab.click_tab(studio, "Export")
     studio.locator("button", has_text="Export").click()
     wait_for_text(studio, r"exported to ", 300, "the Export tab's list of files")
     fail_on_panel_error(studio, "Export")
@@ -251,10 +220,9 @@ def take_export(page, studio, out: Path) -> None:
 
 
 def take(page, out: Path, lab) -> None:
-    studio = page.locator(".jp-OutputArea-output", has=page.locator(".lm-TabBar-tab, .p-TabBar-tab")).first
+    studio = page.locator(".jp-OutputArea-output", has=page.locator(browser_lab.TABS)).first
     browser_lab.run_all(page, lab, lambda: studio.count() > 0)
-    # The notebook gets the window's width: the file browser beside it is put away.
-    page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
+    browser_lab.full_width(page)
     take_data_tokens_model(page, studio, out)
     take_train_evaluate(page, studio, out)
     take_probes(page, studio, out)
@@ -265,7 +233,7 @@ def shots(root: Path, data: Path, out: Path) -> None:
     """Serve `root`, open the studio's notebook in Chromium and take every picture."""
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
-    (root / "studio.ipynb").write_text(json.dumps(notebook(config(), data)))
+    (root / "studio.ipynb").write_text(json.dumps(browser_lab.notebook([browser_lab.sst2_studio_cell(config(), data)])))
     # The kernel imports this checkout's package, whatever an installed copy points at.
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                         "PYTHONUNBUFFERED": "1"}

@@ -1,8 +1,12 @@
 """Shared fixtures: the real SmolLM2 tokenizer, a tiny random llama built from a config,
-and the real data sets in ../shared/data."""
+and the real data sets in ../shared/data. Also what tests import by name (`from conftest
+import ...`): the data sets' readers, a tiny run's config and session, PNG, and
+docs/browser_lab.py."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,64 @@ REPO = Path(__file__).resolve().parents[1]
 # The checkout first, then whatever PYTHONPATH already names (packages installed with --target).
 SUBPROCESS_ENV = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                                "PYTHONUNBUFFERED": "1"}
+PNG = b"\x89PNG"  # how every PNG file starts
+
+
+def _load_docs_module(name: str):
+    """A module of docs/ (scripts, not a package), loaded by its path once."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "docs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+# JupyterLab and Chromium for tests/ui's browser test, with the page helpers and the waiting
+# that docs/screenshots.py uses too. Standard library only: cheap to load for every run.
+browser_lab = _load_docs_module("browser_lab")
+
+
+def sst2_dev(shared_data: Path):
+    """SST-2's dev.tsv as GLUE ships it: sentence<TAB>label, quotes left bare, every value a string."""
+    import csv
+
+    import pandas as pd
+    return pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str)
+
+
+def alpaca_raw(shared_data: Path):
+    """The Alpaca demo set as its JSON has it: instruction, input, output."""
+    import json
+
+    import pandas as pd
+    path = shared_data / "alpaca_demo" / "alpaca_en_demo.json"
+    return pd.DataFrame(json.loads(path.read_text(encoding="utf-8")))
+
+
+def alpaca(shared_data: Path, rows: slice = slice(None)):
+    """Alpaca demo rows mapped to the completion task's prompt and completion."""
+    from nb_finetune import config, data
+    return data.normalize(alpaca_raw(shared_data).iloc[rows], config.DataConfig(task="completion"))
+
+
+def tiny_run_config(model_dir: Path, tmp_path: Path, **train):
+    """SST-2 classification on the tiny llama: 6 steps, validation every 3, written under tmp_path/run;
+    `train` overrides the train section."""
+    from nb_finetune import RunConfig
+    base = {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4, "eval_steps": 3,
+            "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3}
+    return RunConfig.from_dict({
+        "data": {"text_column": "sentence", "val_fraction": 0.2, "test_fraction": 0.2},
+        "model": {"name": str(model_dir), "lora_r": 4, "lora_alpha": 8},
+        "train": base | train, "eval": {"num_samples": 1, "max_new_tokens": 4}})
+
+
+def prepared_session(cfg, frame):
+    """A Session that says nothing, `frame` prepared."""
+    from nb_finetune.pipeline import Session
+    session = Session(cfg, progress=lambda m: None)
+    session.prepare_data(frame)
+    return session
 
 
 @pytest.fixture(scope="session")
@@ -62,11 +124,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer) -> Path:
 @pytest.fixture
 def sst2_frame(shared_data):
     """40 SST-2 rows as a small labelled frame (real text, both classes)."""
-    import csv
-
-    import pandas as pd
-    df = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str)
-    return df.groupby("label").head(20).reset_index(drop=True)
+    return sst2_dev(shared_data).groupby("label").head(20).reset_index(drop=True)
 
 
 # -- the panels' tests (tests/ui) -----------------------------------------------------------
@@ -84,8 +142,4 @@ def ui_config(tiny_model_dir, tmp_path) -> dict:
 @pytest.fixture
 def sst2_120(shared_data):
     """120 SST-2 rows, 60 of each class."""
-    import csv
-
-    import pandas as pd
-    df = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str)
-    return df.groupby("label").head(60).reset_index(drop=True)
+    return sst2_dev(shared_data).groupby("label").head(60).reset_index(drop=True)

@@ -1,10 +1,9 @@
 """Messy files: each is read right or refused with one line naming the problem and the fix;
 the file itself is never modified."""
-import csv
 from collections import namedtuple
 
-import pandas as pd
 import pytest
+from conftest import sst2_dev
 
 from nb_finetune import UserError
 from nb_finetune.config import DataConfig
@@ -13,7 +12,7 @@ from nb_finetune.data import prepare, read_table
 
 @pytest.fixture
 def sst2_rows(shared_data):
-    return pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str).head(40)
+    return sst2_dev(shared_data).head(40)
 
 
 def _write(path, text, encoding="utf-8"):

@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import SUBPROCESS_ENV
 
 # Records the bitsandbytes logger's level at the moment bitsandbytes is first imported.

@@ -286,7 +286,9 @@ def message_html(text: str, kind: str = "error", details: str = "") -> str:
     body = html.escape(redact(text))
     more = (f"<details><summary>details</summary><pre style='font-size:11px'>{html.escape(redact(details))}"
             "</pre></details>") if details else ""
-    return f"<div style='color:{fg};background:{bg};padding:4px 8px;border-radius:4px'>{body}{more}</div>"
+    # The class lets a page (docs/browser_lab.py's ERROR_BOX) find an error box whatever its style.
+    return (f"<div class='nbft-message nbft-{kind}-box' style='color:{fg};background:{bg};padding:4px 8px;"
+            f"border-radius:4px'>{body}{more}</div>")
 
 
 class Panel(widgets.VBox):

@@ -26,21 +26,19 @@ And where TRL fails outright and ours does not:
 """
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 trl = pytest.importorskip("trl")
 if trl.__version__ != "0.19.1":  # the collator was removed in 0.20; behaviours below are 0.19.1's
     pytest.skip(f"these tests pin trl==0.19.1 (found {trl.__version__})", allow_module_level=True)
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import SHARED_DATA, alpaca  # noqa: E402
 from trl import DataCollatorForCompletionOnlyLM  # noqa: E402
 
-from nb_finetune import config, data, modeling  # noqa: E402
+from nb_finetune import config, modeling  # noqa: E402
 from nb_finetune.data.collator import CompletionOnlyCollator  # noqa: E402
 from nb_finetune.data.formatter import IGNORE, Formatter  # noqa: E402
 
@@ -70,8 +68,7 @@ def alpaca_rows() -> list[dict]:
     """The first 100 Alpaca demo rows, normalised to {prompt, completion}."""
     if not ALPACA.is_file():
         pytest.skip(f"{ALPACA} is not here")
-    raw = pd.DataFrame(json.loads(ALPACA.read_text(encoding="utf-8"))[:N_ROWS])
-    frame = data.normalize(raw, config.DataConfig(task="completion"))
+    frame = alpaca(SHARED_DATA, slice(0, N_ROWS))
     assert list(frame.columns) == ["prompt", "completion"] and len(frame) == N_ROWS
     return frame.to_dict(orient="records")
 

@@ -1,17 +1,13 @@
 """Column mapping: the user's columns to each task's standard ones, and the errors a wrong
 column name gets."""
-import csv
 
 import pandas as pd
 import pytest
+from conftest import sst2_dev
 
 from nb_finetune import UserError
 from nb_finetune.config import DataConfig
 from nb_finetune.data import normalize, prepare, read_table
-
-
-def _sst2(shared_data, n=300):
-    return pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str).head(n)
 
 
 def test_alpaca_maps_to_prompt_and_completion(shared_data):
@@ -33,7 +29,7 @@ def test_chat_messages_column():
 
 
 def test_label_names_order_and_unknown_label(shared_data):
-    df = _sst2(shared_data, 60)
+    df = sst2_dev(shared_data).head(60)
     prep = prepare(DataConfig(text_column="sentence", label_names={"1": "positive", "0": "negative"}), df)
     assert prep.labels == ["positive", "negative"]
     with pytest.raises(UserError, match="no word in data.label_names"):
@@ -42,7 +38,7 @@ def test_label_names_order_and_unknown_label(shared_data):
 
 def test_unknown_column(tmp_path, shared_data):
     path = tmp_path / "d.csv"
-    _sst2(shared_data, 20).to_csv(path, index=False)
+    sst2_dev(shared_data).head(20).to_csv(path, index=False)
     before = path.read_bytes()
     with pytest.raises(UserError) as err:
         prepare(DataConfig(source=str(path), text_column="review_body"))

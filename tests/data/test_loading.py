@@ -4,21 +4,17 @@ import csv
 import json
 import shutil
 
-import pandas as pd
 import pytest
+from conftest import sst2_dev
 
 from nb_finetune import UserError
 from nb_finetune.config import DataConfig
 from nb_finetune.data import prepare, read_table
 
 
-def _sst2(shared_data, n=300):
-    return pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str).head(n)
-
-
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl", "parquet"])
 def test_every_file_format_reads_the_same_rows(tmp_path, shared_data, fmt):
-    df = _sst2(shared_data, 120)
+    df = sst2_dev(shared_data).head(120)
     path = tmp_path / f"data.{fmt}"
     if fmt == "csv":
         df.to_csv(path, index=False)
@@ -37,7 +33,7 @@ def test_every_file_format_reads_the_same_rows(tmp_path, shared_data, fmt):
 
 
 def test_in_memory_sources(shared_data):
-    df = _sst2(shared_data, 50)
+    df = sst2_dev(shared_data).head(50)
     assert read_table(df).equals(df)
     datasets = pytest.importorskip("datasets")
     got = read_table(datasets.Dataset.from_pandas(df))

@@ -6,6 +6,7 @@ import csv
 
 import pandas as pd
 import pytest
+from conftest import sst2_dev
 
 from nb_finetune.config import RunConfig
 from nb_finetune.data import mitigation
@@ -20,7 +21,7 @@ def test_swap_terms_keeps_case_and_whole_words():
 
 def test_counterfactual_augmentation_touches_only_the_training_split(shared_data, tmp_path):
     path = tmp_path / "sst2.tsv"
-    frame = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str).head(300)
+    frame = sst2_dev(shared_data).head(300)
     frame.to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_NONE)
     base = {"source": str(path), "text_column": "sentence", "label_names": {"0": "negative", "1": "positive"}}
     from nb_finetune.data import prepare

@@ -1,13 +1,10 @@
 """Packed rows compute what each row computes alone (SmolLM2, real Alpaca rows)."""
 from __future__ import annotations
 
-import json
-
-import pandas as pd
 import pytest
 import torch
+from conftest import alpaca
 
-from nb_finetune import config, data
 from nb_finetune.data.collator import CompletionOnlyCollator
 from nb_finetune.data.formatter import Formatter
 from nb_finetune.data.tokens import pack, tokenize_frame
@@ -21,8 +18,7 @@ def test_packed_rows_give_each_row_the_logits_it_has_alone(smollm2_dir, tokenize
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from nb_finetune.training.trainer import SafeTrainer
-    raw = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text(encoding="utf-8")))
-    frame = data.normalize(raw.iloc[20:44], config.DataConfig(task="completion"))
+    frame = alpaca(shared_data, slice(20, 44))
     fmt = Formatter.build(tokenizer, "completion", [], max_length=256)
     rows, _ = tokenize_frame(frame, fmt)
     packed = pack(rows, 256)

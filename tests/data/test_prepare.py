@@ -1,21 +1,17 @@
 """The data stage: the report's checks, cleaning, the seeded stratified split, and data that
 cannot be trained on at all."""
-import csv
 
 import pandas as pd
 import pytest
+from conftest import sst2_dev
 
 from nb_finetune import UserError
 from nb_finetune.config import DataConfig
 from nb_finetune.data import normalize, prepare, split
 
 
-def _sst2(shared_data, n=300):
-    return pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=csv.QUOTE_NONE, dtype=str).head(n)
-
-
 def test_report_counts_duplicates_conflicts_and_leakage(shared_data):
-    df = _sst2(shared_data, 200)
+    df = sst2_dev(shared_data).head(200)
     dup = df.iloc[:5]
     conflict = df.iloc[5:8].assign(label=lambda d: d["label"].map({"0": "1", "1": "0"}))
     messy = pd.concat([df, dup, conflict], ignore_index=True)
@@ -36,7 +32,7 @@ def test_report_counts_duplicates_conflicts_and_leakage(shared_data):
 
 
 def test_split_is_stratified_seeded_and_disjoint(shared_data):
-    frame = normalize(_sst2(shared_data, 300), DataConfig(text_column="sentence"))
+    frame = normalize(sst2_dev(shared_data).head(300), DataConfig(text_column="sentence"))
     cfg = DataConfig(val_fraction=0.2, test_fraction=0.2, seed=7)
     a, b = split(frame, cfg, "label"), split(frame, cfg, "label")
     for name in a:
@@ -51,7 +47,7 @@ def test_split_is_stratified_seeded_and_disjoint(shared_data):
 
 
 def test_single_class_and_all_empty_text(shared_data):
-    df = _sst2(shared_data, 100)
+    df = sst2_dev(shared_data).head(100)
     with pytest.raises(UserError, match="single class"):
         prepare(DataConfig(text_column="sentence"), df[df["label"] == "1"])
     with pytest.raises(UserError, match="text column is empty in every row"):
@@ -59,7 +55,7 @@ def test_single_class_and_all_empty_text(shared_data):
 
 
 def test_class_too_rare_for_stratified_split(shared_data):
-    df = _sst2(shared_data, 100)
+    df = sst2_dev(shared_data).head(100)
     rare = pd.concat([df, pd.DataFrame({"sentence": ["odd one", "odd two"], "label": ["2", "2"]})])
     with pytest.raises(UserError, match="class '2' has only 2 row"):
         prepare(DataConfig(text_column="sentence"), rare)

@@ -1,20 +1,12 @@
 """The token cache: the same rows and stats read back without tokenizing, a miss whenever
 anything the tokens depend on changes, damage and read-only folders tolerated, and eviction
 of the least recently used entries."""
-import pandas as pd
 import pytest
+from conftest import alpaca
 
 from nb_finetune.data import token_cache
 from nb_finetune.data.formatter import Formatter
 from nb_finetune.data.tokens import tokenize_frame
-
-
-def _alpaca(shared_data, n=300):
-    import json
-
-    from nb_finetune import config, data
-    raw = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text()))
-    return data.normalize(raw.iloc[:n], config.DataConfig(task="completion"))
 
 
 def _no_tokenizing(monkeypatch):
@@ -33,7 +25,7 @@ def test_token_cache_gives_the_same_rows_and_stats_without_tokenizing_again(kind
         fmt, heads = Formatter.build(tokenizer, "classification", ["negative", "positive"], 24), {"negative": 0,
                                                                                                  "positive": 1}
     else:
-        frame = _alpaca(shared_data)
+        frame = alpaca(shared_data, slice(0, 300))
         fmt, heads = Formatter.build(tokenizer, "completion", [], 96, "yes" if kind == "chat" else "no"), None
     fresh, fresh_stats = tokenize_frame(frame, fmt, heads)
     said = []
@@ -48,7 +40,7 @@ def test_token_cache_gives_the_same_rows_and_stats_without_tokenizing_again(kind
 
 
 def test_token_cache_misses_when_anything_the_tokens_depend_on_changes(tokenizer, shared_data, tmp_path):
-    frame = _alpaca(shared_data, 120)
+    frame = alpaca(shared_data, slice(0, 120))
     fmt = Formatter.build(tokenizer, "completion", [], 128)
     changed_text = frame.copy()
     changed_text.loc[5, "completion"] += " Also this."
@@ -66,7 +58,7 @@ def test_token_cache_misses_when_anything_the_tokens_depend_on_changes(tokenizer
 
 def test_a_damaged_or_unwritable_token_cache_costs_only_the_tokenizing(tokenizer, shared_data, tmp_path,
                                                                        monkeypatch):
-    frame = _alpaca(shared_data, 60)
+    frame = alpaca(shared_data, slice(0, 60))
     fmt = Formatter.build(tokenizer, "completion", [], 128)
     fresh = tokenize_frame(frame, fmt)[0].features
     tokenize_frame(frame, fmt, cache=tmp_path)
@@ -90,7 +82,7 @@ def test_a_damaged_or_unwritable_token_cache_costs_only_the_tokenizing(tokenizer
 def test_token_cache_keeps_the_most_recently_used_entries_within_its_size(tokenizer, shared_data, tmp_path,
                                                                          monkeypatch):
     import time
-    frame = _alpaca(shared_data, 100)
+    frame = alpaca(shared_data, slice(0, 100))
     fmts = [Formatter.build(tokenizer, "completion", [], n) for n in (100, 110, 120)]
     tokenize_frame(frame, fmts[0], cache=tmp_path)
     size = next(tmp_path.glob("*.npz")).stat().st_size

@@ -1,6 +1,7 @@
 """Tokenized splits: rows with no trained token counted and dropped, and packing."""
 import pandas as pd
 import pytest
+from conftest import alpaca
 
 from nb_finetune import UserError
 from nb_finetune.data.collator import CompletionOnlyCollator
@@ -21,12 +22,8 @@ def test_rows_with_no_trained_token_are_counted_and_dropped(tokenizer):
 
 
 def test_packing_puts_every_row_once_into_rows_that_fit(tokenizer, shared_data):
-    import json
-
-    from nb_finetune import config, data
     from nb_finetune.data.tokens import pack, pack_rows
-    raw = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text(encoding="utf-8")))
-    frame = data.normalize(raw.iloc[:200], config.DataConfig(task="completion"))
+    frame = alpaca(shared_data, slice(0, 200))
     fmt = Formatter.build(tokenizer, "completion", [], max_length=256)
     ds, _ = tokenize_frame(frame, fmt)
     lengths = [len(f["input_ids"]) for f in ds.features]

@@ -6,24 +6,9 @@ import platform
 
 import numpy as np
 import pytest
+from conftest import alpaca_raw, prepared_session, tiny_run_config
 
-from nb_finetune import RunConfig
 from nb_finetune.pipeline import Session
-
-
-def _cfg(tiny_model_dir, tmp_path, **train):
-    base = {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4, "eval_steps": 3,
-            "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3}
-    return RunConfig.from_dict({
-        "data": {"text_column": "sentence", "val_fraction": 0.2, "test_fraction": 0.2},
-        "model": {"name": str(tiny_model_dir), "lora_r": 4, "lora_alpha": 8},
-        "train": base | train, "eval": {"num_samples": 1, "max_new_tokens": 4}})
-
-
-def _session(cfg, frame):
-    s = Session(cfg, progress=lambda m: None)
-    s.prepare_data(frame)
-    return s
 
 
 def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
@@ -31,7 +16,7 @@ def test_evaluate_reports_baselines(tiny_model_dir, tmp_path, sst2_frame, monkey
 
     from nb_finetune import hardware, kernels
     from nb_finetune.kernels import allocator
-    s = _session(_cfg(tiny_model_dir, tmp_path, max_steps=2), sst2_frame)
+    s = prepared_session(tiny_run_config(tiny_model_dir, tmp_path, max_steps=2), sst2_frame)
     s.train()
     entered, seen = [], []  # freed_memory_kept's answers while it is entered; what each forward pass saw
     real_kept = allocator.freed_memory_kept
@@ -81,19 +66,17 @@ def test_evaluating_after_training_again_reuses_the_base_models_results(task, ti
                                                                        shared_data, monkeypatch):
     """The base (adapter off) gives the same test scores, loss and samples after every
     training: evaluated once, then reused, until the base, the tokens or the test rows change."""
-    import json
-
     import pandas as pd
 
     from nb_finetune.evaluation import base_cache
     base_runs = []
     real_base = base_cache.as_base
     monkeypatch.setattr(base_cache, "as_base", lambda model: base_runs.append(1) or real_base(model))
-    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=2)
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=2)
     frame = sst2_frame
     if task == "completion":
         cfg = cfg.with_overrides({"data.task": "completion", "data.text_column": "", "train.max_length": 96})
-        frame = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:60])
+        frame = alpaca_raw(shared_data).iloc[:60]
     said = []
     s = Session(cfg, progress=said.append)
     s.prepare_data(frame)
@@ -126,13 +109,9 @@ def test_evaluating_after_training_again_reuses_the_base_models_results(task, ti
 
 
 def test_completion_task_reports_loss_and_perplexity(tiny_model_dir, tmp_path, shared_data):
-    import json
-
-    import pandas as pd
-    rows = json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:60]
-    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=3, max_length=96).with_overrides(
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=3, max_length=96).with_overrides(
         {"data.task": "completion", "data.text_column": ""})
-    s = _session(cfg, pd.DataFrame(rows))
+    s = prepared_session(cfg, alpaca_raw(shared_data).iloc[:60])
     s.train()
     ev = s.evaluate()
     assert list(ev.metrics.index) == ["tuned", "base"]

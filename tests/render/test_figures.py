@@ -2,7 +2,7 @@
 matplotlib Figure out, nothing left in pyplot's global state."""
 from __future__ import annotations
 
-PNG = b"\x89PNG"
+from conftest import PNG
 
 
 def test_renderers_are_pure_figures():

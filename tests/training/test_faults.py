@@ -8,26 +8,21 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import SUBPROCESS_ENV
+from conftest import SUBPROCESS_ENV, prepared_session
 from safetensors.torch import load_file
 
 from nb_finetune import RunConfig, UserError
-from nb_finetune.pipeline import Session
 from nb_finetune.training import Callback
 
 
 def _cfg(model_dir, out, **train):
+    """Not conftest's tiny_run_config: these tests stop, kill and resume on a checkpoint every 3
+    steps, no validation in between, no dropout, and `out` as the output folder itself."""
     return RunConfig.from_dict({
         "data": {"text_column": "sentence", "val_fraction": 0.2, "test_fraction": 0.2},
         "model": {"name": str(model_dir), "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
         "train": {"output_dir": str(out), "max_steps": 6, "batch_size": 4, "eval_steps": 100, "save_steps": 3,
                   "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3} | train})
-
-
-def _session(cfg, frame):
-    s = Session(cfg, progress=lambda m: None)
-    s.prepare_data(frame)
-    return s
 
 
 class StopAt(Callback):
@@ -40,13 +35,13 @@ class StopAt(Callback):
 
 
 def test_stop_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, sst2_frame):
-    whole = _session(_cfg(tiny_model_dir, tmp_path / "whole"), sst2_frame).train()
+    whole = prepared_session(_cfg(tiny_model_dir, tmp_path / "whole"), sst2_frame).train()
 
     stop = threading.Event()
     cfg = _cfg(tiny_model_dir, tmp_path / "split")
-    first = _session(cfg, sst2_frame).train([StopAt(4, stop)], stop=stop)
+    first = prepared_session(cfg, sst2_frame).train([StopAt(4, stop)], stop=stop)
     assert first.stopped and first.global_step == 4
-    second = _session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
+    second = prepared_session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
     assert second.global_step == 6
 
     a = whole.history.set_index("step")["train_loss"]
@@ -93,13 +88,13 @@ def test_kill_during_save_leaves_no_checkpoint_that_resume_would_load(tiny_model
     assert (ckpts / "checkpoint-3").is_dir() and not (ckpts / "checkpoint-6").exists()
     assert (ckpts / ".partial-checkpoint-6").is_dir()  # the half-written one, under a name resume skips
     assert get_last_checkpoint(str(ckpts)).endswith("checkpoint-3")
-    resumed = _session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
+    resumed = prepared_session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
     assert resumed.global_step == 6 and resumed.history["step"].min() == 4
     assert not (ckpts / ".partial-checkpoint-6").exists()
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, tmp_path, sst2_frame):
-    s = _session(_cfg(tiny_model_dir, tmp_path / "nan", max_steps=10), sst2_frame)
+    s = prepared_session(_cfg(tiny_model_dir, tmp_path / "nan", max_steps=10), sst2_frame)
     s.load_model()
     steps = []
 
@@ -127,7 +122,7 @@ def test_out_of_memory_gets_advice(tiny_model_dir, tmp_path, sst2_frame, monkeyp
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
     monkeypatch.setattr(Trainer, "train", oom)
-    s = _session(_cfg(tiny_model_dir, tmp_path / "oom", batch_size=8), sst2_frame)
+    s = prepared_session(_cfg(tiny_model_dir, tmp_path / "oom", batch_size=8), sst2_frame)
     with pytest.raises(UserError, match="out of memory at batch_size 8.*batch_size 4 with train.grad_accum 2.*4bit"):
         s.train()
 
@@ -137,14 +132,14 @@ def test_full_disk_is_refused_before_training(tiny_model_dir, tmp_path, sst2_fra
     from collections import namedtuple
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
-    s = _session(_cfg(tiny_model_dir, tmp_path / "full"), sst2_frame)
+    s = prepared_session(_cfg(tiny_model_dir, tmp_path / "full"), sst2_frame)
     with pytest.raises(UserError, match="1 MiB free, and training needs about .* MiB for checkpoints"):
         s.train()
     assert not (tmp_path / "full" / "checkpoints").exists()
 
 
 def test_max_length_beyond_the_model_context(tiny_model_dir, tmp_path, sst2_frame):
-    s = _session(_cfg(tiny_model_dir, tmp_path / "ctx", max_length=4096), sst2_frame)
+    s = prepared_session(_cfg(tiny_model_dir, tmp_path / "ctx", max_length=4096), sst2_frame)
     with pytest.raises(UserError, match="longer than .* context of 1024 tokens; set it to at most 1024"):
         s.tokenize()
 
@@ -155,7 +150,7 @@ def test_keyboard_interrupt_is_a_stop_that_keeps_the_steps_done(tiny_model_dir, 
         def on_log(self, row, history):
             if row["step"] == 2:
                 raise KeyboardInterrupt
-    result = _session(_cfg(tiny_model_dir, tmp_path / "ki"), sst2_frame).train([Interrupt()])
+    result = prepared_session(_cfg(tiny_model_dir, tmp_path / "ki"), sst2_frame).train([Interrupt()])
     assert result.stopped and result.global_step == 2
     assert result.last_checkpoint.name == "checkpoint-2"
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()

@@ -6,19 +6,10 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import alpaca_raw, prepared_session, tiny_run_config
 
-from nb_finetune import RunConfig
 from nb_finetune.pipeline import Session
 from nb_finetune.training import HISTORY_COLUMNS, Callback
-
-
-def _cfg(tiny_model_dir, tmp_path, **train):
-    base = {"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4, "eval_steps": 3,
-            "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3}
-    return RunConfig.from_dict({
-        "data": {"text_column": "sentence", "val_fraction": 0.2, "test_fraction": 0.2},
-        "model": {"name": str(tiny_model_dir), "lora_r": 4, "lora_alpha": 8},
-        "train": base | train, "eval": {"num_samples": 1, "max_new_tokens": 4}})
 
 
 class Recorder(Callback):
@@ -40,15 +31,9 @@ class Recorder(Callback):
         self.events.append(("end", result))
 
 
-def _session(cfg, frame):
-    s = Session(cfg, progress=lambda m: None)
-    s.prepare_data(frame)
-    return s
-
-
 def test_trains_emits_events_and_keeps_history(tiny_model_dir, tmp_path, sst2_frame):
     rec = Recorder()
-    s = _session(_cfg(tiny_model_dir, tmp_path), sst2_frame)
+    s = prepared_session(tiny_run_config(tiny_model_dir, tmp_path), sst2_frame)
     result = s.train([rec])
     kinds = [k for k, _ in rec.events]
     assert kinds[0] == "begin" and kinds[-1] == "end"
@@ -75,7 +60,7 @@ def test_trains_where_ipython_is_missing(tiny_model_dir, tmp_path, sst2_frame, m
     monkeypatch.delitem(sys.modules, "transformers.utils.notebook", raising=False)
     with pytest.raises(ImportError):
         import transformers.utils.notebook  # noqa: F401
-    s = _session(_cfg(tiny_model_dir, tmp_path, max_steps=2, eval_steps=2), sst2_frame)
+    s = prepared_session(tiny_run_config(tiny_model_dir, tmp_path, max_steps=2, eval_steps=2), sst2_frame)
     assert s.train().history["step"].tolist() == [1, 2]
 
 
@@ -88,7 +73,8 @@ def test_bf16_asked_for_on_a_cpu_without_it_computes_in_fp32(tiny_model_dir, tmp
     monkeypatch.setattr(hardware, "bf16_supported", lambda: False)
     assert hardware.compute_dtype("bfloat16") == "float32" and hardware.compute_dtype("auto") == "float32"
     messages = []
-    s = Session(_cfg(tiny_model_dir, tmp_path).with_overrides({"model.compute_dtype": "bfloat16"}), progress=messages.append)
+    cfg = tiny_run_config(tiny_model_dir, tmp_path).with_overrides({"model.compute_dtype": "bfloat16"})
+    s = Session(cfg, progress=messages.append)
     s.prepare_data(sst2_frame)
     s.load_model()
     assert s.precision == "float32" and any("no bf16 instructions" in m for m in messages)
@@ -97,7 +83,7 @@ def test_bf16_asked_for_on_a_cpu_without_it_computes_in_fp32(tiny_model_dir, tmp
 def test_same_seed_same_losses(tiny_model_dir, tmp_path, sst2_frame):
     losses = []
     for i in range(2):
-        s = _session(_cfg(tiny_model_dir, tmp_path / str(i), max_steps=3, eval_steps=3), sst2_frame)
+        s = prepared_session(tiny_run_config(tiny_model_dir, tmp_path / str(i), max_steps=3, eval_steps=3), sst2_frame)
         losses.append(s.train().history["train_loss"].to_numpy())
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
@@ -105,28 +91,28 @@ def test_same_seed_same_losses(tiny_model_dir, tmp_path, sst2_frame):
 def test_stop_flag_keeps_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path, sst2_frame):
     stop = threading.Event()
     rec = Recorder(stop_at=2, stop=stop)
-    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=6, eval_steps=10)
-    result = _session(cfg, sst2_frame).train([rec], stop=stop)
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=6, eval_steps=10)
+    result = prepared_session(cfg, sst2_frame).train([rec], stop=stop)
     assert result.stopped and result.global_step == 2
     assert result.last_checkpoint.name == "checkpoint-2"
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
 
-    resumed = _session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
+    resumed = prepared_session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
     assert not resumed.stopped and resumed.global_step == 6
     assert resumed.history["step"].min() == 3  # it did not start over
 
 
 def test_early_stopping_on_flat_validation_loss(tiny_model_dir, tmp_path, sst2_frame):
     # lr at its floor: validation loss cannot improve by the 1e-4 margin, so patience 2 ends it
-    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=20, eval_steps=1, learning_rate=1e-7,
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=20, eval_steps=1, learning_rate=1e-7,
                early_stopping_patience=2)
-    result = _session(cfg, sst2_frame).train()
+    result = prepared_session(cfg, sst2_frame).train()
     assert result.early_stopped and result.global_step == 3
 
 
 def test_decoder_with_classification_head(tiny_model_dir, tmp_path, sst2_frame):
-    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=3).with_overrides({"model.objective": "head"})
-    s = _session(cfg, sst2_frame)
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=3).with_overrides({"model.objective": "head"})
+    s = prepared_session(cfg, sst2_frame)
     s.train()
     assert s.objective == "head"
     assert type(s.model.base_model.model).__name__ == "LlamaForSequenceClassification"
@@ -135,13 +121,14 @@ def test_decoder_with_classification_head(tiny_model_dir, tmp_path, sst2_frame):
     ev = s.evaluate()
     assert list(ev.metrics.index)[0] == "tuned" and "base" not in ev.metrics.index  # an untrained head has no zero-shot
     assert len(ev.samples) == 0
+    assert ev.instruction == ""  # the head never saw one
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path, sst2_frame):
     runs = {}
     for mode in ("no", "yes"):
-        cfg = _cfg(tiny_model_dir, tmp_path / mode, max_steps=3, eval_steps=3, gradient_checkpointing=mode)
-        runs[mode] = _session(cfg, sst2_frame).train().history["train_loss"].to_numpy()
+        cfg = tiny_run_config(tiny_model_dir, tmp_path / mode, max_steps=3, eval_steps=3, gradient_checkpointing=mode)
+        runs[mode] = prepared_session(cfg, sst2_frame).train().history["train_loss"].to_numpy()
     np.testing.assert_allclose(runs["yes"], runs["no"], rtol=1e-4)
 
 
@@ -149,13 +136,10 @@ def test_packed_epoch_takes_fewer_steps_over_the_same_rows(tiny_model_dir, tmp_p
     """train.packing through the Session: an epoch of real Alpaca rows packed to 256 tokens
     takes fewer optimizer steps than unpacked, learns, and keeps
     validation unpacked."""
-    import json
-
-    import pandas as pd
-    rows = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text())[:80])
+    rows = alpaca_raw(shared_data).iloc[:80]
     runs, begins, said = {}, {}, []
     for packing in (False, True):
-        cfg = _cfg(tiny_model_dir, tmp_path / str(packing), max_steps=0, epochs=1, max_length=256, eval_steps=2,
+        cfg = tiny_run_config(tiny_model_dir, tmp_path / str(packing), max_steps=0, epochs=1, max_length=256, eval_steps=2,
                    packing=packing).with_overrides({"data.task": "completion", "data.text_column": ""})
         s = Session(cfg, progress=said.append)
         s.prepare_data(rows)
@@ -176,8 +160,8 @@ def test_packed_epoch_takes_fewer_steps_over_the_same_rows(tiny_model_dir, tmp_p
 
 def test_packing_with_a_classification_head_is_refused_before_loading(tiny_model_dir, tmp_path, sst2_frame):
     from nb_finetune import UserError
-    cfg = _cfg(tiny_model_dir, tmp_path, packing=True).with_overrides({"model.objective": "head"})
-    s = _session(cfg, sst2_frame)
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, packing=True).with_overrides({"model.objective": "head"})
+    s = prepared_session(cfg, sst2_frame)
     with pytest.raises(UserError, match="train.packing needs a causal-LM objective"):
         s.train()
     assert s.model is None
@@ -187,8 +171,8 @@ def test_session_reuses_tokens_across_lora_settings_and_runs(tiny_model_dir, tmp
     """New LoRA settings keep the tokens (and drop the model); a new max_length re-tokenizes; a
     second session on the same rows and settings reads them from the disk cache."""
     monkeypatch.setenv("NB_FINETUNE_CACHE", str(tmp_path / "cache"))
-    cfg = _cfg(tiny_model_dir, tmp_path)
-    s = _session(cfg, sst2_frame)
+    cfg = tiny_run_config(tiny_model_dir, tmp_path)
+    s = prepared_session(cfg, sst2_frame)
     s.load_model()
     train = s.datasets["train"]
     assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 2  # train and validation

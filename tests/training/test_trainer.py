@@ -2,23 +2,16 @@
 and token accuracy as the full computation; and the optimizer it asks for."""
 from __future__ import annotations
 
-import json
-
-import pandas as pd
 import pytest
 import torch
+from conftest import alpaca
 
-from nb_finetune import config, data, modeling
+from nb_finetune import config, modeling
 from nb_finetune.data.collator import CompletionOnlyCollator, trained_positions
 from nb_finetune.data.formatter import IGNORE, Formatter
 from nb_finetune.data.tokens import tokenize_frame
 from nb_finetune.training.policy import optimizer_and_checkpointing
 from nb_finetune.training.trainer import SafeTrainer, predicted_ids, token_accuracy
-
-
-def _alpaca(shared_data, rows: slice) -> pd.DataFrame:
-    raw = pd.DataFrame(json.loads((shared_data / "alpaca_demo" / "alpaca_en_demo.json").read_text(encoding="utf-8")))
-    return data.normalize(raw.iloc[rows], config.DataConfig(task="completion"))
 
 
 def test_trained_positions_pick_the_positions_before_each_trained_token():
@@ -35,7 +28,7 @@ def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(smoll
     projection at trained positions only equals the full one, and so do the adapter gradients."""
     from transformers import TrainingArguments
     fmt = Formatter.build(tokenizer, "completion", [], max_length=192)
-    dataset, _ = tokenize_frame(_alpaca(shared_data, slice(0, 6)), fmt)
+    dataset, _ = tokenize_frame(alpaca(shared_data, slice(0, 6)), fmt)
     batch = CompletionOnlyCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     mcfg = config.ModelConfig()
     torch.manual_seed(0)
@@ -78,7 +71,7 @@ def test_validation_at_trained_positions_only_gives_the_same_loss_and_accuracy(t
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from nb_finetune.kernels.loss import FusedCausalLMLoss
-    rows, _ = tokenize_frame(_alpaca(shared_data, slice(0, 20)), Formatter.build(tokenizer, "completion", [],
+    rows, _ = tokenize_frame(alpaca(shared_data, slice(0, 20)), Formatter.build(tokenizer, "completion", [],
                                                                                max_length=128))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).requires_grad_(False)
     found = {}

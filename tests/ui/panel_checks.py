@@ -4,14 +4,15 @@ no picture is broken, and no error is printed or shown.
 
 The notebook's first cell (TAG_CELL) walks each panel's widget tree and gives every control a
 DOM class of its own, writing what it found to controls-NAME.json; the test reads that file and
-looks for each class on the page. The package itself is left as it is.
+looks for each class on the page. The package itself is left as it is. Clicking, choosing,
+waiting and finding broken pictures and error boxes: docs/browser_lab.py, as for the screenshots.
 """
 from __future__ import annotations
 
 import json
-import re
-import time
 from pathlib import Path
+
+from conftest import browser_lab
 
 # Run in the kernel. A control is what a person uses (buttons, boxes, choices); HTML, pictures
 # and progress bars only show things. `orphans` are controls a panel keeps as attributes but
@@ -74,9 +75,6 @@ REVEALED_BY = {"templates": TEMPLATES, "groups (comma)": TEMPLATES, "scorer": TE
                "words to flag": TEMPLATES, "samples per prompt": TEMPLATES, "block words": TEMPLATES,
                "path": ("probe", "CrowS-Pairs CSV file (path below)")}
 
-BROKEN_IMAGES = ("el => Array.from(el.querySelectorAll('img')).filter(i => i.offsetParent !== null)"
-                 ".map(i => ({complete: i.complete, width: i.naturalWidth, cls: i.className}))")
-
 
 def controls(root: Path, name: str) -> dict:
     return json.loads((root / f"controls-{name}.json").read_text())
@@ -87,30 +85,15 @@ def label(control: dict) -> str:
     return f"{control['kind']} '{control['description']}'" + (f" ({where})" if where else "")
 
 
-def click_tab(scope, title: str) -> None:
-    scope.locator(".lm-TabBar-tab").filter(has_text=re.compile(rf"^\s*{re.escape(title)}\s*$")).first.click()
-
-
 def open_section(scope, control: dict) -> None:
     """Open the accordion section the control sits in, as a person clicks its header."""
     header = scope.locator(f".{control['accordion']} .jupyter-widget-Collapse-header").nth(control["section"])
     header.click()
 
 
-def choose(scope, group: list[dict], chooser: str, option: str) -> None:
-    select = next(c for c in group if c["description"] == chooser)
-    scope.locator(f".{select['cls']} select").select_option(label=option)
-
-
 def visible(scope, control: dict, timeout: float = 5) -> bool:
     """Whether the control shows; a moment is left for the front end to apply a change."""
-    locator = scope.locator(f".{control['cls']}")
-    deadline = time.monotonic() + timeout
-    while not locator.is_visible():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    return bool(browser_lab.wait_until(scope.locator(f".{control['cls']}").is_visible, timeout, 0.1))
 
 
 def check_shown(scope, group: list[dict], problems: list[str]) -> None:
@@ -129,21 +112,17 @@ def check_revealed(scope, group: list[dict], problems: list[str]) -> None:
         if control["description"] not in REVEALED_BY:
             problems.append(f"{label(control)} is hidden and no known choice shows it")
             continue
-        choose(scope, group, *REVEALED_BY[control["description"]])
+        browser_lab.choose(scope, *REVEALED_BY[control["description"]])
         if not visible(scope, control):
             problems.append(f"{label(control)} stays hidden after choosing "
                             f"{REVEALED_BY[control['description']][1]!r}")
 
 
 def check_pictures_and_errors(scope, where: str, problems: list[str]) -> None:
-    deadline = time.monotonic() + 15
-    while not all(i["complete"] for i in scope.evaluate(BROKEN_IMAGES)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    broken = [i for i in scope.evaluate(BROKEN_IMAGES) if i["complete"] and i["width"] == 0]
+    broken = [i for i in browser_lab.pictures(scope, 15) if i["complete"] and i["width"] == 0]
     if broken:
         problems.append(f"{where}: {len(broken)} broken picture(s) (classes {[i['cls'] for i in broken]})")
-    # Panels show an error in a red box (common.message_html).
-    boxes = scope.locator("div[style*='background:#fdecea']").filter(visible=True)
+    boxes = browser_lab.error_boxes(scope)
     if boxes.count():
         problems.append(f"{where}: shows an error: {boxes.first.inner_text()[:500]}")
 
@@ -155,7 +134,7 @@ def check_panel(scope, found: dict, where: str, problems: list[str]) -> None:
     for tab in tabs:
         group = [c for c in found["controls"] if c.get("tab") == tab]
         if tab is not None:
-            click_tab(scope, tab)
+            browser_lab.click_tab(scope, tab)
         scope.scroll_into_view_if_needed()  # a cell out of view may be left unrendered
         here = f"{where} / {tab}" if tab else where
         before = len(problems)

@@ -8,35 +8,22 @@ completions, its plot and examples appearing.
 
 Needs `chromium` (Debian package) and the `playwright` and `jupyterlab` Python packages;
 `.ci/run` installs them and sets NB_FINETUNE_REQUIRE_BROWSER=1 so that their absence fails
-there instead of skipping. JupyterLab's start and Run All come from docs/browser_lab.py, which
-docs/screenshots.py uses too.
+there instead of skipping. JupyterLab's start and Run All, the studio's notebook cell, and
+clicking, typing and waiting on the page come from docs/browser_lab.py (through conftest),
+which docs/screenshots.py uses too.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
-import time
 
 import pytest
 import yaml
-from conftest import REPO, SUBPROCESS_ENV
-from panel_checks import TAG_CELL, check_panel, choose, controls, printed_outputs
+from conftest import SUBPROCESS_ENV, browser_lab
+from panel_checks import TAG_CELL, check_panel, controls, printed_outputs
 
 pytestmark = pytest.mark.slow
-
-
-def _load_browser_lab():
-    spec = importlib.util.spec_from_file_location("browser_lab", REPO / "docs" / "browser_lab.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-browser_lab = _load_browser_lab()
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +39,7 @@ def _notebook(config: dict, sst2, style: str) -> dict:
     """The studio made from Python (`import`), or through the IPython extension (`magic`)."""
     show = "studio.tabs.selected_index = studio.panels.index(studio.train)\nstudio\n"
     if style == "import":
-        sources = [
-            "import csv\nimport pandas as pd\nfrom nb_finetune.ui import Studio\n"
-            f"frame = pd.read_csv({str(sst2)!r}, sep='\\t', quoting=csv.QUOTE_NONE, dtype=str)\n"
-            "frame = frame.groupby('label').head(60).reset_index(drop=True)\n"
-            f"studio = Studio({config!r}, data=frame)\n" + show]
+        sources = [browser_lab.sst2_studio_cell(config, sst2, show)]
     else:
         config = config | {"data": config["data"] | {"source": str(sst2), "text_column": "sentence",
                                                      "max_rows": 120}}
@@ -101,10 +84,8 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
             first = plot.get_attribute("src")
             start.click()
             seen = {first}
-            deadline = time.monotonic() + 180
-            while len(seen) < 3 and time.monotonic() < deadline:  # two redraws after the first
-                seen.add(plot.get_attribute("src"))
-                time.sleep(0.2)
+            # Two redraws after the first: each look adds the picture shown at that moment.
+            browser_lab.wait_until(lambda: seen.add(plot.get_attribute("src")) or len(seen) >= 3, 180, 0.2)
             page.screenshot(path=str(shots / "training.png"))
             assert len(seen) >= 3, "the training plot did not change while training"
             page.locator(".nbft-train-stop").click()
@@ -154,23 +135,13 @@ def _check_probe_choices(scope, found: dict) -> list[str]:
     return [f"the probe choice offers no {w}: {options}" for w in wanted if not any(w in o for o in options)]
 
 
-def _set(scope, found: dict, description: str, value: str) -> None:
-    """Type into a box and press Enter, which sends the value (the boxes do not on each key)."""
-    box = next(c for c in found["controls"] if c["description"] == description)
-    field = scope.locator(f".{box['cls']} input, .{box['cls']} textarea").first
-    field.fill(value)
-    field.press("Enter")
-
-
 def _run_probe(scope, found: dict, done: str) -> tuple[str, int]:
     """Click Run, wait for `done` in the panel; the plot's source and the examples' row count."""
     run = next(c for c in found["controls"] if c["description"] == "Run on base and tuned")
     button = scope.locator(f".{run['cls']}")
     button.click()
     # The button is disabled while the probe runs and comes back when it has ended.
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (done in scope.inner_text() and button.is_enabled()):
-        time.sleep(0.3)
+    browser_lab.wait_until(lambda: done in scope.inner_text() and button.is_enabled(), 240)
     assert done in scope.inner_text(), scope.inner_text()[:3000]
     plot = scope.locator("img.nbft-probe-plot")
     assert plot.is_visible() and plot.evaluate("i => i.complete && i.naturalWidth > 0"), "no probe plot"
@@ -187,13 +158,13 @@ def _check_every_panel(page, lab) -> list[str]:
 def _run_both_probes(scope, found: dict) -> None:
     """A few built-in CrowS-Pairs, then completions for two groups: each draws its plot and
     lists examples."""
-    choose(scope, found["controls"], "probe", "CrowS-Pairs (built-in masked subset)")
-    _set(scope, found, "pairs (0: all)", "8")
+    browser_lab.choose(scope, "probe", "CrowS-Pairs (built-in masked subset)")
+    browser_lab.set_box(scope, "pairs (0: all)", "8")
     pairs_plot, rows = _run_probe(scope, found, "8 pairs")
     assert rows > 1, "no examples table after the pair probe"
-    choose(scope, found["controls"], "probe", "completions from templates")
-    _set(scope, found, "groups (comma)", "woman, man")
-    _set(scope, found, "samples per prompt", "1")
+    browser_lab.choose(scope, "probe", "completions from templates")
+    browser_lab.set_box(scope, "groups (comma)", "woman, man")
+    browser_lab.set_box(scope, "samples per prompt", "1")
     completions_plot, rows = _run_probe(scope, found, "gap between groups")
     assert rows > 1, "no examples table after the completion probe"
     assert completions_plot != pairs_plot, "the plot was not redrawn for the completions"
@@ -209,7 +180,7 @@ def test_every_tab_and_panel_shows_its_controls_and_the_probe_runs(lab, ui_confi
         browser, page = _open(p, lab, _panels_notebook(ui_config))
         try:
             browser_lab.run_all(page, lab, lambda: all(page.locator(f".nbft-show-{name}").count() for name in SHOWN))
-            page.evaluate("() => window.jupyterapp.shell.collapseLeft()")  # the notebook gets the width
+            browser_lab.full_width(page)
             problems = _check_every_panel(page, lab)
             try:  # run even where a picture is broken, so that one run reports everything
                 _run_both_probes(page.locator(".nbft-show-ProbePanel"), controls(lab.root, "ProbePanel"))

@@ -11,9 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import PNG, REPO, SUBPROCESS_ENV
 
-PNG = b"\x89PNG"
 # What the run under ipywidgets 7.7 must pass by name: what is shown and hidden, and no Layout
 # that hides one widget hiding another.
 VISIBILITY_TESTS = ["test_each_probe_shows_only_its_own_inputs", "test_no_two_widgets_share_a_layout",
@@ -72,6 +71,7 @@ def test_secrets_never_reach_the_panel(ui_config, tmp_path, monkeypatch):
     panel.source.value = str(tmp_path / f"{secret}.csv")
     panel.load_button.click()
     assert panel.error.value and secret not in panel.error.value and "***" in panel.error.value
+    assert "nbft-error-box" in panel.error.value  # the class browser_lab.ERROR_BOX finds it by
 
 
 def test_invalid_values_are_shown_beside_their_fields_all_at_once(ui_config):

@@ -2,7 +2,7 @@
 shown in the panel; the data-side mitigation settings."""
 from __future__ import annotations
 
-PNG = b"\x89PNG"
+from conftest import PNG
 
 
 def test_data_panel_loads_a_frame_and_shows_report_plots_and_split(ui_config, sst2_120):

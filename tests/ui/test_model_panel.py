@@ -1,7 +1,7 @@
 """The model panel: controls that cannot work here, and the estimate made before loading."""
 from __future__ import annotations
 
-PNG = b"\x89PNG"
+from conftest import PNG
 
 
 def test_controls_that_cannot_work_are_disabled_with_the_reason(ui_config, monkeypatch):

@@ -4,8 +4,7 @@ and the previous training kept for comparison."""
 from __future__ import annotations
 
 import pytest
-
-PNG = b"\x89PNG"
+from conftest import PNG
 
 
 def choose(panel, kind: str) -> None:
@@ -60,6 +59,7 @@ def test_probe_panel_runs_pairs_and_completions_on_base_and_tuned(ui_config, sst
     written = panel.save_csv()
     assert {p.name for p in written} >= {"base_items.csv", "tuned_summary.csv"}
     assert len(pd.read_csv(written[0])) == 16
+    assert "saved:" in panel.saved.value
 
     choose(panel, "templates")
     panel.scorer.value = "word list"
@@ -67,6 +67,7 @@ def test_probe_panel_runs_pairs_and_completions_on_base_and_tuned(ui_config, sst
     panel.samples.value = 2
     panel.run_button.click()
     assert panel.error.value == "", panel.error.value
+    assert panel.saved.value == ""  # the files saved were of the pair probe
     assert "gap between groups" in panel.summary.value
     assert set(panel.results["tuned"].by_group.index) == {"woman", "man"}
     panel.groups.value = ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PNG = b"\x89PNG"
+from conftest import PNG
 
 
 def test_studio_trains_evaluates_and_exports_a_rerunnable_config(ui_config, sst2_120, tmp_path):

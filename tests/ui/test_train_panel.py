@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from pathlib import Path
 
-
-def wait_for(condition, timeout=60.0, every=0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(every)
-    return False
+from conftest import browser_lab
 
 
 def test_colab_runs_training_in_the_foreground(monkeypatch, ui_config):
@@ -35,7 +27,8 @@ def test_train_panel_plots_live_stops_on_click_and_keeps_checkpoint_and_history(
     panel.start_button.click()
     panel.start_button.click()  # a second click while running starts nothing
     assert panel.start_button.disabled and not panel.stop_button.disabled
-    assert wait_for(lambda: panel.redraws >= 3 and bytes(panel.plot.value) != empty, 120), panel.error.value
+    redrawn = browser_lab.wait_until(lambda: panel.redraws >= 3 and bytes(panel.plot.value) != empty, 120, 0.05)
+    assert redrawn, panel.error.value
     assert threading.active_count() >= 2 and panel.running
     assert "tokens/s" in panel.progress_text.value and "eta" in panel.progress_text.value
     panel.stop_button.click()
