@@ -60,6 +60,10 @@ class DataConfig:
                               "with the terms swapped (he <-> she); validation and test rows are left as they are.")
     counterfactual_terms: list = _f([], "Pairs of terms to swap, e.g. [['he', 'she'], ['man', 'woman']]; empty: "
                                     "the built-in list of gendered words.")
+    scan_groups: dict = _f({}, "Group terms the bias scan of the training rows looks for, as {axis: {group: "
+                           "[terms]}}, e.g. {'gender': {'female': ['she', 'woman'], 'male': ['he', 'man']}}; "
+                           "empty: the built-in lists (gender, race/ethnicity, religion, age, disability, "
+                           "nationality, sexual orientation).")
     reweight_groups: dict = _f({}, "Bias mitigation: balance the training rows by group, e.g. {'female': ['she', "
                                "'her'], 'male': ['he', 'his']}; rows of smaller groups are drawn again (seeded).")
 

@@ -99,3 +99,18 @@ def test_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(tmp_path, shared_dat
     assert len(checkpoints) == 1 and int(checkpoints[0].name.split("-")[1]) < 500
     assert (tmp_path / "out" / "history.csv").is_file() and (tmp_path / "out" / "adapter").is_dir()
     assert data.exists()
+
+
+def test_validate_prints_the_bias_scan_and_a_bad_term_list_in_one_line(tmp_path, shared_data, capsys):
+    df = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=3, dtype=str).rename(columns={"sentence": "text"})
+    old = df["text"].str.contains(r"\b(?:old|elderly|senior|seniors|retired)\b", case=False, regex=True)
+    df.loc[old, "label"] = "0"  # a planted skew: every row about old people negative
+    df.to_csv(tmp_path / "data.csv", index=False)
+    assert main(["validate", "--config", str(_config(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "! bias scan: groups whose label share differs: 1" in out and "differ: old (" in out
+    assert "age / old:" in out and "<- differs" in out
+    bad = _config(tmp_path, data={"scan_groups": {"age": {"old": ["old"], "young": ["young", "kid"]}}})
+    assert main(["validate", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "age/old needs two or more terms" in err and "Traceback" not in err

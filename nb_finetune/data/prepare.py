@@ -7,10 +7,11 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..errors import UserError
+from .bias_scan import scan
 from .columns import key_text, normalize
 from .loading import read_table, resolve_source
 from .mitigation import mitigate
-from .report import DataReport, build_report
+from .report import DataReport, add_bias_scan, build_report
 from .split import clean, split
 
 
@@ -35,7 +36,11 @@ def prepare(cfg: DataConfig, source=None) -> PreparedData:
     report.add("rows dropped (empty or duplicate)", dropped, len(frame), "warning" if dropped else "ok", "")
     stratify = "label" if cfg.task == "classification" else None
     splits = _split(cleaned, cfg, stratify)
-    splits["train"] = mitigate(splits["train"], cfg, report)
+    add_bias_scan(report, scan(splits["train"], cfg.scan_groups or None))
+    mitigated = mitigate(splits["train"], cfg, report)
+    if mitigated is not splits["train"]:  # the scan again, on the rows that will be learned
+        report.bias_scan_mitigated = scan(mitigated, cfg.scan_groups or None)
+    splits["train"] = mitigated
     _check_leakage(splits, report)
     report.split_sizes = {k: len(v) for k, v in splits.items()}
     labels = _label_order(cleaned, cfg) if stratify else []

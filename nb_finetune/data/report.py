@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..errors import UserError
+from .bias_scan import BiasScan
 from .columns import duplicated
 
 
@@ -17,6 +18,8 @@ class DataReport:
     token_lengths: pd.Series | None = None
     max_length: int | None = None  # the train.max_length the token lengths were cut to
     split_sizes: dict = field(default_factory=dict)
+    bias_scan: BiasScan | None = None            # the training rows as split
+    bias_scan_mitigated: BiasScan | None = None  # after counterfactual copies or reweighting
 
     def add(self, check: str, count: int, total: int, severity: str, detail: str) -> None:
         row = {"check": check, "count": int(count), "share": (count / total) if total else 0.0,
@@ -38,6 +41,9 @@ class DataReport:
                          f"max {self.token_lengths.max()}")
         if self.split_sizes:
             lines.append("   split: " + ", ".join(f"{k} {v:,}" for k, v in self.split_sizes.items()))
+        for heading, found in (("", self.bias_scan), ("after mitigation, ", self.bias_scan_mitigated)):
+            if found is not None:
+                lines.append("   " + heading + found.summary())
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -52,7 +58,10 @@ class DataReport:
                 "class_balance": None if self.class_balance is None else self.class_balance.to_dict(),
                 "token_lengths": None if self.token_lengths is None else
                 self.token_lengths.describe().round(1).to_dict(),
-                "split_sizes": self.split_sizes}
+                "split_sizes": self.split_sizes,
+                "bias_scan": None if self.bias_scan is None else self.bias_scan.to_dict(),
+                "bias_scan_mitigated": None if self.bias_scan_mitigated is None else
+                self.bias_scan_mitigated.to_dict()}
 
 
 def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataReport:
@@ -68,6 +77,21 @@ def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataRepor
     if task == "classification":
         _check_labels(report, frame)
     return report
+
+
+def add_bias_scan(report: DataReport, found: BiasScan) -> None:
+    """The scan as one check: the groups whose label share differs from the rows that name
+    no group of its axis."""
+    report.bias_scan = found
+    mentioned = int((found.groups["rows"] > 0).sum())
+    flagged = found.flagged
+    detail = found.differences()
+    if len(flagged):
+        detail += " (data.counterfactual or data.reweight_groups can even this out)"
+    elif not found.label:
+        detail = f"{mentioned} groups mentioned; no labels to compare"
+    report.add("bias scan: groups whose label share differs", len(flagged), max(mentioned, 1),
+               "warning" if len(flagged) else "ok", detail)
 
 
 def _check_source(report: DataReport, raw: pd.DataFrame, n: int) -> None:

@@ -74,6 +74,32 @@ def class_balance_figure(balance: pd.Series) -> Figure:
     return fig
 
 
+def bias_scan_figure(scan) -> Figure:
+    """Each group's share of the compared label, with its interval, against the share over
+    all rows: red where the group differs, grey where it has too few rows to tell."""
+    shown = scan.groups[scan.groups["compared_rows"] > 0].reset_index(drop=True)
+    fig, (ax,) = _figure(7.5, 0.3 * len(shown) + 1.6)
+    names = [f"{a} / {g} ({n:,})" for a, g, n in zip(shown["axis"], shown["group"], shown["compared_rows"])]
+    y = np.arange(len(shown))
+    kinds = np.where(shown["flagged"], "differs from its baseline and its peers",
+                     np.where(~shown["tested"].astype(bool), "too few rows to test",
+                              "no difference beyond its interval"))
+    colors = {"differs": COLORS["validation"], "too": "#bbbbbb", "no": COLORS["train"]}
+    for kind in dict.fromkeys(kinds):
+        part = kinds == kind
+        ax.errorbar(shown["share"][part], y[part], fmt="o", color=colors[kind.split()[0]], capsize=3, label=kind,
+                    xerr=[(shown["share"] - shown["low"])[part], (shown["high"] - shown["share"])[part]])
+    ax.axvline(scan.label_share, color="black", linestyle="--", linewidth=1, label="all rows")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set(title=f"share labelled {scan.label!r} by group (rows naming it and no other group of its axis)",
+           xlabel="share", ylabel="", xlim=(-0.02, 1.02))
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.legend(frameon=False, fontsize=8, loc="outside lower center", ncol=2)
+    return fig
+
+
 def token_length_figure(lengths: pd.Series, max_length: int | None) -> Figure:
     """Histogram of token lengths, with the max_length they were cut to (when known)."""
     import seaborn as sns

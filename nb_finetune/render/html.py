@@ -53,7 +53,35 @@ def data_report(report) -> str:
         out.append(image(figures.token_length_figure(report.token_lengths, report.max_length)))
     if report.split_sizes:
         out.append("<div>split: " + ", ".join(f"{k} {v:,}" for k, v in report.split_sizes.items()) + "</div>")
+    for heading, found in (("bias scan of the training rows", report.bias_scan),
+                           ("bias scan after mitigation", report.bias_scan_mitigated)):
+        if found is not None:
+            out.append(bias_scan(found, heading))
     return "".join(out)
+
+
+def bias_scan(found, heading: str) -> str:
+    """The groups mentioned, each one's label share with its interval, and the most skewed terms."""
+    out = [title(heading), f"<div>{html.escape(found.headline())}</div>"]
+    if found.label and (found.groups["compared_rows"] > 0).any():
+        out.append(image(figures.bias_scan_figure(found)))
+    out.append(bias_scan_tables(found))
+    return "".join(out)
+
+
+def bias_scan_tables(found) -> str:
+    """The most skewed terms (labelled data) or the groups mentioned, and the scan's notes."""
+    if found.label:
+        terms = found.terms[found.terms["rows"] >= 3].head(8)
+        shown = terms[["axis", "group", "term", "rows", "compared_rows", "share", "baseline_share"]].rename(
+            columns={"compared_rows": "compared rows", "share": f"{found.label} share",
+                     "baseline_share": "where the axis is not named"})
+        out = ["<div>most skewed terms</div>" + table_html(
+            shown, row_class=terms["flagged"].map({True: "warning", False: "ok"}))] if len(terms) else []
+    else:
+        mentioned = found.groups[found.groups["rows"] > 0]
+        out = [table_html(mentioned[["axis", "group", "rows", "mentioned in"]])] if len(mentioned) else []
+    return "".join(out + [f"<div>{html.escape(n)}</div>" for n in found.notes])
 
 
 def history(frame: pd.DataFrame, diagnosis: str, heading: str = "") -> str:

@@ -1,17 +1,21 @@
 """Data: pick a source, map its columns, load it and read the validation report."""
 from __future__ import annotations
 
+import html
+
 import ipywidgets as widgets
 import pandas as pd
 
 from .. import assets
+from ..data.bias_scan import DEFAULT_GROUPS
 from ..render import figures, tables
+from ..render.html import bias_scan_tables
 from .common import Form, Panel, Picture
 
 SOURCE_KEYS = ["data.task", "data.format", "data.skip_bad_lines"]
 COLUMN_KEYS = ["data.text_column", "data.text_template", "data.label_column", "data.label_names",
                "data.prompt_column", "data.completion_column", "data.messages_column", "data.instruction"]
-MITIGATION_KEYS = ["data.counterfactual", "data.counterfactual_terms", "data.reweight_groups"]
+MITIGATION_KEYS = ["data.scan_groups", "data.counterfactual", "data.counterfactual_terms", "data.reweight_groups"]
 SPLIT_KEYS = ["data.max_rows", "data.val_fraction", "data.test_fraction", "data.test_source",
               "data.drop_duplicates", "data.seed"]
 
@@ -39,16 +43,31 @@ class DataPanel(Panel):
         self.balance_image = Picture("The class balance appears here once the data is loaded.")
         self.length_image = Picture("Tokens per row appear here once the data is loaded and tokenized.")
         self.splits = widgets.HTML()
+        self.scan_text = widgets.HTML()
+        self.scan_image = Picture("Label shares by group appear here once labelled data is loaded.")
+        self.scan_terms = widgets.HTML()
+        # Disabled until a scan finds a group that differs: each applies a fix and scans again.
+        self.counterfactual_button = self.fix_button("Add gender-swapped copies and scan again", self.add_counterfactual,
+                                                     "exchange")
+        self.reweight_button = self.fix_button("Balance group sizes and scan again", self.balance_groups, "balance-scale")
         self.rows = widgets.HTML()
         settings = widgets.Accordion(children=[f.widget for f in self.forms[1:]])
-        for i, name in enumerate(["columns", "rows and split", "bias mitigation (training rows only)"]):
+        for i, name in enumerate(["columns", "rows and split", "bias scan and mitigation (training rows only)"]):
             settings.set_title(i, name)
         settings.selected_index = None
         self.children = [widgets.HBox([self.source, self.source_note]), self.forms[0].widget, settings,
                          widgets.HBox([self.load_button]), self.status, self.error, self.warnings,
                          self.report, widgets.HBox([self.balance_image, self.length_image],
                                                    layout=widgets.Layout(align_items="flex-start")), self.splits,
-                         self.rows]
+                         self.scan_text, self.scan_image, self.scan_terms,
+                         widgets.HBox([self.counterfactual_button, self.reweight_button]), self.rows]
+        self._show_scan(None)
+
+    def fix_button(self, description: str, fn, icon: str) -> widgets.Button:
+        """A button whose state the scan sets, not the click: the load button waits meanwhile."""
+        b = widgets.Button(description=description, icon=icon, layout=widgets.Layout(width="auto"))
+        b.on_click(lambda btn: self.run_action(self.load_button, fn))
+        return b
 
     def _source_typed(self, change) -> None:
         # While a DataFrame is used the box names it, and that name is no setting.
@@ -91,3 +110,50 @@ class DataPanel(Panel):
             self.length_image.clear()  # until this data set is tokenized
         self.splits.value = "<b>split</b>: " + ", ".join(f"{k} {v:,}" for k, v in report.split_sizes.items())
         self.rows.value = "<b>first training rows</b>" + tables.table_html(prep.splits["train"].head(5))
+        self._show_scan(report)
+
+    def _show_scan(self, report) -> None:
+        """The bias scan of the rows that will be trained on, and the fixes it calls for."""
+        found = None if report is None else report.bias_scan
+        if report is not None and report.bias_scan_mitigated is not None:
+            found = report.bias_scan_mitigated
+        self.scanned = None if report is None else report.bias_scan  # the rows before any fix
+        self.flagged = found.flagged if found is not None else pd.DataFrame(columns=["axis", "group"])
+        self.counterfactual_button.disabled = "gender" not in set(self.flagged["axis"]) \
+            or bool(self.shared.get("data.counterfactual"))
+        self.reweight_button.disabled = self.axis_to_balance() is None
+        if found is None:
+            self.scan_text.value = "<span style='color:#888'>The bias scan of the training rows appears here.</span>"
+            self.scan_terms.value = ""
+            return self.scan_image.clear()
+        before = "" if found is report.bias_scan else f" (before mitigation: {len(report.bias_scan.flagged)} differed)"
+        self.scan_text.value = f"<b>{html.escape(found.headline())}</b>{html.escape(before)}"
+        if found.label and (found.groups["compared_rows"] > 0).any():
+            self.scan_image.show(figures.bias_scan_figure(found))
+        else:
+            self.scan_image.clear()
+        self.scan_terms.value = bias_scan_tables(found)
+
+    def axis_to_balance(self) -> str | None:
+        """The first axis with a group that differs and two or more groups to balance."""
+        if self.scanned is None:
+            return None
+        mentioned = self.scanned.groups[self.scanned.groups["rows"] > 0]
+        for axis in dict.fromkeys(self.flagged["axis"]):
+            if (mentioned["axis"] == axis).sum() >= 2:
+                return axis
+        return None
+
+    def add_counterfactual(self) -> None:
+        self.counterfactual_button.disabled = self.reweight_button.disabled = True  # until the scan says
+        self.shared.set("data.counterfactual", True)  # with the built-in he/she pairs unless terms are set
+        self.load()
+
+    def balance_groups(self) -> None:
+        axis = self.axis_to_balance()
+        self.counterfactual_button.disabled = self.reweight_button.disabled = True  # until the scan says
+        groups = self.scanned.groups
+        named = groups[(groups["axis"] == axis) & (groups["rows"] > 0)]["group"]
+        terms = (self.shared.get("data.scan_groups") or DEFAULT_GROUPS)[axis]
+        self.shared.set("data.reweight_groups", {g: list(terms[g]) for g in named})
+        self.load()

@@ -67,3 +67,31 @@ def test_data_report_notes_removed_prompt_middles_only_when_some_were(ui_config,
         cut = panel.shared.current.token_stats["train"].prompt_truncated
         assert cut == 0 if max_length == 256 else cut > 0
         assert ("middle of the prompt removed" in panel.report.value) == (cut > 0), max_length
+
+
+def test_data_panel_shows_the_bias_scan_and_its_fix_scans_again(ui_config, shared_data):
+    from conftest import sst2_dev
+
+    from nb_finetune.data.bias_scan import DEFAULT_GROUPS
+    from nb_finetune.ui import DataPanel
+    frame = sst2_dev(shared_data)
+    female = frame["sentence"].str.contains(r"\b(?:" + "|".join(DEFAULT_GROUPS["gender"]["female"]) + r")\b",
+                                            case=False, regex=True)
+    frame.loc[female, "label"] = "0"  # a planted skew: every row about women negative
+    panel = DataPanel(config=ui_config, data=frame)
+    buttons = (panel.counterfactual_button, panel.reweight_button)
+    assert not panel.scan_image.shown and "bias scan" in panel.scan_text.value and all(b.disabled for b in buttons)
+    panel.load_button.click()
+    assert panel.error.value == "", panel.error.value
+    assert "differ: female" in panel.scan_text.value and panel.scan_image.value.startswith(PNG)
+    assert "most skewed terms" in panel.scan_terms.value and "bias scan: groups whose" in panel.report.value
+    assert not any(b.disabled for b in buttons)
+    panel.reweight_button.click()  # group sizes balanced: the label shares, and so the flag, stay
+    assert panel.error.value == "", panel.error.value
+    assert set(panel.shared.get("data.reweight_groups")) == {"female", "male"}
+    assert "rows drawn again to balance groups" in panel.report.value and "differ: female" in panel.scan_text.value
+    panel.counterfactual_button.click()
+    assert panel.error.value == "", panel.error.value
+    assert panel.shared.get("data.counterfactual") and panel.forms[3].controls["data.counterfactual"].value
+    assert "none differs" in panel.scan_text.value and "before mitigation: 1 differed" in panel.scan_text.value
+    assert [b.disabled for b in buttons] == [True, True]

@@ -1,0 +1,122 @@
+"""The bias scan of training rows: groups mentioned, label shares with intervals, a planted
+skew flagged on its group only, evened out by counterfactual copies, and bad term lists."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import alpaca, sst2_dev
+
+from nb_finetune import RunConfig, UserError
+from nb_finetune.data import loading, normalize, prepare
+from nb_finetune.data.bias_scan import DEFAULT_GROUPS, scan, wilson
+
+
+def imdb_frame() -> pd.DataFrame:
+    cfg = loading.resolve_source(RunConfig.from_dict({"data": {"source": "imdb-sample"}}).data)
+    return normalize(loading.read_table("imdb-sample", cfg), cfg)
+
+
+def mentions(texts: pd.Series, terms: list[str]) -> pd.Series:
+    return texts.str.contains(r"\b(?:" + "|".join(terms) + r")\b", flags=re.IGNORECASE, regex=True)
+
+
+def plant(frame: pd.DataFrame, group: str, label: str) -> pd.DataFrame:
+    """Every row that mentions the group relabelled."""
+    axis = next(a for a, named in DEFAULT_GROUPS.items() if group in named)
+    planted = frame.copy()
+    planted.loc[mentions(frame["text"], DEFAULT_GROUPS[axis][group]), "label"] = label
+    return planted
+
+
+def test_the_built_in_imdb_sample_has_groups_mentioned_and_none_flagged():
+    prep = prepare(RunConfig.from_dict({"data": {"source": "imdb-sample"}}).data)
+    found = prep.report.bias_scan
+    assert found.rows == prep.report.split_sizes["train"] and found.label in ("negative", "positive")
+    mentioned = found.groups.set_index("group")["rows"]
+    assert mentioned["female"] > 10 and mentioned["male"] > 10 and found.flagged.empty
+    check = prep.report.checks.set_index("check").loc["bias scan: groups whose label share differs"]
+    assert check["count"] == 0 and check["severity"] == "ok"
+    assert "bias scan of" in prep.report.summary() and "gender / female" in prep.report.summary()
+
+
+@pytest.mark.parametrize("data,group", [("imdb", "female"), ("imdb", "male"), ("imdb", "young"),
+                                        ("sst2", "female"), ("sst2", "old")])
+def test_a_planted_skew_is_flagged_on_its_group_and_on_no_other(data, group, shared_data):
+    frame = imdb_frame() if data == "imdb" else sst2_dev(shared_data).rename(columns={"sentence": "text"})
+    assert scan(frame).flagged.empty  # the real data: nothing flagged
+    high = frame["label"].value_counts().index[0]
+    found = scan(plant(frame, group, high))
+    assert found.flagged["group"].tolist() == [group]
+    row = found.flagged.iloc[0]
+    assert row["share"] == 0 and row["high"] < row["baseline_share"]  # none of its rows has the other label
+
+
+def test_the_figures_match_an_independent_recount(shared_data):
+    frame = plant(sst2_dev(shared_data).rename(columns={"sentence": "text"}), "female", "0")
+    found = scan(frame)
+    female, male = (mentions(frame["text"], DEFAULT_GROUPS["gender"][g]) for g in ("female", "male"))
+    has_label = frame["label"] == found.label
+    row = found.groups.set_index("group").loc["female"]
+    assert row["rows"] == female.sum()
+    only = female & ~male
+    assert row["compared_rows"] == only.sum() and row["share"] == pytest.approx(has_label[only].mean())
+    assert row["baseline_share"] == pytest.approx(has_label[~female & ~male].mean())
+    assert row["peers_share"] == pytest.approx(has_label[male & ~female].mean())
+    assert found.label_share == pytest.approx(has_label.mean())
+
+
+@pytest.mark.parametrize("k,n,z", [(0, 10, 1.96), (3, 10, 1.96), (45, 60, 2.8), (60, 60, 3.2)])
+def test_wilson_bounds_solve_the_score_equation(k, n, z):
+    # Wilson's bounds are the shares p where the observed share is z standard errors away:
+    # (k/n - p)^2 = z^2 p (1 - p) / n, a quadratic in p.
+    share, low, high = wilson(k, n, z)
+    p_hat = k / n
+    roots = np.sort(np.roots([1 + z * z / n, -(2 * p_hat + z * z / n), p_hat * p_hat]).real)
+    assert share == p_hat and low == pytest.approx(roots[0], abs=1e-12) and high == pytest.approx(roots[1])
+
+
+def test_counterfactual_copies_even_out_a_planted_gender_skew(shared_data):
+    frame = plant(sst2_dev(shared_data).rename(columns={"sentence": "text"}), "female", "0")
+    cfg = RunConfig.from_dict({"data": {"task": "classification", "counterfactual": True}}).data
+    report = prepare(cfg, frame).report
+    assert report.bias_scan.flagged["group"].tolist() == ["female"]
+    assert report.bias_scan_mitigated is not None and report.bias_scan_mitigated.flagged.empty
+    assert report.bias_scan_mitigated.rows > report.bias_scan.rows
+    summary = report.summary()
+    assert "differ: female" in summary and "after mitigation, bias scan of" in summary
+    assert report.to_dict()["bias_scan"]["groups"][0]["group"] == "female"
+
+
+def test_completion_rows_count_mentions_without_labels(shared_data):
+    frame = alpaca(shared_data)
+    found = scan(frame)
+    assert found.label == "" and "no label column" in found.notes[0]
+    text = frame["prompt"] + " " + frame["completion"]
+    expected = mentions(text, DEFAULT_GROUPS["gender"]["female"]).sum()
+    assert found.groups.set_index("group").loc["female", "rows"] == expected > 0
+    assert "flagged" not in found.groups and found.flagged.empty
+
+
+@pytest.mark.parametrize("groups,words", [
+    ({}, "term list is empty"),
+    ({"gender": {"female": ["she"], "male": ["he", "him"]}}, "gender/female needs two or more terms"),
+    ({"gender": {"female": [], "male": ["he", "him"]}}, "gender/female needs two or more terms"),
+    ({"gender": {"female": "she", "male": ["he", "him"]}}, "write a list of words"),
+    ({"gender": {}}, "give its groups"),
+    ({"origin": {"native american": ["native american", "indigenous"]}}, "'native american' is not a single word"),
+])
+def test_a_term_list_the_scan_cannot_use_is_a_one_line_error(groups, words, shared_data):
+    with pytest.raises(UserError, match=words) as caught:
+        scan(sst2_dev(shared_data).rename(columns={"sentence": "text"}), groups)
+    assert "\n" not in str(caught.value)
+
+
+def test_own_term_lists_from_the_config_are_scanned(shared_data):
+    groups = {"pets": {"dogs": ["dog", "dogs", "puppy"], "cats": ["cat", "cats", "kitten"]}}
+    cfg = RunConfig.from_dict({"data": {"task": "classification", "scan_groups": groups}}).data
+    found = prepare(cfg, sst2_dev(shared_data).rename(columns={"sentence": "text"})).report.bias_scan
+    assert found.groups["axis"].unique().tolist() == ["pets"]
+    assert found.groups.set_index("group").loc["dogs", "rows"] > 0
