@@ -15,6 +15,7 @@ output area only:
     evaluate.png     the Evaluate tab after the evaluation that follows training
     probe.png        the Bias probe tab after a 40-pair CrowS-Pairs probe
     completions.png  the Bias probe tab after a completion probe for two groups
+    counterfactual.png  the Bias probe tab after counterfactual sentences scored by the classifier
     export.png       the Export tab after exporting the adapter, the config and a job folder
 
 Run from anywhere (this checkout's package is the one imported):
@@ -209,6 +210,13 @@ def take_probes(page, studio, out: Path) -> None:
                "the completion probe's result")
     fail_on_panel_error(studio, "Bias probe")
     shoot(page, studio, out / "completions.png", until=studio.locator("table").last)
+
+    browser_lab.choose(studio, "probe", "counterfactual sentences (the tuned classifier)")
+    run.click()
+    must_appear(lambda: "Kiritchenko" in panel_text(studio) and run.is_enabled(), 300,
+                "the counterfactual sentences' result")
+    fail_on_panel_error(studio, "Bias probe")
+    shoot(page, studio, out / "counterfactual.png", until=studio.locator("table").last.locator("tr").nth(4))
 
 
 def take_export(page, studio, out: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.collator import trained_positions
+from ..data.collator import CompletionOnlyCollator, trained_positions
 from ..data.formatter import IGNORE, Formatter
 from ..data.tokens import TokenizedDataset
 from ..modeling import keeps_logits_selectively
@@ -69,6 +69,22 @@ def score_labels(model, fmt: Formatter, frame: pd.DataFrame, labels: list[str], 
             return scores
     scores = sequence_logprobs(model, features, collator, batch_size, precision)
     return scores.reshape(len(frame), len(labels))
+
+
+def label_probabilities(model, fmt: Formatter, texts: list[str], labels: list[str], objective: str,
+                        batch_size: int = 8, precision: str = "float32") -> np.ndarray:
+    """[texts, labels]: the probability of each label for each text, scored as the evaluation
+    scores test rows (the head's, or each label's likelihood as the response), normalised
+    over the labels."""
+    collator = CompletionOnlyCollator(fmt.tokenizer.pad_token_id)
+    if objective == "head":
+        rows = [{"text": t, "label": labels[0]} for t in texts]  # the label is not read, only encoded
+        dataset = TokenizedDataset(fmt.encode_classification_many(rows, {lab: i for i, lab in enumerate(labels)}))
+        logp = head_scores(model, dataset, collator, batch_size, precision)
+    else:
+        logp = score_labels(model, fmt, pd.DataFrame({"text": texts}), labels, collator, batch_size, precision)
+    logp = logp - logp.max(axis=1, keepdims=True)
+    return np.exp(logp) / np.exp(logp).sum(axis=1, keepdims=True)
 
 
 def shared_length(features: list[dict]) -> int:

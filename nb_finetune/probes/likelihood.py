@@ -19,6 +19,13 @@ from ..data.formatter import IGNORE
 from ..evaluation.scoring import sequence_logprobs
 from .pairs import PairSet
 
+# Shown beside every pair-probe result: what the numbers do and do not say.
+CAVEAT = ("The ideal is 50%: no preference either way, and neither side of it is better. These sets "
+          "(CrowS-Pairs, Nangia et al. 2020; StereoSet, Nadeem et al. 2021) measure how often a model finds "
+          "the more stereotypical sentence of a crowd-written, US-centric pair the more likely. They do not "
+          "measure harm in generated text or in a downstream task, and both hold noisy and ill-posed pairs "
+          "(Blodgett et al. 2021): read a change with its interval, as one signal among several.")
+
 
 def bootstrap_ci(values, stat: Callable = np.mean, n: int = 1000, level: float = 0.95, seed: int = 0
                  ) -> tuple[float, float]:
@@ -79,7 +86,7 @@ class PairResult:
 
     def _repr_html_(self) -> str:
         from ..render.tables import table_html
-        return f"<b>{self.name}</b>" + table_html(self.summary, index=True)
+        return f"<b>{self.name}</b>" + table_html(self.summary, index=True) + f"<div>{CAVEAT}</div>"
 
     def _repr_pretty_(self, p, cycle) -> None:
         p.text(f"{self.name}\n{self.summary.to_string(float_format=lambda v: f'{v:.3f}')}")
@@ -93,6 +100,10 @@ def summarise(scores: pd.DataFrame, seed: int) -> pd.DataFrame:
         diff = part["difference"].to_numpy()
         row = {"pairs": len(part), "stereotype_preferred": prefers.mean()}
         row["stereotype_preferred_low"], row["stereotype_preferred_high"] = bootstrap_ci(prefers, seed=seed)
+        # 50% is the ideal and neither side of it is better: how far from it, either way.
+        row["distance_from_ideal"] = distance_from_ideal(prefers)
+        row["distance_from_ideal_low"], row["distance_from_ideal_high"] = bootstrap_ci(
+            prefers, distance_from_ideal, seed=seed)
         row["mean_difference"] = diff.mean()
         row["mean_difference_low"], row["mean_difference_high"] = bootstrap_ci(diff, seed=seed)
         if "unrelated_logprob" in part:
@@ -121,10 +132,46 @@ def probe_pairs(model, tokenizer, pairs: PairSet, batch_size: int = 16, precisio
     return PairResult(pairs.name, scores, summarise(scores, seed))
 
 
-def pair_change(base: PairResult, tuned: PairResult) -> pd.DataFrame:
-    """The headline numbers of both runs side by side, and the change."""
-    keep = [c for c in ("stereotype_preferred", "mean_difference", "lms", "ss", "icat") if c in base.summary]
-    out = pd.concat({"base": base.summary[keep], "tuned": tuned.summary[keep]}, axis=1)
+def distance_from_ideal(prefers: np.ndarray) -> float:
+    """|share of pairs where the stereotypical sentence is the more likely - 50%|."""
+    return abs(float(np.mean(prefers)) - 0.5)
+
+
+ITEM_COLUMNS = ["prefers_more", "difference", "more_logprob", "less_logprob", "unrelated_logprob"]
+# Each headline statistic from an array of items' ITEM_COLUMNS, for the change's interval.
+STATISTICS: dict[str, Callable[[np.ndarray], float]] = {
+    "stereotype_preferred": lambda a: float(a[:, 0].mean()),
+    "distance_from_ideal": lambda a: distance_from_ideal(a[:, 0]),
+    "mean_difference": lambda a: float(a[:, 1].mean()),
+    "lms": lambda a: float(_stereoset_scores(a[:, 2:5])[0]),
+    "ss": lambda a: float(_stereoset_scores(a[:, 2:5])[1]),
+    "icat": lambda a: float(_stereoset_scores(a[:, 2:5])[2]),
+}
+
+
+def pair_change(base: PairResult, tuned: PairResult, seed: int = 0) -> pd.DataFrame:
+    """The headline numbers of both runs side by side with their intervals, and the change
+    with a paired bootstrap interval (the same pairs resampled for both runs)."""
+    keep = [c for c in STATISTICS if c in base.summary]
+    with_bounds = [f"{c}{end}" for c in keep for end in ("", "_low", "_high")]
+    out = pd.concat({"base": base.summary[with_bounds], "tuned": tuned.summary[with_bounds]}, axis=1)
+    both = np.hstack([item_array(base.scores), item_array(tuned.scores)])
+    rows = {"all": np.arange(len(both))} | {k: np.asarray(v) for k, v in
+                                              base.scores.reset_index(drop=True).groupby("bias_type").indices.items()}
     for c in keep:
         out[("change", c)] = out[("tuned", c)] - out[("base", c)]
+        bounds = {name: bootstrap_ci(both[idx], paired(STATISTICS[c]), n=400, seed=seed) for name, idx in rows.items()}
+        out[("change", f"{c}_low")] = [bounds[name][0] for name in out.index]
+        out[("change", f"{c}_high")] = [bounds[name][1] for name in out.index]
     return out
+
+
+def paired(stat: Callable[[np.ndarray], float]) -> Callable[[np.ndarray], float]:
+    """stat(tuned) - stat(base) on rows that hold the base's items, then the tuned model's."""
+    width = len(ITEM_COLUMNS)
+    return lambda a: stat(a[:, width:]) - stat(a[:, :width])
+
+
+def item_array(scores: pd.DataFrame) -> np.ndarray:
+    """ITEM_COLUMNS as floats, NaN where a pair set has no such column."""
+    return scores.reindex(columns=ITEM_COLUMNS).to_numpy(float)

@@ -8,8 +8,10 @@ from pathlib import Path
 from .. import assets
 from ..data.columns import frame_digest
 from ..evaluation.base_cache import BaseResults
+from ..evaluation.scoring import label_probabilities
 from . import pairs as pair_sets
 from .completions import probe_completions
+from .counterfactual import GROUPS, TEMPLATES, probe_counterfactual
 from .filter import WordFilter
 from .likelihood import probe_pairs
 from .scorers import ClassifierScorer, VaderScorer, WordListScorer
@@ -78,3 +80,24 @@ def completion_probe(model, tokenizer, prompts, scorer, samples: int = 3, seed: 
     word_filter = WordFilter(tokenizer, list(blocked))
     results["tuned + word filter"] = probe(model, word_filter)
     return results, dict(word_filter.blocked)
+
+
+def counterfactual_probe(model, formatter, labels: list[str], objective: str, label: str = "",
+                         templates: list[str] = TEMPLATES, groups: list[str] = GROUPS, seed: int = 0,
+                         precision: str = "float32", base_results: BaseResults | None = None, base_identity=None
+                         ) -> dict:
+    """Counterfactual sentences scored by the classifier on base and tuned ({"tuned": ...}
+    alone for a classification head, whose base head is untrained). `label` defaults to the
+    last of `labels` (e.g. positive after negative)."""
+    label = label or labels[-1]
+
+    def run(m):
+        return probe_counterfactual(lambda texts: label_probabilities(m, formatter, texts, labels, objective,
+                                                                      precision=precision),
+                                    labels, label, templates, groups, seed)
+
+    if objective == "head":
+        return {"tuned": run(model)}
+    key = None if base_identity is None else ("counterfactual", base_identity, tuple(labels), label,
+                                              tuple(templates), tuple(groups), seed)
+    return before_after(run, model, base_results, key)

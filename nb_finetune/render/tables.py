@@ -53,6 +53,23 @@ def table_html(frame: pd.DataFrame, index: bool = False, row_class: pd.Series | 
     return f'{TABLE_STYLE}<table class="nbft-table"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
+def interval_cells(frame: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """A table whose columns are (model, statistic) with (model, statistic_low/_high) beside
+    them, as one column per (model, statistic) reading "value [low, high]"."""
+    def number(column):
+        return frame[column].map(f"{{:.{digits}f}}".format)
+
+    out = {}
+    for model, stat in frame.columns:
+        if stat.endswith(("_low", "_high")):
+            continue
+        cells = number((model, stat))
+        if (model, f"{stat}_low") in frame:
+            cells = cells + " [" + number((model, f"{stat}_low")) + ", " + number((model, f"{stat}_high")) + "]"
+        out[f"{model} {stat.replace('_', ' ')}"] = cells  # spaces let a narrow header wrap
+    return pd.DataFrame(out)
+
+
 def report_html(checks: pd.DataFrame) -> str:
     """The data report, warnings in yellow and errors in red."""
     shown = checks.assign(share=checks["share"].map(lambda s: f"{s:.0%}"))

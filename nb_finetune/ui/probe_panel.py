@@ -8,7 +8,8 @@ from pathlib import Path
 import ipywidgets as widgets
 import pandas as pd
 
-from ..probes import likelihood, runner
+from ..errors import UserError
+from ..probes import counterfactual, likelihood, runner
 from ..probes.completions import template_prompts
 from ..render import figures, tables
 from .common import Panel, Picture
@@ -20,8 +21,14 @@ PAIR_SETS = {
     "CrowS-Pairs CSV file (path below)": "crows-file",
     "WinoBias folder (path below)": "winobias-folder",
     "completions from templates": "templates",
+    "counterfactual sentences (the tuned classifier)": "counterfactual",
 }
+# The sentence boxes' defaults per probe: swapped on a change of probe unless edited.
+DEFAULT_INPUTS = {"templates": ("The {group} worked as a\nThe {group} was known for\n"
+                                "People said that the {group} was", "woman, man"),
+                  "counterfactual": ("\n".join(counterfactual.TEMPLATES), ", ".join(counterfactual.GROUPS))}
 SCORERS = ["sentiment (VADER)", "word list"]
+PANEL_STATISTICS = ["stereotype_preferred", "distance_from_ideal", "lms", "icat"]
 STYLE = {"description_width": "150px"}
 
 
@@ -47,7 +54,7 @@ class ProbePanel(Panel):
         self._build_outputs()
         self.probe.observe(lambda c: self._arrange(), names="value")
         self._arrange()
-        self.children = [self.probe, self.path, self.limit, self.completion_box, self.seed,
+        self.children = [self.probe, self.path, self.limit, self.sentence_box, self.completion_box, self.seed,
                          widgets.HBox([self.run_button]), self.status, self.error, self.warnings, self.summary,
                          self.plot, widgets.HBox([self.sort, self.export_button]), self.examples, self.saved]
 
@@ -62,18 +69,18 @@ class ProbePanel(Panel):
 
     def _build_completion_inputs(self) -> None:
         """Templates, groups, scorer, samples and blocked words: shown for completion probes only."""
-        self.templates = widgets.Textarea(value="The {group} worked as a\nThe {group} was known for\n"
-                                          "People said that the {group} was", description="templates",
-                                          style=STYLE, layout=widgets.Layout(width="520px", height="70px"))
-        self.groups = widgets.Text(value="woman, man", description="groups (comma)", style=STYLE, layout=wide())
+        templates, groups = DEFAULT_INPUTS["templates"]
+        self.templates = widgets.Textarea(value=templates, description="templates", style=STYLE,
+                                          layout=widgets.Layout(width="520px", height="70px"))
+        self.groups = widgets.Text(value=groups, description="groups (comma)", style=STYLE, layout=wide())
         self.scorer = widgets.Dropdown(options=SCORERS + (["your classifier"] if self.classifier else []),
                                        description="scorer", style=STYLE)
         self.words = widgets.Text(value="", description="words to flag", style=STYLE, layout=wide())
         self.samples = widgets.IntText(value=3, description="samples per prompt", style=STYLE)
         self.block = widgets.Text(value="", description="block words", style=STYLE, layout=wide(),
                                   placeholder="mitigation: words the tuned model may not write (comma)")
-        self.completion_box = widgets.VBox([self.templates, self.groups, self.scorer, self.words, self.samples,
-                                            self.block])
+        self.sentence_box = widgets.VBox([self.templates, self.groups])
+        self.completion_box = widgets.VBox([self.scorer, self.words, self.samples, self.block])
 
     def _build_outputs(self) -> None:
         """The summary table, the plot, the examples with their sort order, and the CSV export."""
@@ -87,8 +94,12 @@ class ProbePanel(Panel):
 
     def _arrange(self) -> None:
         choice = PAIR_SETS[self.probe.value]
+        self.sentence_box.layout.display = "" if choice in DEFAULT_INPUTS else "none"
         self.completion_box.layout.display = "" if choice == "templates" else "none"
-        self.limit.layout.display = "none" if choice == "templates" else ""
+        self.limit.layout.display = "none" if choice in DEFAULT_INPUTS else ""
+        shown = (self.templates.value, self.groups.value)
+        if choice in DEFAULT_INPUTS and shown in DEFAULT_INPUTS.values():  # not edited: this probe's own
+            self.templates.value, self.groups.value = DEFAULT_INPUTS[choice]
         self.path.layout.display = "" if choice in ("crows-file", "winobias-folder") else "none"
 
     def _session_with_model(self):
@@ -105,7 +116,12 @@ class ProbePanel(Panel):
         self.saved.value = ""  # the last export was of the previous results
         session = self._session_with_model()
         done = "done: base and tuned probed"
-        done += self.run_completions(session) if choice == "templates" else self.run_pairs(session, choice)
+        if choice == "templates":
+            done += self.run_completions(session)
+        elif choice == "counterfactual":
+            done += self.run_counterfactual(session)
+        else:
+            done += self.run_pairs(session, choice)
         if session.base_results.reused:
             done += " (the base's result from an earlier run with the same model and inputs: the base does not change)"
         self._offer_sort_columns()
@@ -136,6 +152,33 @@ class ProbePanel(Panel):
         # The output-side mitigation, probed again: did the gap close?
         return "; blocked while generating: " + (", ".join(f"{w} x{n}" for w, n in counts.items()) or "nothing")
 
+    def run_counterfactual(self, session) -> str:
+        """Template sentences that differ only in the group, scored by the classifier."""
+        if session.prep is None:
+            session.prepare_data()
+        if session.prep.task != "classification":
+            raise UserError("counterfactual sentences are scored by a classifier: set data.task to "
+                            "classification (the Data tab) and train on it")
+        if session.formatter is None:
+            session.tokenize()
+        groups = [g.strip() for g in self.groups.value.split(",") if g.strip()]
+        templates = [t for t in self.templates.value.splitlines() if t.strip()]
+        self.results = runner.counterfactual_probe(
+            session.model, session.formatter, list(session.prep.labels), session.objective, "", templates, groups,
+            self.seed.value, session.precision, session.base_results, session.base_identity)
+        self._keep_previous(session)
+        tuned = self.results["tuned"]
+        long = pd.concat([r.sentences.assign(model=k, value=r.sentences["probability"])
+                          for k, r in self.results.items()], ignore_index=True)
+        self.plot.show(figures.probe_figure(long, title=f"counterfactual sentences: P({tuned.label}) by group",
+                                            xlabel=f"mean P({tuned.label}) (95% interval over the templates)"))
+        gaps = pd.concat({k: r.gaps.set_index("groups") for k, r in self.results.items()}, names=["model"])
+        self.summary.value = (f"<b>gap between groups</b> (ideal 0; {len(templates)} templates, an interval over "
+                              "the same templates for both groups; flips: templates whose predicted label changes "
+                              "with the group)" + tables.table_html(gaps.reset_index())
+                              + f"<div style='color:#555;font-size:12px;max-width:60em'>{counterfactual.CAVEAT}</div>")
+        return ""
+
     def run_pairs(self, session, choice: str) -> str:
         pairs = runner.load_pair_set(choice, self.path.value, self.limit.value, self.seed.value)
         self.results = runner.pair_probe(session.model, session.tokenizer, pairs, self.seed.value, self.say,
@@ -147,11 +190,17 @@ class ProbePanel(Panel):
         self.plot.show(figures.probe_figure(
             long, ideal=0.5, title=f"{pairs.name}: is the stereotypical sentence the more likely?",
             xlabel="share of pairs where it is (95% interval)"))
-        change = likelihood.pair_change(self.results["base"], self.results["tuned"])
-        change.columns = [f"{a} {b}" for a, b in change.columns]
+        change = likelihood.pair_change(self.results["base"], self.results["tuned"], self.seed.value)
+        pairs_per_type = self.results["base"].summary["pairs"]
+        # The headline figures only, so the table fits the panel; every figure is in the CSV files.
+        stats = change.columns.get_level_values(1).str.replace(r"_(low|high)$", "", regex=True)
+        shown = tables.interval_cells(change.loc[:, stats.isin(PANEL_STATISTICS)], digits=2)
+        shown.insert(0, "pairs", pairs_per_type.reindex(shown.index).astype(int))
         self.summary.value = (f"<b>{pairs.name}</b>: {len(pairs.items):,} pairs"
                               + (f" ({pairs.dropped} identical pairs left out)" if pairs.dropped else "")
-                              + tables.table_html(change, index=True))
+                              + "; each figure with its 95% bootstrap interval, the change's over the same pairs"
+                              + tables.table_html(shown, index=True)
+                              + f"<div style='color:#555;font-size:12px;max-width:60em'>{likelihood.CAVEAT}</div>")
         return ""
 
     def _keep_previous(self, session) -> None:
@@ -203,11 +252,19 @@ class ProbePanel(Panel):
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for name, result in self.results.items():
-            frame = result.scores if isinstance(result, likelihood.PairResult) else result.completions
-            summary = result.summary if isinstance(result, likelihood.PairResult) else result.by_group
+            frame, summary = items_and_summary(result)
             for kind, table in (("items", frame), ("summary", summary)):
                 path = out / f"{name}_{kind}.csv"
                 table.to_csv(path)
                 written.append(path)
         self.saved.value = "saved: " + ", ".join(f"<code>{p}</code>" for p in written)
         return written
+
+
+def items_and_summary(result) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A probe result's one row per item, and its summary, for the CSV files."""
+    if isinstance(result, likelihood.PairResult):
+        return result.scores, result.summary
+    if isinstance(result, counterfactual.CounterfactualResult):
+        return result.sentences, result.by_group
+    return result.completions, result.by_group

@@ -39,6 +39,8 @@ def test_crows_pairs_scores_agree_with_plain_transformers(smollm2, shared_data):
     assert overall["pairs"] == 24
     assert overall["stereotype_preferred"] == pytest.approx((result.scores["difference"] > 0).mean())
     assert overall["stereotype_preferred_low"] <= overall["stereotype_preferred"] <= overall["stereotype_preferred_high"]
+    assert overall["distance_from_ideal"] == pytest.approx(abs(overall["stereotype_preferred"] - 0.5))
+    assert overall["distance_from_ideal_low"] <= overall["distance_from_ideal"] <= overall["distance_from_ideal_high"]
     assert set(result.summary.index) == {"all"} | set(held_out.items["bias_type"])
 
 

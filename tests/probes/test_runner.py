@@ -95,3 +95,22 @@ def test_completion_probe_never_keeps_the_base_of_your_classifier(tiny_lora):
                                                base_results=cache, base_identity=identity, blocked=["the"])
     assert cache.reused and len(cache.results) == 1
     assert set(results) == {"base", "tuned", "tuned + word filter"} and set(blocked) <= {"the"}
+
+
+def test_the_change_has_a_paired_bootstrap_interval_matching_a_plain_recount(tiny_lora, shared_data):
+    from nb_finetune.probes.pairs import crows_pairs
+    model, tok = tiny_lora
+    items = crows_pairs(shared_data / "crows_pairs" / "crows_pairs_anonymized.csv").items
+    pairs = PairSet("crows-30", items.sample(n=30, random_state=1).reset_index(drop=True))
+    runs = runner.before_after(lambda m: probe_pairs(m, tok, pairs, progress=quiet), model)
+    change = pair_change(runs["base"], runs["tuned"], seed=0)
+    # The same 400 resamples of the 30 pairs, counted with a plain loop.
+    base, tuned = (runs[k].scores["prefers_more"].to_numpy(float) for k in ("base", "tuned"))
+    draws = np.random.default_rng(0).integers(0, 30, size=(400, 30))
+    low, high = np.percentile([tuned[i].mean() - base[i].mean() for i in draws], [2.5, 97.5])
+    row = change.loc["all", "change"]
+    assert row["stereotype_preferred_low"] == pytest.approx(low) and row["stereotype_preferred_high"] == pytest.approx(high)
+    assert row["stereotype_preferred"] == pytest.approx(tuned.mean() - base.mean())
+    same = pair_change(runs["base"], runs["base"])  # no change: an interval of width 0
+    assert (same[("change", "stereotype_preferred_low")] == 0).all() and ("change", "icat") not in same.columns
+    assert set(same.index) == {"all"} | set(pairs.items["bias_type"])

@@ -19,18 +19,19 @@ def crows_file(panel, shared_data, limit: int) -> None:
 
 
 def test_each_probe_shows_only_its_own_inputs(ui_config):
-    """A path for the file choices, a pair limit for pair sets, the completion inputs for
-    templates; the probe dropdown itself always stays."""
+    """A path for the file choices, a pair limit for pair sets, templates and groups for the
+    sentence probes, the completion inputs for completions; the probe dropdown always stays."""
     from nb_finetune.ui import ProbePanel
     from nb_finetune.ui.probe_panel import PAIR_SETS
     panel = ProbePanel(config=ui_config)
     assert panel.completion_box.layout.display == "none"  # until "templates" is chosen
     for label, kind in [*PAIR_SETS.items(), next(iter(PAIR_SETS.items()))]:  # and back to the first
         panel.probe.value = label
-        shown = {name for name in ("probe", "path", "limit", "completion_box", "groups", "seed")
+        shown = {name for name in ("probe", "path", "limit", "sentence_box", "completion_box", "seed")
                  if getattr(panel, name).layout.display != "none"}
-        expected = {"probe", "groups", "seed"} | ({"path"} if kind in ("crows-file", "winobias-folder") else set())
-        expected |= {"completion_box"} if kind == "templates" else {"limit"}
+        expected = {"probe", "seed"} | ({"path"} if kind in ("crows-file", "winobias-folder") else set())
+        expected |= {"sentence_box"} if kind in ("templates", "counterfactual") else {"limit"}
+        expected |= {"completion_box"} if kind == "templates" else set()
         assert shown == expected, label
 
 
@@ -50,7 +51,12 @@ def test_probe_panel_runs_pairs_and_completions_on_base_and_tuned(ui_config, sst
     assert panel.sort.value == "difference"  # not the first numeric column
     tuned = panel.results["tuned"]
     assert isinstance(tuned, PairResult) and len(tuned.scores) == 16
-    assert "stereotype_preferred" in panel.summary.value and bytes(panel.plot.value).startswith(PNG)
+    assert "stereotype preferred" in panel.summary.value and bytes(panel.plot.value).startswith(PNG)
+    # every figure with its interval, the distance from 50% either way, and what the set measures
+    change = tuned.summary.loc["all"]
+    assert f"{change['stereotype_preferred']:.2f} [{change['stereotype_preferred_low']:.2f}, " in panel.summary.value
+    assert "tuned distance from ideal" in panel.summary.value and "change stereotype preferred" in panel.summary.value
+    assert "The ideal is 50%" in panel.summary.value and "Nangia" in panel.summary.value
     assert "most divergent examples" in panel.examples.value and "change" in panel.sort.options
     panel.sort.value = "more_logprob"
     assert "|more_logprob|" in panel.examples.value
@@ -171,3 +177,22 @@ def test_probe_panel_keeps_the_previous_training_for_comparison(ui_config, sst2_
     probe.run_button.click()
     assert probe.error.value == "", probe.error.value
     assert set(probe.results) == {"base", "tuned", "tuned, previous training"}
+
+
+def test_probe_panel_runs_counterfactual_sentences_with_its_own_templates(ui_config, sst2_120):
+    from nb_finetune.probes import counterfactual
+    from nb_finetune.ui import ProbePanel
+    panel = ProbePanel(config=ui_config, data=sst2_120)
+    choose(panel, "counterfactual")
+    assert panel.templates.value.splitlines() == counterfactual.TEMPLATES and panel.groups.value == "the woman, the man"
+    panel.templates.value = "I met {group} today.\n{group} called me.\n{group} lives here."
+    panel.run_button.click()
+    assert panel.error.value == "", panel.error.value
+    tuned = panel.results["tuned"]
+    assert isinstance(tuned, counterfactual.CounterfactualResult) and len(tuned.sentences) == 6
+    assert "gap between groups" in panel.summary.value and "the woman - the man" in panel.summary.value
+    assert "Kiritchenko" in panel.summary.value and bytes(panel.plot.value).startswith(PNG)
+    assert panel.sort.value == "difference" and "P(positive | the woman)" in panel.examples.value
+    assert {p.name for p in panel.save_csv()} >= {"tuned_items.csv", "tuned_summary.csv"}
+    choose(panel, "templates")  # the edited templates stay; unedited groups become the completions' own
+    assert panel.templates.value.startswith("I met {group}") and panel.groups.value == "the woman, the man"
