@@ -1,6 +1,6 @@
-"""Bias probe: likelihood pairs or completion probes, on the base and the tuned model, with a
-plot per group (confidence intervals and the ideal line), the most divergent examples, and
-the results as CSV."""
+"""Bias probe: likelihood pairs, completion probes or counterfactual sentences for a
+classifier, on the base and the tuned model, with a plot per group (confidence intervals and
+the ideal line), the most divergent examples, and the results as CSV."""
 from __future__ import annotations
 
 from pathlib import Path
