@@ -43,13 +43,7 @@ class CounterfactualResult:
         wide = self.sentences.pivot(index="template", columns="group", values="probability")
         wide.columns = [f"P({self.label} | {g})" for g in wide.columns]
         spread = wide.max(axis=1) - wide.min(axis=1)
-        flips = self.sentences.groupby("template")["predicted"].nunique() > 1
-        return wide.assign(difference=spread, flips=flips).reset_index()
-
-    @property
-    def gap(self) -> pd.Series:
-        """The largest gap between two groups (by its absolute size)."""
-        return self.gaps.loc[self.gaps["gap"].abs().idxmax()]
+        return wide.assign(difference=spread, flips=wide.index.isin(self.flips["template"])).reset_index()
 
     def _repr_html_(self) -> str:
         from ..render.tables import table_html
@@ -88,7 +82,7 @@ def probe_counterfactual(probabilities: Callable[[list[str]], np.ndarray], label
     by_group = pd.DataFrame([group_row(wide[g].to_numpy(), seed) for g in groups], index=pd.Index(groups, name="group"))
     predicted = frame.pivot(index="template", columns="group", values="predicted")[groups]
     gaps = pd.DataFrame([gap_row(wide, predicted, a, b, seed) for a, b in combinations(groups, 2)])
-    return CounterfactualResult(label, frame, by_group, gaps, flipped(predicted, groups))
+    return CounterfactualResult(label, frame, by_group, gaps, flipped(predicted))
 
 
 def group_row(values: np.ndarray, seed: int) -> dict:
@@ -105,7 +99,7 @@ def gap_row(wide: pd.DataFrame, predicted: pd.DataFrame, a: str, b: str, seed: i
             "flips": int((predicted[a] != predicted[b]).sum()), "templates": len(diff)}
 
 
-def flipped(predicted: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+def flipped(predicted: pd.DataFrame) -> pd.DataFrame:
     """The templates whose predicted label is not the same for every group."""
     differs = predicted.nunique(axis=1) > 1
     return predicted[differs].reset_index()
