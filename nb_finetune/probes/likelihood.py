@@ -92,25 +92,38 @@ class PairResult:
         p.text(f"{self.name}\n{self.summary.to_string(float_format=lambda v: f'{v:.3f}')}")
 
 
+def distance_from_ideal(prefers: np.ndarray) -> float:
+    """|share of pairs where the stereotypical sentence is the more likely - 50%|."""
+    return abs(float(np.mean(prefers)) - 0.5)
+
+
+ITEM_COLUMNS = ["prefers_more", "difference", "more_logprob", "less_logprob", "unrelated_logprob"]
+STEREOSET = ("lms", "ss", "icat")  # need the unrelated sentence
+# Each headline statistic from an array of items' ITEM_COLUMNS (the summary, and the change's interval).
+STATISTICS: dict[str, Callable[[np.ndarray], float]] = {
+    "stereotype_preferred": lambda a: float(a[:, 0].mean()),
+    "distance_from_ideal": lambda a: distance_from_ideal(a[:, 0]),
+    "mean_difference": lambda a: float(a[:, 1].mean()),
+    "lms": lambda a: float(_stereoset_scores(a[:, 2:5])[0]),
+    "ss": lambda a: float(_stereoset_scores(a[:, 2:5])[1]),
+    "icat": lambda a: float(_stereoset_scores(a[:, 2:5])[2]),
+}
+
+
 def summarise(scores: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """STATISTICS overall and per bias type, each with its bootstrap interval (StereoSet's
+    after its three figures, from fewer resamples)."""
     rows = {}
-    groups = [("all", scores)] + list(scores.groupby("bias_type"))
-    for name, part in groups:
-        prefers = part["prefers_more"].to_numpy(float)
-        diff = part["difference"].to_numpy()
-        row = {"pairs": len(part), "stereotype_preferred": prefers.mean()}
-        row["stereotype_preferred_low"], row["stereotype_preferred_high"] = bootstrap_ci(prefers, seed=seed)
-        # 50% is the ideal and neither side of it is better: how far from it, either way.
-        row["distance_from_ideal"] = distance_from_ideal(prefers)
-        row["distance_from_ideal_low"], row["distance_from_ideal_high"] = bootstrap_ci(
-            prefers, distance_from_ideal, seed=seed)
-        row["mean_difference"] = diff.mean()
-        row["mean_difference_low"], row["mean_difference_high"] = bootstrap_ci(diff, seed=seed)
-        if "unrelated_logprob" in part:
-            trio = part[["more_logprob", "less_logprob", "unrelated_logprob"]].to_numpy()
-            row["lms"], row["ss"], row["icat"] = _stereoset_scores(trio)
-            boot = [bootstrap_ci(trio, lambda r, k=k: _stereoset_scores(r)[k], n=400, seed=seed) for k in range(3)]
-            (row["lms_low"], row["lms_high"]), (row["ss_low"], row["ss_high"]), (row["icat_low"], row["icat_high"]) = boot
+    for name, part in [("all", scores)] + list(scores.groupby("bias_type")):
+        items = item_array(part)
+        stats = [c for c in STATISTICS if c not in STEREOSET or "unrelated_logprob" in part]
+        row = {"pairs": len(part)}
+        for c in stats:
+            row[c] = STATISTICS[c](items)
+            if c not in STEREOSET:
+                row[f"{c}_low"], row[f"{c}_high"] = bootstrap_ci(items, STATISTICS[c], seed=seed)
+        for c in (c for c in stats if c in STEREOSET):
+            row[f"{c}_low"], row[f"{c}_high"] = bootstrap_ci(items, STATISTICS[c], n=400, seed=seed)
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("bias_type")
 
@@ -130,23 +143,6 @@ def probe_pairs(model, tokenizer, pairs: PairSet, batch_size: int = 16, precisio
     scores["difference"] = scores["more_logprob"] - scores["less_logprob"]
     scores["prefers_more"] = scores["difference"] > 0
     return PairResult(pairs.name, scores, summarise(scores, seed))
-
-
-def distance_from_ideal(prefers: np.ndarray) -> float:
-    """|share of pairs where the stereotypical sentence is the more likely - 50%|."""
-    return abs(float(np.mean(prefers)) - 0.5)
-
-
-ITEM_COLUMNS = ["prefers_more", "difference", "more_logprob", "less_logprob", "unrelated_logprob"]
-# Each headline statistic from an array of items' ITEM_COLUMNS, for the change's interval.
-STATISTICS: dict[str, Callable[[np.ndarray], float]] = {
-    "stereotype_preferred": lambda a: float(a[:, 0].mean()),
-    "distance_from_ideal": lambda a: distance_from_ideal(a[:, 0]),
-    "mean_difference": lambda a: float(a[:, 1].mean()),
-    "lms": lambda a: float(_stereoset_scores(a[:, 2:5])[0]),
-    "ss": lambda a: float(_stereoset_scores(a[:, 2:5])[1]),
-    "icat": lambda a: float(_stereoset_scores(a[:, 2:5])[2]),
-}
 
 
 def pair_change(base: PairResult, tuned: PairResult, seed: int = 0) -> pd.DataFrame:
