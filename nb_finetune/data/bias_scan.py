@@ -69,6 +69,11 @@ class BiasScan:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def has_shares(self) -> bool:
+        """Whether some group has a label share to show (labelled rows that name it)."""
+        return bool(self.label) and bool((self.groups["compared_rows"] > 0).any())
+
+    @property
     def flagged(self) -> pd.DataFrame:
         return self.groups[self.groups["flagged"]] if "flagged" in self.groups else self.groups.iloc[:0]
 

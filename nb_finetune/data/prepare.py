@@ -36,11 +36,11 @@ def prepare(cfg: DataConfig, source=None) -> PreparedData:
     report.add("rows dropped (empty or duplicate)", dropped, len(frame), "warning" if dropped else "ok", "")
     stratify = "label" if cfg.task == "classification" else None
     splits = _split(cleaned, cfg, stratify)
-    add_bias_scan(report, scan(splits["train"], cfg.scan_groups or None))
-    mitigated = mitigate(splits["train"], cfg, report)
-    if mitigated is not splits["train"]:  # the scan again, on the rows that will be learned
-        report.bias_scan_mitigated = scan(mitigated, cfg.scan_groups or None)
-    splits["train"] = mitigated
+    groups = cfg.scan_groups or None  # None: the built-in term lists
+    add_bias_scan(report, scan(splits["train"], groups))
+    splits["train"] = mitigate(splits["train"], cfg, report)
+    if cfg.counterfactual or cfg.reweight_groups:  # the scan again, on the rows that will be learned
+        report.bias_scan_mitigated = scan(splits["train"], groups)
     _check_leakage(splits, report)
     report.split_sizes = {k: len(v) for k, v in splits.items()}
     labels = _label_order(cleaned, cfg) if stratify else []

@@ -81,13 +81,13 @@ def bias_scan_figure(scan) -> Figure:
     fig, (ax,) = _figure(7.5, 0.3 * len(shown) + 1.6)
     names = [f"{a} / {g} ({n:,})" for a, g, n in zip(shown["axis"], shown["group"], shown["compared_rows"])]
     y = np.arange(len(shown))
-    kinds = np.where(shown["flagged"], "differs from its baseline and its peers",
-                     np.where(~shown["tested"].astype(bool), "too few rows to test",
-                              "no difference beyond its interval"))
-    colors = {"differs": COLORS["validation"], "too": "#bbbbbb", "no": COLORS["train"]}
+    colors = {"differs from its baseline and its peers": COLORS["validation"], "too few rows to test": "#bbbbbb",
+              "no difference beyond its interval": COLORS["train"]}
+    differs, few, within = colors
+    kinds = np.where(shown["flagged"], differs, np.where(~shown["tested"].astype(bool), few, within))
     for kind in dict.fromkeys(kinds):
         part = kinds == kind
-        ax.errorbar(shown["share"][part], y[part], fmt="o", color=colors[kind.split()[0]], capsize=3, label=kind,
+        ax.errorbar(shown["share"][part], y[part], fmt="o", color=colors[kind], capsize=3, label=kind,
                     xerr=[(shown["share"] - shown["low"])[part], (shown["high"] - shown["share"])[part]])
     ax.axvline(scan.label_share, color="black", linestyle="--", linewidth=1, label="all rows")
     ax.set_yticks(y, names)

@@ -63,7 +63,7 @@ def data_report(report) -> str:
 def bias_scan(found, heading: str) -> str:
     """The groups mentioned, each one's label share with its interval, and the most skewed terms."""
     out = [title(heading), f"<div>{html.escape(found.headline())}</div>"]
-    if found.label and (found.groups["compared_rows"] > 0).any():
+    if found.has_shares:
         out.append(image(figures.bias_scan_figure(found)))
     out.append(bias_scan_tables(found))
     return "".join(out)

@@ -349,10 +349,13 @@ class Panel(widgets.VBox):
             self.warnings.value = (f"<details><summary style='color:#666'>{len(texts)} warning(s)</summary>"
                                    f"<ul style='font-size:11px'>{items}</ul></details>")
 
-    def button(self, description: str, fn, style: str = "", icon: str = "") -> widgets.Button:
+    def button(self, description: str, fn, style: str = "", icon: str = "",
+               waits: widgets.Button | None = None) -> widgets.Button:
+        """A button running `fn`; `waits` is the button disabled meanwhile (default: this one),
+        for a button whose own state its work sets."""
         b = widgets.Button(description=description, button_style=style, icon=icon,
                            layout=widgets.Layout(width="auto"))
-        b.on_click(lambda btn: self.run_action(btn, fn))
+        b.on_click(lambda btn: self.run_action(waits or btn, fn))
         return b
 
     def session(self) -> Session:

@@ -47,9 +47,10 @@ class DataPanel(Panel):
         self.scan_image = Picture("Label shares by group appear here once labelled data is loaded.")
         self.scan_terms = widgets.HTML()
         # Disabled until a scan finds a group that differs: each applies a fix and scans again.
-        self.counterfactual_button = self.fix_button("Add gender-swapped copies and scan again", self.add_counterfactual,
-                                                     "exchange")
-        self.reweight_button = self.fix_button("Balance group sizes and scan again", self.balance_groups, "balance-scale")
+        self.counterfactual_button = self.button("Add gender-swapped copies and scan again", self.add_counterfactual,
+                                                 icon="exchange", waits=self.load_button)
+        self.reweight_button = self.button("Balance group sizes and scan again", self.balance_groups,
+                                           icon="balance-scale", waits=self.load_button)
         self.rows = widgets.HTML()
         settings = widgets.Accordion(children=[f.widget for f in self.forms[1:]])
         for i, name in enumerate(["columns", "rows and split", "bias scan and mitigation (training rows only)"]):
@@ -62,12 +63,6 @@ class DataPanel(Panel):
                          self.scan_text, self.scan_image, self.scan_terms,
                          widgets.HBox([self.counterfactual_button, self.reweight_button]), self.rows]
         self._show_scan(None)
-
-    def fix_button(self, description: str, fn, icon: str) -> widgets.Button:
-        """A button whose state the scan sets, not the click: the load button waits meanwhile."""
-        b = widgets.Button(description=description, icon=icon, layout=widgets.Layout(width="auto"))
-        b.on_click(lambda btn: self.run_action(self.load_button, fn))
-        return b
 
     def _source_typed(self, change) -> None:
         # While a DataFrame is used the box names it, and that name is no setting.
@@ -128,7 +123,7 @@ class DataPanel(Panel):
             return self.scan_image.clear()
         before = "" if found is report.bias_scan else f" (before mitigation: {len(report.bias_scan.flagged)} differed)"
         self.scan_text.value = f"<b>{html.escape(found.headline())}</b>{html.escape(before)}"
-        if found.label and (found.groups["compared_rows"] > 0).any():
+        if found.has_shares:
             self.scan_image.show(figures.bias_scan_figure(found))
         else:
             self.scan_image.clear()
