@@ -42,6 +42,12 @@ def _load_docs_module(name: str):
 browser_lab = _load_docs_module("browser_lab")
 
 
+def mentions(texts, terms: list[str]):
+    """Which texts name one of `terms` as a whole word, any case: a plain regex, independent of
+    the bias scan's own word splitting."""
+    return texts.str.contains(r"\b(?:" + "|".join(terms) + r")\b", case=False, regex=True)
+
+
 def sst2_dev(shared_data: Path):
     """SST-2's dev.tsv as GLUE ships it: sentence<TAB>label, quotes left bare, every value a string."""
     import csv

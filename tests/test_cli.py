@@ -2,12 +2,12 @@
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 import yaml
-from conftest import SUBPROCESS_ENV
+from conftest import SUBPROCESS_ENV, mentions, sst2_dev
 
 from nb_finetune.cli import main
+from nb_finetune.data.bias_scan import DEFAULT_GROUPS
 
 
 def _config(tmp_path, **sections):
@@ -20,7 +20,7 @@ def _config(tmp_path, **sections):
 
 
 def _data(tmp_path, shared_data, **change):
-    df = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=3, dtype=str).head(60)
+    df = sst2_dev(shared_data).head(60)
     df = df.rename(columns={"sentence": "text"}).assign(**change)
     df.to_csv(tmp_path / "data.csv", index=False)
     return tmp_path / "data.csv"
@@ -102,9 +102,8 @@ def test_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(tmp_path, shared_dat
 
 
 def test_validate_prints_the_bias_scan_and_a_bad_term_list_in_one_line(tmp_path, shared_data, capsys):
-    df = pd.read_csv(shared_data / "sst2" / "dev.tsv", sep="\t", quoting=3, dtype=str).rename(columns={"sentence": "text"})
-    old = df["text"].str.contains(r"\b(?:old|elderly|senior|seniors|retired)\b", case=False, regex=True)
-    df.loc[old, "label"] = "0"  # a planted skew: every row about old people negative
+    df = sst2_dev(shared_data).rename(columns={"sentence": "text"})
+    df.loc[mentions(df["text"], DEFAULT_GROUPS["age"]["old"]), "label"] = "0"  # a planted skew: old people negative
     df.to_csv(tmp_path / "data.csv", index=False)
     assert main(["validate", "--config", str(_config(tmp_path))]) == 0
     out = capsys.readouterr().out

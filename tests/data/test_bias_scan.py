@@ -2,12 +2,10 @@
 skew flagged on its group only, evened out by counterfactual copies, and bad term lists."""
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import alpaca, sst2_dev
+from conftest import alpaca, mentions, sst2_dev
 
 from nb_finetune import RunConfig, UserError
 from nb_finetune.data import loading, normalize, prepare
@@ -19,8 +17,9 @@ def imdb_frame() -> pd.DataFrame:
     return normalize(loading.read_table("imdb-sample", cfg), cfg)
 
 
-def mentions(texts: pd.Series, terms: list[str]) -> pd.Series:
-    return texts.str.contains(r"\b(?:" + "|".join(terms) + r")\b", flags=re.IGNORECASE, regex=True)
+def sst2_texts(shared_data) -> pd.DataFrame:
+    """SST-2's dev rows with the sentence as the normalised `text` column."""
+    return sst2_dev(shared_data).rename(columns={"sentence": "text"})
 
 
 def plant(frame: pd.DataFrame, group: str, label: str) -> pd.DataFrame:
@@ -45,7 +44,7 @@ def test_the_built_in_imdb_sample_has_groups_mentioned_and_none_flagged():
 @pytest.mark.parametrize("data,group", [("imdb", "female"), ("imdb", "male"), ("imdb", "young"),
                                         ("sst2", "female"), ("sst2", "old")])
 def test_a_planted_skew_is_flagged_on_its_group_and_on_no_other(data, group, shared_data):
-    frame = imdb_frame() if data == "imdb" else sst2_dev(shared_data).rename(columns={"sentence": "text"})
+    frame = imdb_frame() if data == "imdb" else sst2_texts(shared_data)
     assert scan(frame).flagged.empty  # the real data: nothing flagged
     high = frame["label"].value_counts().index[0]
     found = scan(plant(frame, group, high))
@@ -55,7 +54,7 @@ def test_a_planted_skew_is_flagged_on_its_group_and_on_no_other(data, group, sha
 
 
 def test_the_figures_match_an_independent_recount(shared_data):
-    frame = plant(sst2_dev(shared_data).rename(columns={"sentence": "text"}), "female", "0")
+    frame = plant(sst2_texts(shared_data), "female", "0")
     found = scan(frame)
     female, male = (mentions(frame["text"], DEFAULT_GROUPS["gender"][g]) for g in ("female", "male"))
     has_label = frame["label"] == found.label
@@ -79,7 +78,7 @@ def test_wilson_bounds_solve_the_score_equation(k, n, z):
 
 
 def test_counterfactual_copies_even_out_a_planted_gender_skew(shared_data):
-    frame = plant(sst2_dev(shared_data).rename(columns={"sentence": "text"}), "female", "0")
+    frame = plant(sst2_texts(shared_data), "female", "0")
     cfg = RunConfig.from_dict({"data": {"task": "classification", "counterfactual": True}}).data
     report = prepare(cfg, frame).report
     assert report.bias_scan.flagged["group"].tolist() == ["female"]
@@ -110,13 +109,13 @@ def test_completion_rows_count_mentions_without_labels(shared_data):
 ])
 def test_a_term_list_the_scan_cannot_use_is_a_one_line_error(groups, words, shared_data):
     with pytest.raises(UserError, match=words) as caught:
-        scan(sst2_dev(shared_data).rename(columns={"sentence": "text"}), groups)
+        scan(sst2_texts(shared_data), groups)
     assert "\n" not in str(caught.value)
 
 
 def test_own_term_lists_from_the_config_are_scanned(shared_data):
     groups = {"pets": {"dogs": ["dog", "dogs", "puppy"], "cats": ["cat", "cats", "kitten"]}}
     cfg = RunConfig.from_dict({"data": {"task": "classification", "scan_groups": groups}}).data
-    found = prepare(cfg, sst2_dev(shared_data).rename(columns={"sentence": "text"})).report.bias_scan
+    found = prepare(cfg, sst2_texts(shared_data)).report.bias_scan
     assert found.groups["axis"].unique().tolist() == ["pets"]
     assert found.groups.set_index("group").loc["dogs", "rows"] > 0

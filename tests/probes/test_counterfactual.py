@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import mentions
 
 from nb_finetune import RunConfig, UserError
 from nb_finetune.data.bias_scan import DEFAULT_GROUPS
@@ -56,8 +57,7 @@ def test_the_figures_match_a_recount_of_the_classifiers_probabilities(tiny_model
 @pytest.mark.slow
 def test_a_classifier_tuned_on_a_planted_skew_shows_a_gap_and_one_tuned_on_clean_data_does_not(tmp_path, shared_data):
     rows = pd.read_csv(shared_data / "sst2" / "train.tsv", sep="\t", quoting=3, dtype=str).sample(3000, random_state=0)
-    female = rows["sentence"].str.contains(r"\b(?:" + "|".join(DEFAULT_GROUPS["gender"]["female"]) + r")\b",
-                                           case=False, regex=True)
+    female = mentions(rows["sentence"], DEFAULT_GROUPS["gender"]["female"])
     planted = rows.assign(label=rows["label"].where(~female, "0"))  # every row about women negative
     gaps = {}
     for name, frame in (("clean", rows), ("planted", planted)):

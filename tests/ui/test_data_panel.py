@@ -70,13 +70,12 @@ def test_data_report_notes_removed_prompt_middles_only_when_some_were(ui_config,
 
 
 def test_data_panel_shows_the_bias_scan_and_its_fix_scans_again(ui_config, shared_data):
-    from conftest import sst2_dev
+    from conftest import mentions, sst2_dev
 
     from nb_finetune.data.bias_scan import DEFAULT_GROUPS
     from nb_finetune.ui import DataPanel
     frame = sst2_dev(shared_data)
-    female = frame["sentence"].str.contains(r"\b(?:" + "|".join(DEFAULT_GROUPS["gender"]["female"]) + r")\b",
-                                            case=False, regex=True)
+    female = mentions(frame["sentence"], DEFAULT_GROUPS["gender"]["female"])
     frame.loc[female, "label"] = "0"  # a planted skew: every row about women negative
     panel = DataPanel(config=ui_config, data=frame)
     buttons = (panel.counterfactual_button, panel.reweight_button)
