@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import dataclass
 
 
 @functools.cache
@@ -60,18 +61,40 @@ def device() -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
-def compute_dtype(choice: str = "auto") -> str:
-    """'bfloat16', 'float16' or 'float32' for autocast, from the config's choice and the hardware.
+@dataclass(frozen=True)
+class Precision:
+    """How training computes, decided from the config's choice and the hardware facts alone."""
+    dtype: str          # 'bfloat16', 'float16' or 'float32', for autocast and the 4-bit compute dtype
+    bf16_allowed: bool  # whether the panel offers bfloat16
+    reason: str         # why bfloat16 is not offered or not used, '' when it is
+    loss_scaling: bool  # fp16 scales the loss so small gradients do not underflow to zero
 
-    bf16 asked for on a CPU without bf16 instructions gives float32: torch would emulate it,
-    30x slower per matmul here (a preset written for GPUs, such as qlora-gpu, asks for it)."""
-    if choice == "bfloat16" and not cuda_available() and not bf16_supported():
-        return "float32"
-    if choice != "auto":
-        return choice
-    if bf16_supported():
-        return "bfloat16"
-    return "float16" if cuda_available() else "float32"
+
+def precision_policy(choice: str, cuda: bool, bf16: bool) -> Precision:
+    """A pure function of the facts, so its table is tested without the hardware.
+
+    A GPU without bf16 (T4, V100) computes in fp16 with loss scaling: it has fp16 tensor cores,
+    and bf16 there is refused by the Trainer. A CPU without bf16 instructions computes in fp32:
+    torch would emulate bf16, many times slower per matmul."""
+    where = "GPU (T4, V100 and older have no bf16; fp16 with loss scaling instead)" if cuda else \
+        "CPU (no AVX-512 BF16 or AMX; torch would emulate it, many times slower)"
+    reason = "" if bf16 else f"bfloat16: not supported on this {where}"
+    if choice == "auto":
+        dtype = "bfloat16" if bf16 else ("float16" if cuda else "float32")
+    elif choice == "bfloat16" and not bf16:
+        dtype = "float16" if cuda else "float32"
+    else:
+        dtype = choice
+    return Precision(dtype, bf16, reason, loss_scaling=dtype == "float16")
+
+
+def precision(choice: str = "auto") -> Precision:
+    return precision_policy(choice, cuda_available(), bf16_supported())
+
+
+def compute_dtype(choice: str = "auto") -> str:
+    """'bfloat16', 'float16' or 'float32' for autocast, from the config's choice and the hardware."""
+    return precision(choice).dtype
 
 
 def gpus() -> list[str]:

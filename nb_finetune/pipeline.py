@@ -158,9 +158,11 @@ class Session:
                                                stats.trained_tokens / max(stats.tokens, 1))
         self.progress(self.memory_estimate.summary())
         memory.reset_peak()
-        if self.cfg.model.compute_dtype != "auto" and self.precision != self.cfg.model.compute_dtype:
-            self.progress(f"compute_dtype {self.cfg.model.compute_dtype}: this CPU has no bf16 instructions "
-                          f"(torch would emulate it, many times slower); computing in {self.precision}")
+        policy = hardware.precision(self.cfg.model.compute_dtype)
+        if self.cfg.model.compute_dtype != "auto" and policy.dtype != self.cfg.model.compute_dtype:
+            self.progress(f"compute_dtype {self.cfg.model.compute_dtype}: {policy.reason}; computing in {policy.dtype}")
+        if policy.loss_scaling:
+            self.progress("fp16 mixed precision: the loss is scaled so that small gradients do not underflow")
         self.progress(f"loading model: {self.cfg.model.name} ({self.objective}, {self.precision})")
         base = modeling.load_base(self.cfg.model, self.objective, self.prep.labels, self.tokenizer.pad_token_id,
                                   self.progress)
@@ -190,7 +192,7 @@ class Session:
             self.cfg.save(self.output_dir / "config.yaml")
         self.train_result = training.train(self.model, train_ds, self.datasets["validation"],
                                          self.collator, t, callbacks, stop, self.precision, self.tokenizer, info,
-                                         quantized=self.cfg.model.quantization != "none")
+                                         quantized=self.cfg.model.quantization != "none", say=self.progress)
         self.peak_memory = memory.measured_peak()
         if self.memory_estimate is not None:
             self.progress(f"peak memory measured: {self.peak_memory / 2**30:.2f} GiB "

@@ -80,7 +80,50 @@ def oom_advice(cfg: TrainConfig) -> str:
             "a shorter train.max_length, or model.quantization: 4bit (QLoRA)")
 
 
+def oom_rescue(cfg: TrainConfig, quantized: bool) -> tuple[TrainConfig, str] | None:
+    """The next, smaller try after running out of GPU memory before the first optimizer step, and
+    the sentence that says it; None when nothing is left to try.
+
+    Half the rows per pass and twice the passes per step keep the effective batch (8 x 1 = 4 x 2
+    rows per step); at one row per pass, gradient checkpointing recomputes activations instead."""
+    import dataclasses
+    if cfg.batch_size > 1:
+        half = cfg.batch_size // 2
+        # effective_batch, when set, derives the accumulation from the new batch size itself
+        accum = cfg.grad_accum if cfg.effective_batch else cfg.grad_accum * cfg.batch_size // half
+        return (dataclasses.replace(cfg, batch_size=half, grad_accum=accum),
+                f"out of GPU memory at batch_size {cfg.batch_size}: retrying with batch_size {half} and "
+                f"{accumulation(dataclasses.replace(cfg, batch_size=half, grad_accum=accum))} passes per step "
+                "(the same effective batch)")
+    if not optimizer_and_checkpointing(cfg, quantized)[1]:
+        return (dataclasses.replace(cfg, gradient_checkpointing="yes"),
+                "out of GPU memory at batch_size 1: retrying with gradient checkpointing (activations recomputed "
+                "in the backward pass)")
+    return None
+
+
+def nonfinite_advice(step: int, loss: float, cfg: TrainConfig, precision: str, last: str | None) -> str:
+    """The step where the loss stopped being a number, its likely cause in this precision, the fix."""
+    if precision == "float16":
+        # fp16 tops out at 65,504: activations past it are inf, then NaN. Loss scaling guards
+        # the gradients, not the forward pass.
+        cause = ("fp16 overflow (fp16 holds values up to 65,504): set model.compute_dtype: float32, or bfloat16 "
+                 f"on a GPU that has it, or lower train.learning_rate={cfg.learning_rate:g} to a tenth")
+    else:
+        cause = (f"a learning rate too high (train.learning_rate={cfg.learning_rate:g}: try a tenth of it) "
+                 "or a bad row in the data")
+    return (f"the training loss became {loss} at step {step} (computing in {precision}); likely cause: {cause}; "
+            f"the last good checkpoint is {last or 'none (no checkpoint was saved before it)'}")
+
+
 def is_oom(err: BaseException) -> bool:
     import torch
     text = str(err)
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def is_gpu_oom(err: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (the same class as torch.OutOfMemoryError): the one a smaller
+    try can rescue; a CPU allocator's failure takes the machine's memory with it."""
+    import torch
+    return isinstance(err, torch.OutOfMemoryError)

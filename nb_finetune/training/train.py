@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..modeling import keeps_logits_selectively
 from .diagnosis import diagnose
-from .policy import check_disk, is_oom, oom_advice, training_arguments
+from .policy import accumulation, check_disk, is_gpu_oom, is_oom, nonfinite_advice, oom_advice, oom_rescue, training_arguments
 from .trainer import EventBridge, SafeTrainer, predicted_ids, token_accuracy
 
 
@@ -44,16 +44,48 @@ class TrainResult:
 
 
 def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), stop: threading.Event | None = None,
-          precision: str = "float32", tokenizer=None, info: dict | None = None, quantized: bool = False
-          ) -> TrainResult:
+          precision: str = "float32", tokenizer=None, info: dict | None = None, quantized: bool = False,
+          say=None) -> TrainResult:
     """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter.
-    The history is written to cfg.output_dir/history.csv however training ends."""
+    The history is written to cfg.output_dir/history.csv however training ends. `say` gets a
+    line for each change made to rescue a run that ran out of GPU memory."""
     check_disk(model, cfg)
     # Only the main process reports: one console, one history, one set of files.
     callbacks = list(callbacks) if distributed.is_main() else []
     bridge = EventBridge(callbacks, stop, cfg.early_stopping_patience, dict(info or {}))
-    trainer = make_trainer(model, train_ds, val_ds, collator, cfg, precision, quantized, bridge)
     start = time.perf_counter()
+    try:
+        trainer = train_with_rescue(model, (train_ds, val_ds), collator, cfg, precision, quantized, bridge,
+                                    say or (lambda line: None))
+    finally:
+        write_history(bridge.history, cfg)
+    return finish(trainer, bridge, cfg, tokenizer, callbacks, time.perf_counter() - start, precision)
+
+
+def train_with_rescue(model, datasets, collator, cfg: TrainConfig, precision: str, quantized: bool,
+                      bridge: EventBridge, say) -> SafeTrainer:
+    """Train; on running out of GPU memory before the first optimizer step, try again smaller
+    (policy.oom_rescue) until it fits or nothing is left to try."""
+    while True:
+        trainer = make_trainer(model, *datasets, collator, cfg, precision, quantized, bridge)
+        try:
+            run(trainer, model, cfg, precision, bridge)
+            return trainer
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
+            # Past the first optimizer step the weights have moved: a restart would not be the same run.
+            rescue = oom_rescue(cfg, quantized) if is_gpu_oom(err) and trainer.state.global_step == 0 else None
+            if rescue is None:
+                if is_oom(err):
+                    raise UserError(oom_advice(cfg)) from None
+                raise
+        cfg, line = rescue
+        say(line)
+        bridge.info.update(batch_size=cfg.batch_size, grad_accum=accumulation(cfg),
+                           rescues=[*bridge.info.get("rescues", []), line])
+        release(trainer, model)
+
+
+def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: EventBridge) -> None:
     try:
         with kernels.for_training(model, precision, kernels.wanted(cfg.cpu_kernels)) as applied:
             trainer.fused_loss = applied.fused_loss if trainer.trained_logits_only else None
@@ -64,13 +96,19 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
         bridge.stopped = True
         if trainer.state.global_step > 0:
             trainer.save_checkpoint_now()
-    except RuntimeError as err:
-        if is_oom(err):
-            raise UserError(oom_advice(cfg)) from None
-        raise
-    finally:
-        write_history(bridge.history, cfg)
-    return finish(trainer, bridge, cfg, tokenizer, callbacks, time.perf_counter() - start)
+
+
+def release(trainer: SafeTrainer, model) -> None:
+    """Give back what the failed try held (gradients, optimizer state, cached blocks) before the next."""
+    import gc
+
+    import torch
+    model.zero_grad(set_to_none=True)
+    trainer.optimizer = trainer.lr_scheduler = None
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, precision: str, quantized: bool,
@@ -97,17 +135,14 @@ def write_history(history: pd.DataFrame, cfg: TrainConfig) -> None:
         history.to_csv(Path(cfg.output_dir) / "history.csv", index=False)
 
 
-def finish(trainer: SafeTrainer, bridge: EventBridge, cfg: TrainConfig, tokenizer, callbacks, seconds: float
-           ) -> TrainResult:
+def finish(trainer: SafeTrainer, bridge: EventBridge, cfg: TrainConfig, tokenizer, callbacks, seconds: float,
+           precision: str) -> TrainResult:
     """Refuse a run whose loss stopped being a number; else save the adapter and report the end."""
     checkpoints = trainer.args.output_dir
     last = get_last_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
     if bridge.nonfinite:
         step, loss = bridge.nonfinite
-        raise UserError(f"the training loss became {loss} at step {step}; likely causes: a learning rate too "
-                        f"high (train.learning_rate={cfg.learning_rate:g}: try a tenth of it) or fp16 overflow "
-                        "(use bf16 or fp32); the last good checkpoint is "
-                        f"{last or 'none (no checkpoint was saved before it)'}")
+        raise UserError(nonfinite_advice(step, loss, cfg, precision, last))
     adapter_dir = Path(cfg.output_dir) / "adapter"
     trainer.save_model(str(adapter_dir))  # the Trainer writes on the main process only
     if tokenizer is not None and distributed.is_main():

@@ -59,11 +59,10 @@ class ModelPanel(Panel):
             for key in QUANT_KEYS:
                 quant.disable(key, why)
         dtype = self.forms[0].controls["model.compute_dtype"]
-        if not hardware.bf16_supported():
+        policy = hardware.precision()
+        if not policy.bf16_allowed:
             dtype.options = [o for o in dtype.options if o != "bfloat16"]
-            self.forms[0].notes["model.compute_dtype"].value = (
-                "<span style='color:#666'>bfloat16: not supported on this "
-                f"{'GPU' if hardware.cuda_available() else 'CPU'}</span>")
+            self.forms[0].notes["model.compute_dtype"].value = f"<span style='color:#666'>{policy.reason}</span>"
 
     def _on_event(self, event: str) -> None:
         if event in ("config", "data") and self._estimated:

@@ -155,3 +155,75 @@ def test_keyboard_interrupt_is_a_stop_that_keeps_the_steps_done(tiny_model_dir, 
     assert result.last_checkpoint.name == "checkpoint-2"
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     assert result.history["step"].tolist() == [1, 2]
+
+
+def _oom_above(monkeypatch, rows: int, seen: list):
+    """A training step that runs out of GPU memory on batches of more than `rows` rows; `seen`
+    gets (rows, gradient checkpointing on) for each step tried."""
+    from transformers import Trainer
+    original = Trainer.training_step
+
+    def step(self, model, inputs, *a, **k):
+        seen.append((inputs["input_ids"].shape[0], bool(self.args.activation_checkpointing)))
+        if inputs["input_ids"].shape[0] > rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, model, inputs, *a, **k)
+    monkeypatch.setattr(Trainer, "training_step", step)
+
+
+def test_gpu_out_of_memory_halves_the_batch_and_keeps_the_effective_batch(tiny_model_dir, tmp_path, sst2_frame,
+                                                                           monkeypatch):
+    seen, said = [], []
+    _oom_above(monkeypatch, 2, seen)
+    s = prepared_session(_cfg(tiny_model_dir, tmp_path / "rescue", batch_size=8, max_steps=3, save_steps=100),
+                         sst2_frame)
+    s.progress = said.append
+
+    class Begin(Callback):
+        infos = []
+
+        def on_train_begin(self, info):
+            self.infos.append(info)
+    result = s.train([Begin()])
+    assert result.global_step == 3 and result.history["train_loss"].notna().all()
+    rescues = [m for m in said if m.startswith("out of GPU memory")]
+    assert rescues == ["out of GPU memory at batch_size 8: retrying with batch_size 4 and 2 passes per step "
+                       "(the same effective batch)",
+                       "out of GPU memory at batch_size 4: retrying with batch_size 2 and 4 passes per step "
+                       "(the same effective batch)"]
+    assert [rows for rows, _ in seen[:2]] == [8, 4] and {rows for rows, _ in seen[2:]} == {2}
+    assert len(seen) == 2 + 3 * 4  # the failed tries, then 3 steps of 4 passes of 2 rows: 8 rows a step
+    last = Begin.infos[-1]
+    assert (last["batch_size"], last["grad_accum"], last["effective_batch"]) == (2, 4, 8)
+    assert last["rescues"] == rescues
+
+
+def test_gpu_out_of_memory_at_one_row_turns_checkpointing_on_then_gives_advice(tiny_model_dir, tmp_path, sst2_frame,
+                                                                               monkeypatch):
+    seen, said = [], []
+    _oom_above(monkeypatch, 0, seen)  # nothing fits
+    s = prepared_session(_cfg(tiny_model_dir, tmp_path / "hopeless", batch_size=2, gradient_checkpointing="no"),
+                         sst2_frame)
+    s.progress = said.append
+    with pytest.raises(UserError, match="out of memory at batch_size 1.*max_length 64"):
+        s.train()
+    assert seen == [(2, False), (1, False), (1, True)]
+    assert [m for m in said if m.startswith("out of GPU memory")][-1].startswith(
+        "out of GPU memory at batch_size 1: retrying with gradient checkpointing")
+
+
+def test_gpu_out_of_memory_after_the_first_step_is_not_restarted(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    """Past the first optimizer step the weights have moved; a restart would train another run."""
+    from transformers import Trainer
+    original, calls = Trainer.training_step, []
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return original(self, *a, **k)
+    monkeypatch.setattr(Trainer, "training_step", step)
+    s = prepared_session(_cfg(tiny_model_dir, tmp_path / "late", batch_size=4), sst2_frame)
+    with pytest.raises(UserError, match="out of memory at batch_size 4"):
+        s.train()
+    assert len(calls) == 3

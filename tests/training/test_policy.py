@@ -41,3 +41,27 @@ def test_running_out_of_memory_is_told_from_other_errors():
     assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)"))
     advice = oom_advice(TrainConfig(batch_size=8, grad_accum=2, max_length=512))
     assert "batch_size 8, max_length 512" in advice and "train.batch_size 4 with train.grad_accum 4" in advice
+
+
+def test_non_finite_loss_advice_names_the_step_and_the_fix_for_the_precision():
+    from nb_finetune.training.policy import nonfinite_advice
+    cfg = TrainConfig(learning_rate=2e-4)
+    fp16 = nonfinite_advice(7, float("inf"), cfg, "float16", None)
+    assert fp16.startswith("the training loss became inf at step 7 (computing in float16)")
+    assert "fp16 overflow" in fp16 and "model.compute_dtype: float32" in fp16 and "none (no checkpoint" in fp16
+    fp32 = nonfinite_advice(7, float("nan"), cfg, "float32", "runs/x/checkpoint-5")
+    assert "fp16" not in fp32 and "train.learning_rate=0.0002" in fp32 and fp32.endswith("runs/x/checkpoint-5")
+
+
+def test_oom_rescue_halves_down_to_one_row_then_checkpoints_then_gives_up(monkeypatch):
+    from nb_finetune.training.policy import oom_rescue
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    cfg, steps = TrainConfig(batch_size=8, grad_accum=2, gradient_checkpointing="auto"), []
+    while (rescue := oom_rescue(cfg, quantized=False)) is not None:
+        cfg = rescue[0]
+        steps.append((cfg.batch_size, accumulation(cfg), cfg.gradient_checkpointing))
+    assert steps == [(4, 4, "auto"), (2, 8, "auto"), (1, 16, "auto"), (1, 16, "yes")]
+    # with effective_batch set the accumulation follows from it; QLoRA on a GPU checkpoints already
+    cfg = TrainConfig(batch_size=2, effective_batch=16)
+    half = oom_rescue(cfg, quantized=True)[0]
+    assert (half.batch_size, accumulation(half)) == (1, 16) and oom_rescue(half, quantized=True) is None
