@@ -123,6 +123,12 @@ class TrainConfig:
                           "a loss that keeps no logits, allocator settings): 'auto' uses them where training "
                           "runs on the CPU; 'off' runs peft's own layers and transformers' own loss.",
                           choices=("auto", "off"))
+    liger_kernel: str = _f("auto", "Liger Kernel's fused Triton kernels on a CUDA GPU (linear layer with "
+                           "cross-entropy, RMSNorm, SwiGLU, RoPE; pip install liger-kernel): 'auto' uses them "
+                           "where installed and the model family is one benchmarks/gpu_check.py checks for equal "
+                           "loss; 'on' for any family Liger supports; 'off' never. Without a GPU, Triton or "
+                           "support for the model, training falls back to transformers' layers with a note.",
+                           choices=("auto", "on", "off"))
     cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "
                             "2 GiB) and read them back when the same rows are tokenized the same way again.")
     eval_steps: int = _f(10, "Validate every this many optimizer steps.", min=1)

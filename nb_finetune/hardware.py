@@ -1,4 +1,4 @@
-"""What this machine can do, each answer cached: CUDA, bf16, bitsandbytes.
+"""What this machine can do, each answer cached: CUDA, bf16, bitsandbytes, Liger Kernel.
 
 Panels disable controls that cannot work and show the reason returned here.
 """
@@ -37,6 +37,17 @@ def bitsandbytes_available() -> tuple[bool, str]:
     v = tuple(int(x) for x in version("bitsandbytes").split(".")[:2])
     if not cuda_available() and v < (0, 47):
         return False, f"bitsandbytes {version('bitsandbytes')} needs a GPU; 0.47 or newer runs 4-bit on CPU"
+    return True, ""
+
+
+@functools.cache
+def liger_available() -> tuple[bool, str]:
+    """Liger Kernel's Triton kernels: (usable, reason if not). Checked without importing it."""
+    if not cuda_available():
+        return False, "Liger Kernel needs a CUDA GPU (its kernels are Triton)"
+    for module, package in (("triton", "triton"), ("liger_kernel", "liger-kernel")):
+        if importlib.util.find_spec(module) is None:
+            return False, f"{package} is not installed (pip install {package})"
     return True, ""
 
 

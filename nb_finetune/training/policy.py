@@ -32,7 +32,38 @@ def optimizer_and_checkpointing(cfg: TrainConfig, quantized: bool) -> tuple[str,
     return optim, checkpointing
 
 
-def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool, quantized: bool = False):
+# Model families whose loss with Liger's kernels benchmarks/gpu_check.py compares with
+# transformers' own layers; 'auto' turns Liger on for these only.
+LIGER_CHECKED = ("llama",)
+
+
+def liger_supported_types() -> tuple[set, str]:
+    """The model types Liger Kernel patches, read from its own table; empty with the reason when
+    the installed copy does not import (a Triton without a driver, a version mismatch)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception as err:  # any import failure means: train without it
+        return set(), f"liger-kernel does not import ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN), ""
+
+
+def use_liger(cfg: TrainConfig, model_type: str) -> tuple[bool, str]:
+    """Whether Liger Kernel trains this model, and one line saying so or why it falls back."""
+    if cfg.liger_kernel == "off":
+        return False, ""
+    ok, why = hardware.liger_available()
+    if ok:
+        supported, why = liger_supported_types()
+        wanted = supported if cfg.liger_kernel == "on" else supported & set(LIGER_CHECKED)
+        if model_type in wanted:
+            return True, f"Liger Kernel: fused linear + cross-entropy, RMSNorm, SwiGLU and RoPE for {model_type}"
+        why = why or (f"model type {model_type!r} is not one Liger supports" if model_type not in supported else
+                      f"model type {model_type!r} is not yet checked for equal loss (train.liger_kernel: on forces it)")
+    return False, f"Liger Kernel off: {why}; training with transformers' own layers"
+
+
+def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool, quantized: bool = False,
+                       liger: bool = False):
     from transformers import TrainingArguments
     save_steps = cfg.save_steps or cfg.eval_steps
     optim, checkpointing = optimizer_and_checkpointing(cfg, quantized)
@@ -51,6 +82,7 @@ def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool, quantiz
         train_sampling_strategy="group_by_length", remove_unused_columns=False,
         label_names=["labels"], optim=optim, activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        use_liger_kernel=liger,
     )
 
 

@@ -20,7 +20,17 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..modeling import keeps_logits_selectively
 from .diagnosis import diagnose
-from .policy import accumulation, check_disk, is_gpu_oom, is_oom, nonfinite_advice, oom_advice, oom_rescue, training_arguments
+from .policy import (
+    accumulation,
+    check_disk,
+    is_gpu_oom,
+    is_oom,
+    nonfinite_advice,
+    oom_advice,
+    oom_rescue,
+    training_arguments,
+    use_liger,
+)
 from .trainer import EventBridge, SafeTrainer, predicted_ids, token_accuracy
 
 
@@ -53,21 +63,28 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
     # Only the main process reports: one console, one history, one set of files.
     callbacks = list(callbacks) if distributed.is_main() else []
     bridge = EventBridge(callbacks, stop, cfg.early_stopping_patience, dict(info or {}))
+    say = say or (lambda line: None)
+    liger, note = use_liger(cfg, getattr(model.config, "model_type", ""))
+    if note:
+        say(note)
+    bridge.info["liger_kernel"] = liger
     start = time.perf_counter()
     try:
-        trainer = train_with_rescue(model, (train_ds, val_ds), collator, cfg, precision, quantized, bridge,
-                                    say or (lambda line: None))
+        trainer = train_with_rescue(model, (train_ds, val_ds), collator, cfg, (precision, quantized, liger), bridge,
+                                    say)
     finally:
         write_history(bridge.history, cfg)
     return finish(trainer, bridge, cfg, tokenizer, callbacks, time.perf_counter() - start, precision)
 
 
-def train_with_rescue(model, datasets, collator, cfg: TrainConfig, precision: str, quantized: bool,
+def train_with_rescue(model, datasets, collator, cfg: TrainConfig, setup: tuple[str, bool, bool],
                       bridge: EventBridge, say) -> SafeTrainer:
     """Train; on running out of GPU memory before the first optimizer step, try again smaller
-    (policy.oom_rescue) until it fits or nothing is left to try."""
+    (policy.oom_rescue) until it fits or nothing is left to try. `setup`: precision, whether the
+    base is quantized, whether Liger Kernel is used."""
+    precision, quantized, _ = setup
     while True:
-        trainer = make_trainer(model, *datasets, collator, cfg, precision, quantized, bridge)
+        trainer = make_trainer(model, *datasets, collator, cfg, setup, bridge)
         try:
             run(trainer, model, cfg, precision, bridge)
             return trainer
@@ -111,14 +128,18 @@ def release(trainer: SafeTrainer, model) -> None:
         torch.cuda.empty_cache()
 
 
-def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, precision: str, quantized: bool,
+def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, setup: tuple[str, bool, bool],
                  bridge: EventBridge) -> SafeTrainer:
-    args = training_arguments(cfg, precision, has_eval=val_ds is not None and len(val_ds) > 0, quantized=quantized)
+    precision, quantized, liger = setup
+    args = training_arguments(cfg, precision, has_eval=val_ds is not None and len(val_ds) > 0, quantized=quantized,
+                              liger=liger)
     trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds,
                           eval_dataset=val_ds if args.eval_strategy != "no" else None,
                           data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
                           preprocess_logits_for_metrics=predicted_ids)
-    trainer.trained_logits_only = keeps_logits_selectively(model)
+    # Liger's fused linear + cross-entropy keeps no logits already, and its forward takes
+    # `logits_to_keep` as a count or slice, not our mask of positions.
+    trainer.trained_logits_only = keeps_logits_selectively(model) and not liger
     trainer.drop_printers()
     return trainer
 

@@ -65,3 +65,42 @@ def test_oom_rescue_halves_down_to_one_row_then_checkpoints_then_gives_up(monkey
     cfg = TrainConfig(batch_size=2, effective_batch=16)
     half = oom_rescue(cfg, quantized=True)[0]
     assert (half.batch_size, accumulation(half)) == (1, 16) and oom_rescue(half, quantized=True) is None
+
+
+def test_liger_falls_back_with_one_line_on_this_machine_or_without_triton_or_support(monkeypatch):
+    from nb_finetune.training.policy import use_liger
+    hardware.liger_available.cache_clear()
+    assert use_liger(TrainConfig(liger_kernel="off"), "llama") == (False, "")
+    if not hardware.cuda_available():  # this CPU machine: no GPU, so the guard answers before any import
+        used, note = use_liger(TrainConfig(liger_kernel="on"), "llama")
+        assert not used and note == ("Liger Kernel off: Liger Kernel needs a CUDA GPU (its kernels are Triton); "
+                                     "training with transformers' own layers")
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    hardware.liger_available.cache_clear()
+    try:
+        used, note = use_liger(TrainConfig(), "llama")
+        assert not used and "triton is not installed (pip install triton)" in note and "\n" not in note
+    finally:
+        hardware.liger_available.cache_clear()
+
+
+def test_liger_follows_its_own_table_of_models(monkeypatch):
+    """With Liger importable on a GPU: 'auto' for the families the benchmark checks, 'on' for any it
+    supports, a note for the rest; a copy that does not import falls back too."""
+    from nb_finetune.training import policy
+    monkeypatch.setattr(hardware, "liger_available", lambda: (True, ""))
+    monkeypatch.setattr(policy, "liger_supported_types", lambda: ({"llama", "qwen2"}, ""))
+    assert policy.use_liger(TrainConfig(), "llama")[0]
+    used, note = policy.use_liger(TrainConfig(), "qwen2")
+    assert not used and "not yet checked for equal loss" in note
+    assert policy.use_liger(TrainConfig(liger_kernel="on"), "qwen2")[0]
+    used, note = policy.use_liger(TrainConfig(liger_kernel="on"), "bert")
+    assert not used and "'bert' is not one Liger supports" in note
+    monkeypatch.undo()
+    import importlib.util
+    if importlib.util.find_spec("liger_kernel") is None:
+        types, why = policy.liger_supported_types()
+        assert types == set() and why.startswith("liger-kernel does not import (ModuleNotFoundError")

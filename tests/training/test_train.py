@@ -195,3 +195,21 @@ def test_session_reuses_tokens_across_lora_settings_and_runs(tiny_model_dir, tmp
     monkeypatch.setattr("nb_finetune.data.tokens.cached", None)  # would fail if called
     off.tokenize()
     assert off.datasets["train"].features == train.features
+
+
+def test_liger_asked_for_without_a_gpu_trains_with_transformers_layers_and_says_so(tiny_model_dir, tmp_path,
+                                                                                   sst2_frame):
+    from nb_finetune import hardware
+    if hardware.liger_available()[0]:
+        pytest.skip("Liger Kernel is usable here; the fallback is what this checks")
+    messages, infos = [], []
+
+    class Begin(Callback):
+        def on_train_begin(self, info):
+            infos.append(info)
+    s = prepared_session(tiny_run_config(tiny_model_dir, tmp_path, max_steps=2, eval_steps=2, liger_kernel="on"),
+                         sst2_frame)
+    s.progress = messages.append
+    assert s.train([Begin()]).global_step == 2
+    notes = [m for m in messages if m.startswith("Liger Kernel off: ")]
+    assert len(notes) == 1 and "transformers' own layers" in notes[0] and infos[0]["liger_kernel"] is False
