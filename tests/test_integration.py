@@ -116,14 +116,24 @@ def test_qlora_preset_runs_small(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_here(tmp_path):
-    """The GPU check script runs on this CPU too (small), printing both runs side by side."""
+    """The GPU check runs on this CPU too (small): ours and the TRL script side by side for each
+    model, the longest row, and a results file naming the machine."""
+    import json
     import subprocess
     import sys
 
     from conftest import REPO, SUBPROCESS_ENV
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--steps", "2", "--output",
-                           str(tmp_path)], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
+                           str(tmp_path)], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].split()[:2] == ["run", "device"] and "peak MiB" in lines[0]
-    assert lines[1].split()[0] == "LoRA" and lines[2].startswith("QLoRA 4-bit")
+    header = next(i for i, ln in enumerate(lines) if ln.split()[:3] == ["precision", "model", "trainer"])
+    assert "tokens/s" in lines[header] and "peak MiB" in lines[header] and "val loss" in lines[header]
+    assert [ln.split()[1:3] for ln in lines[header + 1:header + 5]] == [
+        ["quality", "ours"], ["quality", "trl"], ["scale", "ours"], ["scale", "trl"]]
+    assert any(ln.startswith("longest row that trains under the 15 GiB cap") for ln in lines)
+    saved = json.loads(next(tmp_path.glob("gpu_check-cpu-*.json")).read_text())
+    assert saved["machine"]["gpu"] is None and len(saved["runs"]) == 4 and saved["longest"]["ours"] == 64
+    quality = [r for r in saved["runs"] if r["model"] == "quality"]
+    assert all(r["fits"] and r["val loss"] > 0 and r["peak MiB"] > 0 for r in quality)
+    assert all(r["tokens/s"] > 0 for r in saved["runs"] if r["model"] == "scale")
