@@ -16,7 +16,7 @@ Figures go to benchmarks/results/gpu_check-<gpu>-<date>.json with the GPU named.
 the same runs happen small on the CPU (fp32, no quantization, a random 2-layer llama for both
 models, short rows), which checks the script itself; their figures are written under --output only.
 
-    python benchmarks/gpu_check.py                      # on a GPU: all runs, about half an hour
+    python benchmarks/gpu_check.py                      # on a GPU: every run
     python benchmarks/gpu_check.py --only scale --steps 10
 """
 from __future__ import annotations
