@@ -64,7 +64,7 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
     callbacks = list(callbacks) if distributed.is_main() else []
     bridge = EventBridge(callbacks, stop, cfg.early_stopping_patience, dict(info or {}))
     say = say or (lambda line: None)
-    liger, note = use_liger(cfg, getattr(model.config, "model_type", ""))
+    liger, note = use_liger(cfg, getattr(getattr(model, "config", None), "model_type", ""))
     if note:
         say(note)
     bridge.info["liger_kernel"] = liger
@@ -99,7 +99,8 @@ def train_with_rescue(model, datasets, collator, cfg: TrainConfig, setup: tuple[
         say(line)
         bridge.info.update(batch_size=cfg.batch_size, grad_accum=accumulation(cfg),
                            rescues=[*bridge.info.get("rescues", []), line])
-        release(trainer, model)
+        trainer.optimizer = trainer.lr_scheduler = trainer = None  # the failed try's last references
+        release(model)
 
 
 def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: EventBridge) -> None:
@@ -115,14 +116,12 @@ def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: E
             trainer.save_checkpoint_now()
 
 
-def release(trainer: SafeTrainer, model) -> None:
-    """Give back what the failed try held (gradients, optimizer state, cached blocks) before the next."""
+def release(model) -> None:
+    """Give back what a failed try held (gradients, optimizer state, cached blocks) before the next."""
     import gc
 
     import torch
     model.zero_grad(set_to_none=True)
-    trainer.optimizer = trainer.lr_scheduler = None
-    del trainer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
