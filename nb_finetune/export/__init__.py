@@ -8,6 +8,7 @@ parameters of the scripts (environment variables with defaults).
 """
 from __future__ import annotations
 
+import json
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -155,6 +156,14 @@ def save_adapter(model, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base named in the adapter's adapter_config.json ('' when it names none)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        return ""
+    return json.loads(path.read_text()).get("base_model_name_or_path") or ""
+
+
 def merge(cfg: RunConfig, adapter_dir: str | Path, objective: str = "completion",
           labels: list[str] | None = None, progress=print):
     """(merged model, tokenizer): the base loaded again unquantized (a 4-bit base cannot take
@@ -166,6 +175,10 @@ def merge(cfg: RunConfig, adapter_dir: str | Path, objective: str = "completion"
         progress(f"the base was trained {cfg.model.quantization} (QLoRA): merging into a dequantized "
                  "full-precision copy of it")
     progress(f"merging the adapter from {adapter_dir} into {cfg.model.name}")
+    trained_on = adapter_base(adapter_dir)
+    if trained_on and Path(trained_on).name != Path(cfg.model.name).name:
+        # Same shapes load silently, so a different name is said even when the merge works.
+        progress(f"note: the adapter says it was trained on {trained_on}, not {cfg.model.name}")
     model_cfg = replace(cfg.model, quantization="none")
     tokenizer = load_tokenizer(model_cfg, progress)
     base = load_base(model_cfg, objective, labels, tokenizer.pad_token_id, progress)

@@ -41,12 +41,17 @@ def check_destination(out: Path, force: bool) -> None:
         raise UserError(f"{out} exists: choose another output folder or pass --force (force=True) to replace it")
 
 
-def check_room(cfg: RunConfig, out: Path, quant: str) -> None:
-    """Refuse beforehand a merge that will not fit in memory or a file that will not fit on disk."""
+def check_model(cfg: RunConfig, out: Path, quant: str) -> None:
+    """Before loading any weights: refuse an architecture the writer does not know, a merge that
+    will not fit in memory and a file that will not fit on disk."""
     import psutil
 
     from ..memory import meta_model
-    model, _ = meta_model(cfg, "completion", 2)
+    if cfg.model.objective == "head":
+        raise UserError("GGUF export needs a language model: a classification head (model.objective='head') "
+                        "has no GGUF form")
+    model, model_config = meta_model(cfg, "completion", 2)
+    gguf_file.architecture(model_config)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     # The merge holds the base in float32 plus the adapter; the export then reads it back once more.
     need_ram, free_ram = 2 * 4 * params, psutil.virtual_memory().available
@@ -85,9 +90,8 @@ def export_gguf(cfg: RunConfig, adapter_dir: str | Path, out: str | Path, quant:
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise UserError(f"no trained adapter in {adapter_dir}: train first, or point to the adapter folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_room(cfg, out, quant)
+    check_model(cfg, out, quant)
     model, tokenizer = merge(cfg, adapter_dir, "completion", None, progress)
-    gguf_file.architecture(model.config)
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

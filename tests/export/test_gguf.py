@@ -113,16 +113,29 @@ def test_modelfile_template_renders_like_the_chat_template(tokenizer):
 def test_unknown_quant_and_unsupported_architecture(tiny_model_dir, tiny_adapter, tmp_path):
     with pytest.raises(UserError, match="unknown GGUF quant type 'q3_k'"):
         export_gguf(config_for(tiny_model_dir), tiny_adapter, tmp_path / "out", "q3_k")
-    from transformers import GPT2Config
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UserError, match="not supported yet: gpt2"):
-        gguf_file.architecture(GPT2Config())
-    assert list(tmp_path.iterdir()) == []
+        export_gguf(config_for(tmp_path / "gpt2"), tiny_adapter, tmp_path / "out", "f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
 
-def test_adapter_from_another_base(smollm2_dir, tiny_adapter, tmp_path):
+def test_merge_too_large_for_memory_is_refused_before_loading(tiny_adapter, tmp_path):
+    """A 70B-sized config with no weights at all: the refusal must come from the sizes alone."""
+    from transformers import LlamaConfig
+    LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path / "big")
+    with pytest.raises(UserError, match=r"merging needs about \d+\.\d GiB of memory, \d+\.\d GiB is free"):
+        export_gguf(config_for(tmp_path / "big"), tiny_adapter, tmp_path / "out", "q4_0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_from_another_base(smollm2_dir, tiny_model_dir, tiny_adapter, tmp_path):
+    said = []
     with pytest.raises(UserError, match="trained on another base"):
-        export_gguf(config_for(smollm2_dir), tiny_adapter, tmp_path / "out", "f16", progress=lambda m: None)
+        export_gguf(config_for(smollm2_dir), tiny_adapter, tmp_path / "out", "f16", progress=said.append)
     assert list(tmp_path.iterdir()) == []
+    assert f"the adapter says it was trained on {tiny_model_dir}" in " ".join(said)
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
