@@ -27,6 +27,15 @@ def test_studio_trains_evaluates_and_exports_a_rerunnable_config(ui_config, sst2
     ev.prompt.value = "a wonderful, moving film"
     ev.generate_button.click()
     assert ev.error.value == "" and "wonderful" in ev.generated.value
+    # The playground streams both answers, on a thread here and in the foreground as on Colab.
+    ev.message.value, ev.temperature.value, ev.max_new.value = "Say something kind.", 0.0, 16
+    ev.chat().join(120)
+    assert ev.error.value == "" and ev.send_button.disabled is False and ev.stop_chat.disabled is True
+    streamed = {name: box.value for name, box in ev.answers.items()}
+    assert streamed["base"].startswith("<b>base</b><br>") and streamed["tuned"].startswith("<b>tuned</b><br>")
+    ev.foreground = True
+    ev.answers["tuned"].value = ""
+    assert ev.chat() is None and ev.answers["tuned"].value == streamed["tuned"]  # greedy: the same answer
 
     exp = studio.export
     exp.folder.value = str(tmp_path / "export")
