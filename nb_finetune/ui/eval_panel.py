@@ -105,8 +105,8 @@ class EvalPanel(Panel):
         self.temperature = widgets.FloatSlider(value=0.7, min=0.0, max=1.5, step=0.05, description="temperature")
         self.top_p = widgets.FloatSlider(value=0.9, min=0.05, max=1.0, step=0.05, description="top-p")
         self.max_new = widgets.IntSlider(value=128, min=8, max=1024, step=8, description="max new tokens")
-        box = widgets.Layout(width="50%", border="1px solid #ddd", padding="4px")
-        self.answers = {"base": widgets.HTML(layout=box), "tuned": widgets.HTML(layout=box)}
+        self.answers = {name: widgets.HTML(layout=widgets.Layout(width="50%", border="1px solid #ddd", padding="4px"))
+                        for name in ("base", "tuned")}  # a Layout each: a shared one is hidden with either
         return [widgets.HTML("<b>chat playground</b>: base and tuned answers, streamed"),
                 widgets.HBox([self.message, self.send_button, self.stop_chat]),
                 widgets.HBox([self.temperature, self.top_p, self.max_new]),
