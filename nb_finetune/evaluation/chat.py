@@ -60,8 +60,13 @@ def stream_reply(model, tokenizer, message: str, tuned: bool = True, sampling: S
     with (contextlib.nullcontext() if tuned else as_base(model)):
         worker = threading.Thread(target=work, name="nb_finetune-chat", daemon=True)
         worker.start()
-        yield from streamer
-        worker.join()
+        try:
+            yield from streamer
+        except BaseException:  # an interrupt (Colab's Stop) or a reader gone: end generate() too
+            stop.set()
+            raise
+        finally:
+            worker.join()
     if errors:
         raise errors[0]
 

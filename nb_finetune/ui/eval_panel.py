@@ -99,6 +99,8 @@ class EvalPanel(Panel):
                                     layout=widgets.Layout(width="420px"))
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
         self.send_button.on_click(lambda b: self.chat())
+        self.message.add_class("nbft-chat-message")
+        self.send_button.add_class("nbft-chat-send")
         self.stop_chat = widgets.Button(description="Stop", icon="stop", disabled=True)
         self.stop_chat.on_click(lambda b: self._chat_stop.set())
         self._chat_stop = threading.Event()
@@ -107,6 +109,8 @@ class EvalPanel(Panel):
         self.max_new = widgets.IntSlider(value=128, min=8, max=1024, step=8, description="max new tokens")
         self.answers = {name: widgets.HTML(layout=widgets.Layout(width="50%", border="1px solid #ddd", padding="4px"))
                         for name in ("base", "tuned")}  # a Layout each: a shared one is hidden with either
+        for name, box in self.answers.items():
+            box.add_class(f"nbft-chat-{name}")
         return [widgets.HTML("<b>chat playground</b>: base and tuned answers, streamed"),
                 widgets.HBox([self.message, self.send_button, self.stop_chat]),
                 widgets.HBox([self.temperature, self.top_p, self.max_new]),

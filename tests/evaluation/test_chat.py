@@ -48,3 +48,12 @@ def test_stop_flag_ends_the_stream(tuned, tokenizer):
     stop.set()
     text = "".join(stream_reply(tuned, tokenizer, QUESTION, True, Sampling(max_new_tokens=64), stop))
     assert len(tokenizer(text)["input_ids"]) <= 2
+
+
+def test_a_reader_that_goes_away_stops_generation(tuned, tokenizer):
+    """An interrupt of the cell (Colab's Stop) closes the stream: generate() is told to stop too."""
+    stop = threading.Event()
+    stream = stream_reply(tuned, tokenizer, QUESTION, True, Sampling(temperature=0.0, max_new_tokens=256), stop)
+    next(stream)
+    stream.close()
+    assert stop.is_set()
