@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import yaml
 
@@ -102,9 +103,26 @@ def cmd_export(args) -> int:
     from .export import export_job
     cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
     overrides = _parse_set(args.set)
-    folder = export_job(cfg.with_overrides(overrides) if overrides else cfg, args.output)
+    cfg = cfg.with_overrides(overrides) if overrides else cfg
+    if args.gguf:
+        return cmd_export_gguf(cfg, args)
+    if not args.output:
+        raise UserError("export needs --output DIR for the job folder, or --gguf TYPE for a GGUF model")
+    folder = export_job(cfg, args.output)
     print(f"job written to {folder}: config.yaml, launch_torchrun.sh, launch_accelerate.sh, accelerate configs "
           f"(DDP, FSDP, DeepSpeed); see {folder / 'README.md'}")
+    return 0
+
+
+def cmd_export_gguf(cfg, args) -> int:
+    from .export import export_gguf as run_export
+    quiet_libraries()
+    adapter = Path(args.adapter or Path(cfg.train.output_dir) / "adapter")
+    out = args.out or args.output or str(Path(cfg.train.output_dir) / f"gguf-{args.gguf}")
+    result = run_export(cfg, adapter, out, args.gguf, force=args.force, progress=print)
+    print(result.roundtrip.summary())
+    print(f"written: {result.gguf} and {result.modelfile}; run it with: "
+          f"cd {result.folder} && ollama create {result.folder.name} -f Modelfile")
     return 0
 
 
@@ -163,9 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a saved config (YAML or JSON)")
     _add_config_source(r)
     r.set_defaults(func=cmd_run)
-    e = sub.add_parser("export", help="write a job folder for torchrun / accelerate (config + launch scripts)")
+    e = sub.add_parser("export", help="write a job folder for torchrun / accelerate (config + launch scripts), "
+                                      "or with --gguf the tuned model as GGUF for llama.cpp / Ollama")
     _add_config_source(e)
-    e.add_argument("--output", required=True, help="job folder to write")
+    e.add_argument("--output", help="job folder to write")
+    e.add_argument("--gguf", metavar="TYPE", help="write the merged model as GGUF: f16, q8_0 or q4_0")
+    e.add_argument("--out", help="GGUF folder (default: <train.output_dir>/gguf-TYPE)")
+    e.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
+    e.add_argument("--force", action="store_true", help="replace an existing output folder")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("validate", help="check a config and its data without training")
     v.add_argument("--config", required=True)

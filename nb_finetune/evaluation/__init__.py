@@ -1,6 +1,8 @@
 """Evaluation: scoring (sequence log-probabilities, label scores), the evaluation of the tuned
 model against the base model and the majority class, and one cache of the base's results."""
 from .base_cache import BaseResults, as_base
+from .chat import Sampling, stream_reply
 from .evaluate import EvalResult, compare_prompt, evaluate, label_candidates
 
-__all__ = ["BaseResults", "EvalResult", "as_base", "compare_prompt", "evaluate", "label_candidates"]
+__all__ = ["BaseResults", "EvalResult", "as_base", "compare_prompt", "evaluate", "label_candidates", "Sampling",
+           "stream_reply"]

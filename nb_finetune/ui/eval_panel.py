@@ -1,6 +1,10 @@
-"""Evaluation: test metrics beside the baselines, the confusion matrix, the worst errors, and
-generations of the base and the tuned model side by side, for test prompts and for yours."""
+"""Evaluation: test metrics beside the baselines, the confusion matrix, the worst errors,
+generations of the base and the tuned model side by side, for test prompts and for yours, and a
+chat playground streaming both models' answers."""
 from __future__ import annotations
+
+import html
+import threading
 
 import ipywidgets as widgets
 import pandas as pd
@@ -8,7 +12,7 @@ import pandas as pd
 from .. import evaluation
 from ..render import figures, tables
 from ..render.html import instruction
-from .common import Form, Panel, Picture, message_html
+from .common import Form, Panel, Picture, message_html, on_colab
 
 KEYS = ["eval.baselines", "eval.max_test_rows", "eval.num_samples", "eval.max_new_tokens", "eval.worst_errors"]
 
@@ -16,8 +20,11 @@ KEYS = ["eval.baselines", "eval.max_test_rows", "eval.num_samples", "eval.max_ne
 class EvalPanel(Panel):
     title = "Evaluate"
 
-    def __init__(self, shared=None, config=None, data=None, **kwargs):
+    def __init__(self, shared=None, config=None, data=None, foreground: bool | None = None, **kwargs):
         super().__init__(shared, config, data, **kwargs)
+        # Colab hears no widget message while a cell runs: chat there in the foreground (interrupt
+        # to stop); elsewhere on a thread, so the Stop button is heard.
+        self.foreground = on_colab() if foreground is None else foreground
         self.forms = [Form(self.shared, KEYS)]
         self.after_training = widgets.Checkbox(value=True, description="evaluate when training ends", indent=False)
         self.evaluate_button = self.button("Evaluate", self.evaluate, "primary", "check")
@@ -37,6 +44,7 @@ class EvalPanel(Panel):
                          self.status, self.error, self.warnings, self.note, self.metrics, self.confusion,
                          self.instruction, self.errors, self.samples, widgets.HTML("<b>your prompt</b>"),
                          widgets.HBox([self.prompt, self.generate_button]), self.generated]
+        self.children = list(self.children) + self.playground()
 
     def _on_event(self, event: str) -> None:
         # Runs on the thread that finished training: the test stays off the main thread too.
@@ -84,3 +92,60 @@ class EvalPanel(Panel):
                                         cfg.eval.max_new_tokens, session.precision)
         self.generated.value = tables.table_html(pd.DataFrame([out]))
         self.say("")
+
+    def playground(self) -> list:
+        """The chat playground's widgets: message, Send and Stop, sampling controls, two answers."""
+        self.message = widgets.Text(placeholder="chat: type a message and press Send",
+                                    layout=widgets.Layout(width="420px"))
+        self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.send_button.on_click(lambda b: self.chat())
+        self.message.add_class("nbft-chat-message")
+        self.send_button.add_class("nbft-chat-send")
+        self.stop_chat = widgets.Button(description="Stop", icon="stop", disabled=True)
+        self.stop_chat.on_click(lambda b: self._chat_stop.set())
+        self._chat_stop = threading.Event()
+        self.temperature = widgets.FloatSlider(value=0.7, min=0.0, max=1.5, step=0.05, description="temperature")
+        self.top_p = widgets.FloatSlider(value=0.9, min=0.05, max=1.0, step=0.05, description="top-p")
+        self.max_new = widgets.IntSlider(value=128, min=8, max=1024, step=8, description="max new tokens")
+        self.answers = {name: widgets.HTML(layout=widgets.Layout(width="50%", border="1px solid #ddd", padding="4px"))
+                        for name in ("base", "tuned")}  # a Layout each: a shared one is hidden with either
+        for name, box in self.answers.items():
+            box.add_class(f"nbft-chat-{name}")
+        return [widgets.HTML("<b>chat playground</b>: base and tuned answers, streamed"),
+                widgets.HBox([self.message, self.send_button, self.stop_chat]),
+                widgets.HBox([self.temperature, self.top_p, self.max_new]),
+                widgets.HBox([self.answers["base"], self.answers["tuned"]])]
+
+    def chat(self) -> threading.Thread | None:
+        """Send: in the foreground, or on a thread that it returns."""
+        self._chat_stop.clear()
+        if self.foreground:
+            self.run_action(self.send_button, self.stream_both)
+            return None
+        self.send_button.disabled = True  # before the thread starts, so a second click cannot slip in
+        worker = threading.Thread(target=self.run_action, args=(self.send_button, self.stream_both),
+                                  name="nb_finetune-playground", daemon=True)
+        worker.start()
+        return worker
+
+    def stream_both(self) -> None:
+        """The base's answer, then the tuned model's, each shown as its pieces arrive."""
+        session = self.shared.current
+        if session is None or session.model is None:
+            self.show_error("no model yet: train one (or press Evaluate) first")
+            return
+        if not self.message.value.strip():
+            self.show_error("type a message first")
+            return
+        sampling = evaluation.Sampling(self.temperature.value, self.top_p.value, self.max_new.value)
+        self.stop_chat.disabled = self.foreground
+        try:
+            for name in ("base", "tuned"):
+                text = ""
+                for piece in evaluation.stream_reply(session.model, session.tokenizer, self.message.value,
+                                                     name == "tuned", sampling, self._chat_stop):
+                    text += piece
+                    self.answers[name].value = f"<b>{name}</b><br>{html.escape(text)}"
+        finally:
+            self.stop_chat.disabled = True
+        self.say("stopped" if self._chat_stop.is_set() else "")

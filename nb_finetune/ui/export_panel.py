@@ -1,5 +1,6 @@
-"""Export: the adapter, optionally a merged model, the config that `nb-finetune run --config`
-reproduces, and a job folder for torchrun / accelerate."""
+"""Export: the adapter, optionally a merged model or a GGUF file for llama.cpp / Ollama (checked
+by reading it back), the config that `nb-finetune run --config` reproduces, and a job folder for
+torchrun / accelerate."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,13 @@ class ExportPanel(Panel):
         self.merged = widgets.Checkbox(value=False, description="merged model (base + adapter, full size)",
                                        indent=False)
         self.job = widgets.Checkbox(value=True, description="job folder for torchrun / accelerate", indent=False)
+        self.gguf = widgets.Dropdown(options=[("no", ""), ("f16 (exact)", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0")],
+                                     value="", description="GGUF for llama.cpp / Ollama", style=style)
+        self.force = widgets.Checkbox(value=False, description="replace an existing GGUF folder", indent=False)
         self.export_button = self.button("Export", self.export, "primary", "download")
         self.written = widgets.HTML()
-        self.children = [self.folder, self.adapter, self.merged, self.job, widgets.HBox([self.export_button]),
+        self.children = [self.folder, self.adapter, self.merged, self.job, widgets.HBox([self.gguf, self.force]),
+                         widgets.HBox([self.export_button]),
                          self.status, self.error, self.warnings, self.written]
 
     def export(self) -> list[Path]:
@@ -42,7 +47,7 @@ class ExportPanel(Panel):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(data_file.resolve())))
             written.append(data_file)
         written.append(cfg.save(folder / "config.yaml"))
-        wants_model = self.adapter.value or self.merged.value
+        wants_model = self.adapter.value or self.merged.value or self.gguf.value
         trained = session is not None and session.train_result is not None and session.model is not None
         if wants_model and not trained:
             self._list(written)
@@ -56,8 +61,14 @@ class ExportPanel(Panel):
                                               session.objective, session.prep.labels, self.say))
         if self.job.value:
             written.append(export.export_job(cfg, folder / "job"))
+        checked = ""
+        if self.gguf.value:
+            result = export.export_gguf(session.cfg, session.train_result.adapter_dir, folder / f"gguf-{self.gguf.value}",
+                                        self.gguf.value, force=self.force.value, progress=self.say)
+            written += [result.gguf, result.modelfile]
+            checked = result.roundtrip.summary() + "; "
         self._list(written)
-        self.say(f"exported to {folder}; re-run with: nb-finetune run --config {folder / 'config.yaml'}")
+        self.say(f"{checked}exported to {folder}; re-run with: nb-finetune run --config {folder / 'config.yaml'}")
         return written
 
     def _list(self, paths: list[Path]) -> None:

@@ -28,7 +28,7 @@ class Studio(widgets.VBox):
         self.tokens = TokenizationPanel(self.shared)
         self.model = ModelPanel(self.shared)
         self.train = TrainPanel(self.shared, foreground=foreground)
-        self.evaluation = EvalPanel(self.shared)
+        self.evaluation = EvalPanel(self.shared, foreground=foreground)
         self.probe = ProbePanel(self.shared)
         self.export = ExportPanel(self.shared)
         self.panels = [self.data, self.tokens, self.model, self.train, self.evaluation, self.probe, self.export]

@@ -1,5 +1,6 @@
 """The studio end to end: train, the evaluation that follows by itself, a prompt of your own,
-and the export of the adapter, a merged model, a job folder and a config that runs again."""
+and the export of the adapter, a merged model, a GGUF checked by a round trip, a job folder and a
+config that runs again."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,15 +27,27 @@ def test_studio_trains_evaluates_and_exports_a_rerunnable_config(ui_config, sst2
     ev.prompt.value = "a wonderful, moving film"
     ev.generate_button.click()
     assert ev.error.value == "" and "wonderful" in ev.generated.value
+    # The playground streams both answers, on a thread here and in the foreground as on Colab.
+    ev.message.value, ev.temperature.value, ev.max_new.value = "Say something kind.", 0.0, 16
+    ev.chat().join(120)
+    assert ev.error.value == "" and ev.send_button.disabled is False and ev.stop_chat.disabled is True
+    streamed = {name: box.value for name, box in ev.answers.items()}
+    assert streamed["base"].startswith("<b>base</b><br>") and streamed["tuned"].startswith("<b>tuned</b><br>")
+    ev.foreground = True
+    ev.answers["tuned"].value = ""
+    assert ev.chat() is None and ev.answers["tuned"].value == streamed["tuned"]  # greedy: the same answer
 
     exp = studio.export
     exp.folder.value = str(tmp_path / "export")
     exp.merged.value = True
+    exp.gguf.value = "f16"
     exp.export_button.click()
     assert exp.error.value == "", exp.error.value
     out = tmp_path / "export"
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert list((out / "merged").glob("*.safetensors")) and (out / "job" / "launch_torchrun.sh").is_file()
+    assert (out / "gguf-f16" / "model.gguf").is_file() and (out / "gguf-f16" / "Modelfile").is_file()
+    assert "round trip (f16" in exp.status.value and "FAILED" not in exp.status.value
     cfg = RunConfig.load(out / "config.yaml")
     assert Path(cfg.data.source) == (out / "data.jsonl").resolve()  # the in-memory frame, saved beside it
     assert cfg.model.lora_r == 4 and cfg.train.max_steps == 12

@@ -1,4 +1,5 @@
-"""Export a run as a job folder for an existing launcher (torchrun or accelerate).
+"""Export a run: the adapter, a merged model, a GGUF file (see gguf_export), or a job folder for
+an existing launcher (torchrun or accelerate).
 
 The folder holds the config and the scripts; the job itself is `nb-finetune run --config
 config.yaml` inside the launcher, so a run set up in a notebook moves to several processes,
@@ -7,11 +8,13 @@ parameters of the scripts (environment variables with defaults).
 """
 from __future__ import annotations
 
+import json
 import stat
 from dataclasses import replace
 from pathlib import Path
 
-from .config import RunConfig
+from ..config import RunConfig
+from ..errors import UserError
 
 _TORCHRUN = """#!/usr/bin/env bash
 # Runs the job with torchrun. Parameters (environment, with defaults):
@@ -153,19 +156,51 @@ def save_adapter(model, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def save_merged(cfg: RunConfig, adapter_dir: str | Path, folder: str | Path, objective: str,
-                labels: list[str] | None = None, progress=print) -> Path:
-    """A standalone model: the base loaded again unquantized (a 4-bit base cannot take merged
-    weights exactly), the adapter added into its weights, saved as safetensors."""
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base named in the adapter's adapter_config.json ('' when it names none)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        return ""
+    return json.loads(path.read_text()).get("base_model_name_or_path") or ""
+
+
+def merge(cfg: RunConfig, adapter_dir: str | Path, objective: str = "completion",
+          labels: list[str] | None = None, progress=print):
+    """(merged model, tokenizer): the base loaded again unquantized (a 4-bit base cannot take
+    merged weights exactly) with the adapter added into its weights."""
     from peft import PeftModel
 
-    from .modeling import load_base, load_tokenizer
-    folder = Path(folder)
+    from ..modeling import load_base, load_tokenizer
+    if cfg.model.quantization != "none":
+        progress(f"the base was trained {cfg.model.quantization} (QLoRA): merging into a dequantized "
+                 "full-precision copy of it")
     progress(f"merging the adapter from {adapter_dir} into {cfg.model.name}")
+    trained_on = adapter_base(adapter_dir)
+    if trained_on and Path(trained_on).name != Path(cfg.model.name).name:
+        # Same shapes load silently, so a different name is said even when the merge works.
+        progress(f"note: the adapter says it was trained on {trained_on}, not {cfg.model.name}")
     model_cfg = replace(cfg.model, quantization="none")
     tokenizer = load_tokenizer(model_cfg, progress)
     base = load_base(model_cfg, objective, labels, tokenizer.pad_token_id, progress)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except RuntimeError as err:  # torch's size mismatch when loading the adapter's weights
+        raise UserError(f"the adapter in {adapter_dir} was trained on another base than {cfg.model.name}: "
+                        "set model.name to the base it was trained on") from err
+    return merged, tokenizer
+
+
+def save_merged(cfg: RunConfig, adapter_dir: str | Path, folder: str | Path, objective: str,
+                labels: list[str] | None = None, progress=print) -> Path:
+    """A standalone model (base + adapter) saved as safetensors."""
+    folder = Path(folder)
+    merged, tokenizer = merge(cfg, adapter_dir, objective, labels, progress)
     merged.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def export_gguf(*args, **kwargs):
+    """See gguf_export.export_gguf (imported late: it pulls in the gguf package)."""
+    from .gguf_export import export_gguf as run
+    return run(*args, **kwargs)

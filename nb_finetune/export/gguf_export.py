@@ -1,0 +1,112 @@
+"""Export a tuned model for llama.cpp / Ollama / LM Studio: merge the adapter into the base,
+write one GGUF file and an Ollama Modelfile, then verify the file by reading it back.
+
+Everything is written into a hidden sibling folder first and renamed into place only once the
+round trip passed, so a failure (a mismatch, a full disk, a bad adapter) leaves nothing
+half-written behind, and an existing folder is replaced only when asked (`force`).
+"""
+from __future__ import annotations
+
+import errno
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import RunConfig
+from ..errors import UserError
+from . import gguf_file, merge, modelfile, roundtrip
+
+_README = """# {name}: the tuned model as GGUF ({quant})
+
+`model.gguf` runs in llama.cpp, Ollama and LM Studio; the tokenizer and chat template are inside.
+
+    ollama create {name} -f Modelfile     # in this folder
+    ollama run {name}
+    llama-cli -m model.gguf -cnv          # llama.cpp, chat mode
+
+Checked when written: {summary}
+"""
+
+
+@dataclass
+class GGUFExport:
+    folder: Path
+    gguf: Path
+    modelfile: Path
+    roundtrip: roundtrip.RoundTrip
+
+
+def check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} exists: choose another output folder or pass --force (force=True) to replace it")
+
+
+def check_model(cfg: RunConfig, out: Path, quant: str) -> None:
+    """Before loading any weights: refuse an architecture the writer does not know, a merge that
+    will not fit in memory and a file that will not fit on disk."""
+    import psutil
+
+    from ..memory import meta_model
+    if cfg.model.objective == "head":
+        raise UserError("GGUF export needs a language model: a classification head (model.objective='head') "
+                        "has no GGUF form")
+    model, model_config = meta_model(cfg, "completion", 2)
+    gguf_file.architecture(model_config)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # The merge holds the base in float32 plus the adapter; the export then reads it back once more.
+    need_ram, free_ram = 2 * 4 * params, psutil.virtual_memory().available
+    if need_ram > free_ram:
+        raise UserError(f"merging needs about {need_ram / 2**30:.1f} GiB of memory, {free_ram / 2**30:.1f} GiB "
+                        "is free: use a machine with more memory")
+    need_disk = gguf_file.estimated_bytes(model, quant)
+    free_disk = shutil.disk_usage(out.parent).free
+    if need_disk > free_disk:
+        raise UserError(f"the {quant} GGUF needs about {need_disk / 2**30:.2f} GiB on disk, {free_disk / 2**30:.2f} "
+                        f"GiB is free under {out.parent}: free space or choose another folder")
+
+
+def write_folder(model, tokenizer, staging: Path, quant: str, name: str, progress) -> GGUFExport:
+    """model.gguf, Modelfile and README.md in `staging`, the GGUF verified."""
+    model_dir = staging / "tokenizer"
+    tokenizer.save_pretrained(str(model_dir))  # SpecialVocab reads merges and ids from these files
+    gguf_path = gguf_file.write_gguf(model, tokenizer, model_dir, staging / "model.gguf", quant, name)
+    shutil.rmtree(model_dir)
+    mf = staging / "Modelfile"
+    mf.write_text(modelfile.modelfile(tokenizer, context=min(4096, model.config.max_position_embeddings)))
+    progress("checking the GGUF: reading it back with transformers in another process")
+    check = roundtrip.verify(model, tokenizer, gguf_path, quant)
+    if not check.ok:
+        raise UserError(f"the GGUF does not match the merged model, nothing was written: {check.summary()}")
+    (staging / "README.md").write_text(_README.format(name=name, quant=quant, summary=check.summary()))
+    return GGUFExport(staging, gguf_path, mf, check)
+
+
+def export_gguf(cfg: RunConfig, adapter_dir: str | Path, out: str | Path, quant: str = "f16",
+                force: bool = False, progress=print) -> GGUFExport:
+    """Merge `adapter_dir` into cfg's base and write `out`/model.gguf, Modelfile and README.md."""
+    out = Path(out).expanduser().resolve()
+    gguf_file.check_quant(quant)
+    check_destination(out, force)
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise UserError(f"no trained adapter in {adapter_dir}: train first, or point to the adapter folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_model(cfg, out, quant)
+    model, tokenizer = merge(cfg, adapter_dir, "completion", None, progress)
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        progress(f"writing {quant} GGUF")
+        result = write_folder(model, tokenizer, staging, quant, out.name, progress)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise UserError(f"the disk under {out.parent} is full: free space and export again") from err
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return GGUFExport(out, out / "model.gguf", out / "Modelfile", result.roundtrip)

@@ -1,0 +1,54 @@
+"""The chat playground in a real browser (JupyterLab, Debian's Chromium through Playwright, as in
+test_browser.py): a message typed and sent, both answers seen growing piece by piece."""
+from __future__ import annotations
+
+import pytest
+from conftest import SUBPROCESS_ENV, browser_lab
+from test_browser import _open
+
+pytestmark = pytest.mark.slow
+
+READY = ("s = studio.shared.session()\ns.prepare_data()\ns.tokenize()\ns.load_model()\n"
+         "studio.tabs.selected_index = studio.panels.index(studio.evaluation)\nstudio\n")
+
+
+@pytest.fixture
+def lab(tmp_path):
+    why = browser_lab.missing()
+    if why:
+        pytest.skip(why)
+    started = browser_lab.start_lab(tmp_path, SUBPROCESS_ENV)
+    yield started
+    browser_lab.stop_lab(started)
+
+
+def test_playground_streams_both_answers(lab, smollm2_dir, shared_data):
+    from playwright.sync_api import sync_playwright
+    config = {"data": {"task": "classification", "label_names": {"0": "negative", "1": "positive"}},
+              "model": {"name": str(smollm2_dir), "lora_r": 4, "lora_alpha": 8},
+              "train": {"output_dir": str(lab.root / "run"), "max_length": 64}}
+    cell = browser_lab.sst2_studio_cell(config, shared_data / "sst2" / "dev.tsv", READY)
+    with sync_playwright() as p:
+        browser, page = _open(p, lab, browser_lab.notebook([cell]))
+        try:
+            message = page.locator(".nbft-chat-message input")
+            browser_lab.run_all(page, lab, message.is_visible)
+            message.fill("Write a short poem about the sea.")
+            message.press("Enter")
+            page.locator(".nbft-chat-send").click()
+            seen = {"base": set(), "tuned": set()}
+
+            def look():
+                for name in seen:
+                    seen[name].add(page.locator(f".nbft-chat-{name}").inner_text())
+                return len(seen["tuned"]) >= 4
+            browser_lab.wait_until(look, 240, 0.1)
+            page.screenshot(path=str(lab.root / "playground.png"))
+            # Several growing texts seen for each answer: streamed, not shown at once when done.
+            for name, texts in seen.items():
+                assert len(texts - {""}) >= 3, (name, texts)
+                assert all(t.startswith(name) for t in texts - {""})
+            assert browser_lab.error_boxes(page).count() == 0
+        finally:
+            page.screenshot(path=str(lab.root / "last.png"))
+            browser.close()
