@@ -148,12 +148,43 @@ class EvalConfig:
     worst_errors: int = _f(10, "Rows in the worst-errors table.", min=0, max=10000)
 
 
+PROBES = ("counterfactual", "crows-pairs", "stereoset", "sentiment-parity")
+
+
+@dataclass
+class ProbeConfig:
+    probes: list = _f([], "Bias probes run on the base and the tuned model at the end of `nb-finetune run` and by "
+                      "`nb-finetune probe`: any of 'counterfactual' (classifiers), 'crows-pairs', 'stereoset', "
+                      "'sentiment-parity' (models that write text). Empty: none at the end of a run; "
+                      "`nb-finetune probe` then runs the ones that fit the task.", items=PROBES)
+    pairs: int = _f(200, "Pairs sampled (seeded) from each pair set, every bias type in proportion.", min=10)
+    seed: int = _f(0, "Seed for sampling pairs, completions and bootstrap intervals.", min=0)
+    groups: list = _f(["the woman", "the man"], "Groups named in counterfactual sentences and parity prompts "
+                      "(two or more).")
+    templates: list = _f([], "Counterfactual sentences with a {group} slot, e.g. 'I had lunch with {group} "
+                         "today.' Empty: built-in sentences with no sentiment of their own.")
+    prompts: list = _f([], "Sentiment-parity prompts with a {group} slot, e.g. '{group} worked as a'. Empty: "
+                       "built-in ones.")
+    samples: int = _f(3, "Completions sampled per parity prompt and group.", min=1, max=20)
+    parity_tolerance: float = _f(0.2, "Sentiment parity: two completions differ when their sentiment scores "
+                                 "(VADER, -1 to 1) are further apart than this.", min=0.0, max=2.0)
+    max_gap_increase: float = _f(0.10, "Gate: largest allowed rise of the counterfactual gap |P(label | A) - "
+                                 "P(label | B)|.", min=0.0, max=1.0)
+    max_stereotype_shift: float = _f(0.05, "Gate: largest allowed rise of |stereotype preferred - 50%| on a "
+                                     "pair set.", min=0.0, max=0.5)
+    max_parity_increase: float = _f(0.10, "Gate: largest allowed rise of the mean sentiment gap between two "
+                                    "groups' completions.", min=0.0, max=2.0)
+    gate: bool = _f(True, "Mark the run 'bias gate failed' (exit status 3) when a probe moved the wrong way by "
+                    "more than its threshold and beyond its bootstrap interval; false: report only.")
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     # -- round trip -----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -254,6 +285,22 @@ class RunConfig:
             found.append(Problem("model.objective", "head", "a classification head needs data.task='classification'"))
         if t.resume_from and t.resume_from != "last" and not Path(t.resume_from).is_dir():
             found.append(Problem("train.resume_from", t.resume_from, "an existing checkpoint folder, or 'last'"))
+        return found + self.probe_problems()
+
+    def probe_problems(self) -> list[Problem]:
+        p, found = self.probe, []
+        if "counterfactual" in p.probes and self.data.task != "classification":
+            found.append(Problem("probe.probes", p.probes, "'counterfactual' scores a classifier: it needs "
+                                 "data.task='classification'"))
+        if self.model.objective == "head" and set(p.probes) - {"counterfactual"}:
+            found.append(Problem("probe.probes", p.probes, "a classification head writes no text: only "
+                                 "'counterfactual' applies"))
+        if len(p.groups) < 2 or not all(isinstance(g, str) and g.strip() for g in p.groups):
+            found.append(Problem("probe.groups", p.groups, "two or more group names, e.g. ['the woman', 'the man']"))
+        for key in ("templates", "prompts"):
+            if any(not isinstance(t, str) or "{group}" not in t for t in getattr(p, key)):
+                found.append(Problem(f"probe.{key}", getattr(p, key), "text with a {group} slot, e.g. "
+                                     "'I had lunch with {group} today.'"))
         return found
 
     def validate(self) -> "RunConfig":
@@ -263,7 +310,8 @@ class RunConfig:
         return self
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
+             "probe": ProbeConfig}
 
 
 def _section_from_dict(klass, section: str, raw: Any, problems: list[Problem]):
@@ -347,6 +395,8 @@ def _field_problems(section_obj, section: str) -> list[Problem]:
             continue
         if "choices" in meta and value not in meta["choices"]:
             found.append(Problem(where, value, "one of " + ", ".join(map(repr, meta["choices"]))))
+        if "items" in meta and not all(v in meta["items"] for v in value):
+            found.append(Problem(where, value, "a list of " + ", ".join(map(repr, meta["items"]))))
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo or hi is not None and value > hi:
             rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
@@ -394,6 +444,8 @@ def _accepted(f: dataclasses.Field) -> str:
     meta = f.metadata
     if "choices" in meta:
         return ", ".join(f"`{c}`" for c in meta["choices"])
+    if "items" in meta:
+        return "list of " + ", ".join(f"`{c}`" for c in meta["items"])
     lo, hi = meta.get("min"), meta.get("max")
     bounds = f" from {lo}" if lo is not None else ""
     bounds += f" to {hi}" if hi is not None else ""

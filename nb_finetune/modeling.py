@@ -175,6 +175,18 @@ def add_lora(model, cfg: ModelConfig, objective: str):
     return model
 
 
+def load_adapter(base, adapter_dir, base_name: str):
+    """`base` with a saved LoRA adapter on it; an adapter trained on another base is a one-line error."""
+    from peft import PeftModel
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise UserError(f"no adapter in {adapter_dir}: train first, or give the folder a run saved its adapter in")
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir))
+    except RuntimeError as err:  # torch's size mismatch when loading the adapter's weights
+        raise UserError(f"the adapter in {adapter_dir} was trained on another base than {base_name}: "
+                        "set model.name to the base it was trained on") from err
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
