@@ -1,7 +1,8 @@
 """`nb-finetune`: the same configs and engine as the panels, headless.
 
-A problem the user can fix ends with one line on stderr and exit status 2 (no traceback);
-Ctrl-C stops training after the current step, keeps a checkpoint and exits with 130.
+Exit status: 0 done; 2 a problem the user can fix, said in one line on stderr (no traceback);
+3 the bias gate failed (a probe moved the wrong way beyond its threshold, see `probe:`);
+130 stopped by Ctrl-C, after the current step, with a checkpoint kept.
 """
 from __future__ import annotations
 
@@ -71,6 +72,15 @@ def _run(cfg) -> int:
     if len(session.eval_result.samples):
         print("\nsamples (base vs tuned):\n" + session.eval_result.samples.to_string(index=False))
     print(f"\nadapter, history and reports written to {session.output_dir}")
+    return gate_status(session.gate_result)
+
+
+def gate_status(result) -> int:
+    """3 when the bias gate failed, so a pipeline stops; 0 otherwise."""
+    from .probes.gate import EXIT_FAILED
+    if result is not None and result.failed:
+        print("bias gate failed: see bias_gate in report.json", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -124,6 +134,29 @@ def cmd_export_gguf(cfg, args) -> int:
     print(f"written: {result.gguf} and {result.modelfile}; run it with: "
           f"cd {result.folder} && ollama create {result.folder.name} -f Modelfile")
     return 0
+
+
+def cmd_probe(args) -> int:
+    """The bias probes on a saved run: its base and its adapter, report.json updated."""
+    import json
+
+    from .config import RunConfig, load_preset
+    cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
+    overrides = _parse_set(args.set)
+    cfg = cfg.with_overrides(overrides) if overrides else cfg
+    set_up_process(cfg)
+    from .pipeline import Session
+    session = Session(cfg, progress=print)
+    session.check_probes()
+    session.load_trained(args.adapter)
+    result = session.probe_bias()
+    print(result.summary())
+    report = session.output_dir / "report.json"
+    saved = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else session.report()
+    report.write_text(redact(json.dumps(saved | {"bias_gate": result.to_dict()}, indent=2, default=str)),
+                      encoding="utf-8")
+    print(f"bias_gate written to {report}")
+    return gate_status(result)
 
 
 def cmd_validate(args) -> int:
@@ -190,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder")
     e.set_defaults(func=cmd_export)
+    pr = sub.add_parser("probe", help="run the bias probes (probe: settings) on a saved run's base and adapter; "
+                                      "exit status 3 when the bias gate fails")
+    _add_config_source(pr)
+    pr.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
+    pr.set_defaults(func=cmd_probe)
     v = sub.add_parser("validate", help="check a config and its data without training")
     v.add_argument("--config", required=True)
     v.set_defaults(func=cmd_validate)

@@ -28,7 +28,8 @@ SUBCOMMANDS = {
     "model": "the model and hyperparameter panel",
     "train [--config FILE]": "the training panel (FILE: a YAML/JSON config to use first)",
     "evaluate": "the evaluation panel",
-    "probe [N]": "the bias probe panel (in a terminal: N built-in CrowS-Pairs pairs, base vs tuned)",
+    "probe [N|gate]": "the bias probe panel (in a terminal: N built-in CrowS-Pairs pairs, base vs tuned; "
+                      "gate: the config's probe: section checked against its thresholds)",
     "export": "the export panel",
     "config": "the current settings",
     "assets": "built-in models and data sets, cached or not",
@@ -242,11 +243,13 @@ class FinetuneMagics(Magics):
         return self._panel("EvalPanel") if self._has_widgets() else self.shared.session().evaluate()
 
     def _do_probe(self, rest):
+        if rest == ["gate"]:
+            return self._session().probe_bias()
         if not self._has_widgets():  # a terminal: the built-in CrowS-Pairs subset on base and tuned
             from .probes import likelihood, runner
             n = int(rest[0]) if rest and rest[0].isdigit() else 0
             if rest and not n:
-                raise UsageError("usage: %finetune probe [N]  (N: how many pairs, e.g. 200)")
+                raise UsageError("usage: %finetune probe [N|gate]  (N: how many pairs, e.g. 200)")
             session = self._session()
             if session.model is None:
                 session.load_model()

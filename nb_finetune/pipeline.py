@@ -19,6 +19,7 @@ from .data.collator import CompletionOnlyCollator
 from .data.formatter import Formatter
 from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame
 from .errors import UserError
+from .probes import gate
 from .redact import redact
 
 
@@ -34,6 +35,7 @@ class Session:
         self.memory_estimate: memory.MemoryEstimate | None = None
         self.peak_memory: int | None = None
         self.eval_result: evaluation.EvalResult | None = None
+        self.gate_result: gate.GateResult | None = None
         self.base_results = evaluation.BaseResults()  # the base model's results, shared with the panels
 
     def reconfigure(self, cfg: RunConfig, source_changed: bool = False) -> None:
@@ -57,7 +59,7 @@ class Session:
 
     def discard_training(self) -> None:
         """Forget the model and what was trained with it; the next stage loads a fresh base."""
-        self.model = self.train_result = self.eval_result = self.memory_estimate = None
+        self.model = self.train_result = self.eval_result = self.memory_estimate = self.gate_result = None
 
     def stages(self) -> list[tuple[str, bool]]:
         """Each stage of the job and whether the session has its result."""
@@ -212,6 +214,45 @@ class Session:
                                                kernels.wanted(self.cfg.train.cpu_kernels))
         return self.eval_result
 
+    def load_trained(self, adapter_dir: str | Path | None = None):
+        """The base with the adapter a run saved (default: output_dir/adapter), to probe or
+        evaluate a finished run again."""
+        if self.formatter is None:
+            self.tokenize()
+        adapter_dir = Path(adapter_dir or self.output_dir / "adapter")
+        self.progress(f"loading {self.cfg.model.name} with the adapter in {adapter_dir}")
+        base = modeling.load_base(self.cfg.model, self.objective, self.prep.labels, self.tokenizer.pad_token_id,
+                                  self.progress)
+        self.model = modeling.load_adapter(base, adapter_dir, self.cfg.model.name)
+        return self.model
+
+    def probe_names(self) -> list[str]:
+        """probe.probes, or the probes that fit this task and model."""
+        if self.formatter is None:
+            self.tokenize()
+        return self.cfg.probe.probes or gate.default_probes(self.prep.task, self.objective)
+
+    def check_probes(self) -> None:
+        """Before training, what would stop the probes after it: a text probe on a classification
+        head, or a pair set that cannot be fetched."""
+        names = self.probe_names()
+        if self.objective == "head" and set(names) - {"counterfactual"}:
+            raise UserError(f"probe.probes={names}: {self.cfg.model.name} is trained as a classification head, "
+                            "which writes no text; use probe.probes=['counterfactual']")
+        for name in names:
+            if name in gate.PAIR_SETS:
+                assets.data_path(gate.PAIR_SETS[name].split(":")[0], self.progress)
+
+    def probe_bias(self) -> gate.GateResult:
+        """The chosen probes on base and tuned, checked against the gate's thresholds."""
+        names = self.probe_names()
+        if self.model is None:
+            self.load_model()
+        self.gate_result = gate.run_gate(self.cfg.probe, names, self.model, self.tokenizer, self.formatter,
+                                         list(self.prep.labels), self.objective, self.precision, self.progress,
+                                         self.base_results, self.base_identity)
+        return self.gate_result
+
     # -- files -------------------------------------------------------------------------
     def write_outputs(self) -> Path:
         """Reports into output_dir, every text file passed through `redact` (no access tokens).
@@ -249,6 +290,7 @@ class Session:
             "memory": {"estimate_bytes": None if self.memory_estimate is None else self.memory_estimate.parts,
                        "peak_bytes": self.peak_memory, "device": hardware.device()},
             "test_metrics": None if ev is None else ev.metrics.reset_index().to_dict(orient="records"),
+            "bias_gate": None if self.gate_result is None else self.gate_result.to_dict(),
         }
 
 
@@ -257,6 +299,8 @@ def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progr
     session = Session(cfg, progress)
     session.prepare_data(source)
     session.tokenize()
+    if cfg.probe.probes:
+        session.check_probes()
     progress("data report:\n" + session.prep.report.summary())
     progress("tokenization (train): " + session.token_stats["train"].summary(cfg.train.max_length))
     session.load_model()
@@ -271,5 +315,7 @@ def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progr
     if not distributed.is_main():  # the test runs once, on the main process
         return session
     session.evaluate()
+    if cfg.probe.probes:
+        progress(session.probe_bias().summary())
     session.write_outputs()
     return session
