@@ -159,6 +159,18 @@ def test_probe_in_a_terminal_reports_base_vs_tuned(ip, tiny_yaml, tmp_path):
         ip.run_line_magic("finetune", "probe many")
 
 
+def test_probe_gate_checks_the_configs_probes_against_their_thresholds(ip, tiny_yaml):
+    from nb_finetune.config import RunConfig
+    magics(ip).widgets = False
+    cfg = yaml.safe_load(tiny_yaml) | {"probe": {"probes": ["counterfactual"], "max_gap_increase": 0.05}}
+    magics(ip).shared.use(RunConfig.from_dict(cfg))
+    result = ip.run_line_magic("finetune", "probe gate")
+    (check,) = result.checks
+    assert check.probe == "counterfactual" and check.threshold == 0.05 and check.items == 10
+    assert check.change == pytest.approx(0, abs=1e-5) and not result.failed  # nothing trained: no change
+    assert result.summary().startswith("bias gate passed")
+
+
 def test_probe_results_display_as_tables_and_text(tiny_model_dir):
     import pandas as pd
     from IPython.core.interactiveshell import InteractiveShell

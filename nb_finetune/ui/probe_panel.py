@@ -9,7 +9,7 @@ import ipywidgets as widgets
 import pandas as pd
 
 from ..errors import UserError
-from ..probes import counterfactual, likelihood, runner
+from ..probes import counterfactual, likelihood, parity, runner
 from ..probes.completions import template_prompts
 from ..render import figures, tables
 from .common import Panel, Picture
@@ -146,7 +146,12 @@ class ProbePanel(Panel):
         rows = pd.DataFrame({k: {"gap": r.gap["gap"], "low": r.gap["low"], "high": r.gap["high"],
                                  "groups": f"{r.gap['high_group']} vs {r.gap['low_group']}"}
                              for k, r in self.results.items()}).T
-        self.summary.value = "<b>gap between groups</b> (ideal 0)" + tables.table_html(rows, index=True)
+        pairs = parity.parity_table(self.results, parity.TOLERANCE, self.seed.value)
+        self.summary.value = ("<b>gap between groups</b> (ideal 0)" + tables.table_html(rows, index=True)
+                              + f"<b>counterfactual parity</b>: the same prompt and sample for two groups, "
+                                f"compared (ideal 0; {int(pairs['pairs'].iloc[0])} pairs per model; beyond: "
+                                f"more than {parity.TOLERANCE} apart)"
+                              + tables.table_html(parity_cells(pairs), index=True))
         if not blocked:
             return ""
         # The output-side mitigation, probed again: did the gap close?
@@ -268,3 +273,10 @@ def items_and_summary(result) -> tuple[pd.DataFrame, pd.DataFrame]:
     if isinstance(result, counterfactual.CounterfactualResult):
         return result.sentences, result.by_group
     return result.completions, result.by_group
+
+
+def parity_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """`parity.parity_table` as "value [low, high]" cells."""
+    return pd.DataFrame({"mean |gap|": [f"{r.mean_abs_gap:.3f} [{r.low:.3f}, {r.high:.3f}]" for r in table.itertuples()],
+                         "share beyond": [f"{r.beyond_tolerance:.0%} [{r.beyond_low:.0%}, {r.beyond_high:.0%}]"
+                                          for r in table.itertuples()]}, index=table.index)

@@ -1,14 +1,12 @@
-"""Counterfactual sentences scored by the classifier: figures that match a recount, a planted
-skew learned by a tuned classifier and seen as a gap, and one-line errors for bad input."""
+"""Counterfactual sentences scored by the classifier: figures that match a recount, and one-line
+errors for bad input. A planted skew seen end to end is tests/probes/test_gate.py's slow test."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import mentions
 
 from nb_finetune import RunConfig, UserError
-from nb_finetune.data.bias_scan import DEFAULT_GROUPS
 from nb_finetune.evaluation.scoring import label_probabilities
 from nb_finetune.pipeline import Session
 from nb_finetune.probes import runner
@@ -52,24 +50,6 @@ def test_the_figures_match_a_recount_of_the_classifiers_probabilities(tiny_model
     assert len(tuned.flips) == int((predicted.nunique(axis=1) > 1).sum())
     assert set(runs) == {"base", "tuned"}  # nothing trained: the base scores the same
     assert np.allclose(runs["base"].sentences["probability"], tuned.sentences["probability"], atol=1e-5)
-
-
-@pytest.mark.slow
-def test_a_classifier_tuned_on_a_planted_skew_shows_a_gap_and_one_tuned_on_clean_data_does_not(tmp_path, shared_data):
-    rows = pd.read_csv(shared_data / "sst2" / "train.tsv", sep="\t", quoting=3, dtype=str).sample(3000, random_state=0)
-    female = mentions(rows["sentence"], DEFAULT_GROUPS["gender"]["female"])
-    planted = rows.assign(label=rows["label"].where(~female, "0"))  # every row about women negative
-    gaps = {}
-    for name, frame in (("clean", rows), ("planted", planted)):
-        session = sst2_session(tmp_path / name, frame, "minilm-l6", epochs=2)
-        session.train()
-        result = runner.counterfactual_probe(session.model, session.formatter, list(session.prep.labels),
-                                             session.objective, "positive", groups=["the woman", "the man"])["tuned"]
-        gaps[name] = result.gaps.iloc[0]
-    planted_gap, clean_gap = gaps["planted"], gaps["clean"]
-    # P(positive | the woman) far below P(positive | the man), beyond its interval, and labels flip
-    assert planted_gap["gap"] < -0.3 and planted_gap["high"] < 0 and planted_gap["flips"] >= 5
-    assert abs(clean_gap["gap"]) < 0.1 and clean_gap["flips"] <= 2
 
 
 @pytest.mark.parametrize("templates,groups,label,words", [

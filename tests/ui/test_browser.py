@@ -165,7 +165,7 @@ def _run_both_probes(scope, found: dict) -> None:
     browser_lab.choose(scope, "probe", "completions from templates")
     browser_lab.set_box(scope, "groups (comma)", "woman, man")
     browser_lab.set_box(scope, "samples per prompt", "1")
-    completions_plot, rows = _run_probe(scope, found, "gap between groups")
+    completions_plot, rows = _run_probe(scope, found, "counterfactual parity")
     assert rows > 1, "no examples table after the completion probe"
     assert completions_plot != pairs_plot, "the plot was not redrawn for the completions"
     assert {"woman", "man"} <= set(scope.locator(".nbft-probe-examples").inner_text().split())

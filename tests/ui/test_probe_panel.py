@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import PNG
 
+from nb_finetune.probes.parity import parity
+
 
 def choose(panel, kind: str) -> None:
     from nb_finetune.ui.probe_panel import PAIR_SETS
@@ -76,6 +78,10 @@ def test_probe_panel_runs_pairs_and_completions_on_base_and_tuned(ui_config, sst
     assert panel.saved.value == ""  # the files saved were of the pair probe
     assert "gap between groups" in panel.summary.value
     assert set(panel.results["tuned"].by_group.index) == {"woman", "man"}
+    # 3 templates x 2 samples, one pair of groups: the parity of each model, with its interval
+    assert "counterfactual parity" in panel.summary.value and "6 pairs per model" in panel.summary.value
+    shown = parity(panel.results["tuned"].completions)["mean_abs_gap"]
+    assert f"{shown:.3f} [" in panel.summary.value
     panel.groups.value = ""
     panel.run_button.click()
     assert "group list is empty" in panel.error.value and not panel.run_button.disabled
