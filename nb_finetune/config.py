@@ -125,8 +125,8 @@ class TrainConfig:
                           choices=("auto", "off"))
     liger_kernel: str = _f("auto", "Liger Kernel's fused Triton kernels on a CUDA GPU (linear layer with "
                            "cross-entropy, RMSNorm, SwiGLU, RoPE; pip install liger-kernel): 'auto' uses them "
-                           "where installed and the model family is one benchmarks/gpu_check.py checks for equal "
-                           "loss; 'on' for any family Liger supports; 'off' never. Without a GPU, Triton or "
+                           "where installed and a GPU run of benchmarks/gpu_check.py measured equal loss for the "
+                           "model family (none yet); 'on' for any family Liger supports; 'off' never. Without a GPU, Triton or "
                            "support for the model, training falls back to transformers' layers with a note.",
                            choices=("auto", "on", "off"))
     cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "

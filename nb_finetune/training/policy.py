@@ -32,9 +32,8 @@ def optimizer_and_checkpointing(cfg: TrainConfig, quantized: bool) -> tuple[str,
     return optim, checkpointing
 
 
-# Model families whose loss with Liger's kernels benchmarks/gpu_check.py compares with
-# transformers' own layers; 'auto' turns Liger on for these only.
-LIGER_CHECKED = ("llama",)
+# 'auto' uses Liger only for families a GPU run of benchmarks/gpu_check.py measured at equal loss.
+LIGER_MEASURED: tuple[str, ...] = ()
 
 
 def liger_supported_types() -> tuple[set, str]:
@@ -54,11 +53,12 @@ def use_liger(cfg: TrainConfig, model_type: str) -> tuple[bool, str]:
     ok, why = hardware.liger_available()
     if ok:
         supported, why = liger_supported_types()
-        wanted = supported if cfg.liger_kernel == "on" else supported & set(LIGER_CHECKED)
+        wanted = supported if cfg.liger_kernel == "on" else supported & set(LIGER_MEASURED)
         if model_type in wanted:
             return True, f"Liger Kernel: fused linear + cross-entropy, RMSNorm, SwiGLU and RoPE for {model_type}"
         why = why or (f"model type {model_type!r} is not one Liger supports" if model_type not in supported else
-                      f"model type {model_type!r} is not yet checked for equal loss (train.liger_kernel: on forces it)")
+                      f"model type {model_type!r} has no GPU measurement of equal loss yet "
+                      "(benchmarks/gpu_check.py; train.liger_kernel: on forces it)")
     return False, f"Liger Kernel off: {why}; training with transformers' own layers"
 
 
