@@ -167,10 +167,9 @@ def oom_rescue(cfg: TrainConfig, quantized: bool) -> tuple[TrainConfig, str] | N
         half = cfg.batch_size // 2
         # effective_batch, when set, derives the accumulation from the new batch size itself
         accum = cfg.grad_accum if cfg.effective_batch else cfg.grad_accum * cfg.batch_size // half
-        return (dataclasses.replace(cfg, batch_size=half, grad_accum=accum),
-                f"out of GPU memory at batch_size {cfg.batch_size}: retrying with batch_size {half} and "
-                f"{accumulation(dataclasses.replace(cfg, batch_size=half, grad_accum=accum))} passes per step "
-                "(the same effective batch)")
+        smaller = dataclasses.replace(cfg, batch_size=half, grad_accum=accum)
+        return smaller, (f"out of GPU memory at batch_size {cfg.batch_size}: retrying with batch_size {half} and "
+                         f"{accumulation(smaller)} passes per step (the same effective batch)")
     if not optimizer_and_checkpointing(cfg, quantized)[1]:
         return (dataclasses.replace(cfg, gradient_checkpointing="yes"),
                 "out of GPU memory at batch_size 1: retrying with gradient checkpointing (activations recomputed "

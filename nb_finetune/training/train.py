@@ -88,6 +88,7 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
 
 
 def decide_setup(model, train_ds, cfg: TrainConfig, precision: str, quantized: bool, say) -> Setup:
+    """The speed-ups this run uses (Liger Kernel, padding-free batches), each said when used or refused."""
     liger, liger_note = use_liger(cfg, getattr(getattr(model, "config", None), "model_type", ""))
     causal_lm = len(train_ds) == 0 or per_token([train_ds[0]])
     padding_free, padding_note = use_padding_free(cfg, model, causal_lm)
