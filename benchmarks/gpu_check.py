@@ -184,6 +184,7 @@ def child(spec: dict) -> dict:
     if spec["trainer"] != "trl":
         from nb_finetune.training.policy import use_liger
         out["liger"] = use_liger(s.cfg.train, "llama")[0]  # both models are llamas
+        out["padding share"] = {k: round(v, 4) for k, v in s.train_result.padding.shares().items()}
     if spec["model"] == "quality":
         loss, _ = completion_loss(model, s.datasets["validation"], s.collator, 8, dtype_for(spec))
         out["val loss"] = round(loss, 4)
