@@ -5,8 +5,9 @@ process (so each peak is its own), side by side in one run:
 
 - "t4": fp16 forced and the process capped at 15 GiB (torch.cuda.set_per_process_memory_fraction),
   standing in for a T4 on whatever GPU is lent; "native": the GPU's own bf16 (fp16 without it).
-- quality: SmolLM2-135M-Instruct, QLoRA 4-bit, on BoolQ: validation loss, with Liger Kernel
-  (train.liger_kernel auto, where installed) and without it.
+- quality: SmolLM2-135M-Instruct, QLoRA 4-bit, on BoolQ: validation loss, ours as configured
+  by default and ours with Liger Kernel forced on (train.liger_kernel: on), the measurement that
+  decides whether 'auto' may turn it on for llama (training.policy.LIGER_MEASURED).
 - scale: a 1.7B llama built from SmolLM2-1.7B's config with random weights (speed and memory do
   not depend on the weights), QLoRA 4-bit, rows of exactly --seq tokens: tokens/s and the peak
   torch.cuda.max_memory_allocated.
@@ -91,7 +92,7 @@ def run_config(spec: dict):
             "train.learning_rate": LR, "train.seed": SEED, "train.eval_steps": 10**6, "train.save_steps": 10**6,
             "train.logging_steps": 1, "train.warmup_ratio": 0.0, "train.output_dir": spec["output"],
             "train.batch_size": spec["batch"], "train.grad_accum": spec["accum"], "train.max_length": spec["seq"],
-            "train.liger_kernel": "off" if spec["trainer"] == "ours, no Liger" else "auto"}
+            "train.liger_kernel": "on" if spec["trainer"] == "ours + Liger" else "auto"}
     if spec["model"] == "quality":
         # Small: the script's own check only, so the random 2-layer llama stands in here too.
         over |= {"data.max_rows": 1200} if not small else {"data.max_rows": 120, "model.name": spec["model_dir"]}
@@ -183,6 +184,7 @@ def child(spec: dict) -> dict:
     if spec["trainer"] != "trl":
         from nb_finetune.training.policy import use_liger
         out["liger"] = use_liger(s.cfg.train, "llama")[0]  # both models are llamas
+        out["padding share"] = {k: round(v, 4) for k, v in s.train_result.padding.shares().items()}
     if spec["model"] == "quality":
         loss, _ = completion_loss(model, s.datasets["validation"], s.collator, 8, dtype_for(spec))
         out["val loss"] = round(loss, 4)
@@ -208,8 +210,8 @@ def plan(args, model_dir: str) -> list[dict]:
     runs = []
     for precision in precisions:
         for model in [m for m in models if args.only in ("", m)]:
-            # Liger Kernel is on by default only where its loss equals transformers' own: compare here.
-            for trainer in ("ours", "ours, no Liger", "trl") if not small and model == "quality" else ("ours", "trl"):
+            # Liger Kernel goes on by default only once its loss is measured equal to transformers' own.
+            for trainer in ("ours", "ours + Liger", "trl") if not small else ("ours", "trl"):
                 runs.append(dict(models[model], precision=precision, model=model, trainer=trainer,
                                  steps=args.steps, model_dir=model_dir,
                                  output=f"{args.output}/{precision}-{model}-{trainer}"))

@@ -119,14 +119,20 @@ class TrainConfig:
     packing: bool = _f(False, "Pack several short training rows into each row of up to max_length tokens, each "
                        "attending only to itself: less padding, more rows per step, fewer steps per epoch. "
                        "Causal-LM objectives only.")
+    padding_free: str = _f("auto", "Padding-free batches: each training batch's rows concatenated into one row, "
+                           "position ids restarting at each row and attention kept inside each row, so no padding "
+                           "token is computed. 'auto': on where training runs on a CUDA GPU; 'on' there and on a "
+                           "CPU; 'off' pads each batch to its longest row. Causal-LM objectives, and attention "
+                           "implementations sdpa, eager, flex_attention or flash_attention_2/3 (docs/speed.md).",
+                           choices=("auto", "on", "off"))
     cpu_kernels: str = _f("auto", "Speed kernels for training on a CPU (LoRA layer, dropout, short-row attention, "
                           "a loss that keeps no logits, allocator settings): 'auto' uses them where training "
                           "runs on the CPU; 'off' runs peft's own layers and transformers' own loss.",
                           choices=("auto", "off"))
     liger_kernel: str = _f("auto", "Liger Kernel's fused Triton kernels on a CUDA GPU (linear layer with "
                            "cross-entropy, RMSNorm, SwiGLU, RoPE; pip install liger-kernel): 'auto' uses them "
-                           "where installed and the model family is one benchmarks/gpu_check.py checks for equal "
-                           "loss; 'on' for any family Liger supports; 'off' never. Without a GPU, Triton or "
+                           "where installed and a GPU run of benchmarks/gpu_check.py measured equal loss for the "
+                           "model family (none yet); 'on' for any family Liger supports; 'off' never. Without a GPU, Triton or "
                            "support for the model, training falls back to transformers' layers with a note.",
                            choices=("auto", "on", "off"))
     cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "

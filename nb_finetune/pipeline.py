@@ -21,6 +21,7 @@ from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame
 from .errors import UserError
 from .probes import gate
 from .redact import redact
+from .training.policy import PADDING_FREE_NEEDS_CAUSAL_LM
 
 
 class Session:
@@ -122,6 +123,8 @@ class Session:
             raise UserError("a classification head needs data.task='classification'")
         if self.objective == "head" and t.packing:
             raise UserError(PACKING_NEEDS_CAUSAL_LM)  # before loading the model, not when packing
+        if self.objective == "head" and t.padding_free == "on":
+            raise UserError(PADDING_FREE_NEEDS_CAUSAL_LM)
         self.formatter = Formatter.build(self.tokenizer, self.prep.task, self.prep.labels, t.max_length,
                                          m.chat_template, self.prep.config.instruction)
         head_labels = {lab: i for i, lab in enumerate(self.prep.labels)} if self.objective == "head" else None
@@ -195,6 +198,7 @@ class Session:
         self.train_result = training.train(self.model, train_ds, self.datasets["validation"],
                                          self.collator, t, callbacks, stop, self.precision, self.tokenizer, info,
                                          quantized=self.cfg.model.quantization != "none", say=self.progress)
+        self.progress(self.train_result.padding.summary())
         self.peak_memory = memory.measured_peak()
         if self.memory_estimate is not None:
             self.progress(f"peak memory measured: {self.peak_memory / 2**30:.2f} GiB "
@@ -286,7 +290,8 @@ class Session:
             "tokenization": {k: {f: getattr(v, f) for f in counts} for k, v in self.token_stats.items()},
             "training": None if tr is None else {
                 "steps": tr.global_step, "seconds": round(tr.seconds, 1), "stopped": tr.stopped,
-                "early_stopped": tr.early_stopped, "adapter": str(tr.adapter_dir)},
+                "early_stopped": tr.early_stopped, "adapter": str(tr.adapter_dir),
+                "padding_share": tr.padding.shares()},
             "memory": {"estimate_bytes": None if self.memory_estimate is None else self.memory_estimate.parts,
                        "peak_bytes": self.peak_memory, "device": hardware.device()},
             "test_metrics": None if ev is None else ev.metrics.reset_index().to_dict(orient="records"),

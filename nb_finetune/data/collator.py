@@ -2,7 +2,7 @@
 row's tokens and of a batch's padding."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -12,26 +12,66 @@ from .formatter import IGNORE, Formatter
 
 
 @dataclass
+class PaddingTally:
+    """The tokens of the batches a collator built: the rows' own, what padding each batch to its
+    longest row would make of them, and what the batches held as built."""
+    tokens: int = 0
+    padded: int = 0
+    built: int = 0
+
+    def add(self, tokens: int, padded: int, built: int) -> None:
+        self.tokens, self.padded, self.built = self.tokens + tokens, self.padded + padded, self.built + built
+
+    def shares(self) -> dict:
+        """Padding tokens / all tokens in the batches, padded ('before') and as built ('after')."""
+        return {"batches_padded": 1 - self.tokens / self.padded if self.padded else 0.0,
+                "as_built": 1 - self.tokens / self.built if self.built else 0.0}
+
+    def summary(self) -> str:
+        shares = self.shares()
+        return (f"padding share of the training batches: {shares['batches_padded']:.1%} padded to each batch's "
+                f"longest row, {shares['as_built']:.1%} as trained ({self.tokens:,} tokens of rows)")
+
+
+@dataclass
 class CompletionOnlyCollator:
     """Pads a batch dynamically (to its longest row, rounded up to `pad_to_multiple_of`).
 
     Labels arrive already masked by `Formatter.encode` (prompt = -100); padding gets -100
     by position. Sequence-classification rows (int labels) pass
     through with their class index.
+
+    With `flatten` (padding-free batches), a causal-LM batch that padding would grow becomes one
+    row: the rows end to end with position ids restarting at each (see `flattened`). With a
+    `tally`, every batch built is counted there (its padding share).
     """
     pad_token_id: int
     pad_to_multiple_of: int | None = 8
     padding_side: str = "right"
+    flatten: bool = False
+    tally: PaddingTally | None = field(default=None, repr=False, compare=False)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = self.width(features)
+        tokens = sum(len(f["input_ids"]) for f in features)
+        # A batch with no padding to save is left as it is: one long row gains it nothing.
+        batch = self.flattened(features) if self.flatten and per_token(features) and tokens < width * len(features) \
+            else self.padded(features, width)
+        if self.tally is not None:
+            self.tally.add(tokens, width * len(features), batch["input_ids"].numel())
+        return batch
+
+    def width(self, features: list[dict]) -> int:
         longest = max(len(f["input_ids"]) for f in features)
         m = self.pad_to_multiple_of
-        width = -(-longest // m) * m if m else longest  # ceil to a multiple of m
+        return -(-longest // m) * m if m else longest  # ceil to a multiple of m
+
+    def padded(self, features: list[dict], width: int) -> dict[str, torch.Tensor]:
         n = len(features)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((n, width), dtype=torch.long)
-        per_token = not isinstance(features[0]["labels"], (int, np.integer))
-        labels = torch.full((n, width), IGNORE, dtype=torch.long) if per_token else \
+        token_labels = per_token(features)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long) if token_labels else \
             torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
         packed = "position_ids" in features[0]
         if packed:
@@ -42,7 +82,7 @@ class CompletionOnlyCollator:
             cols = slice(0, k) if self.padding_side == "right" else slice(width - k, width)
             input_ids[i, cols] = torch.as_tensor(f["input_ids"])
             attention[i, cols] = 1
-            if per_token:
+            if token_labels:
                 labels[i, cols] = torch.as_tensor(f["labels"])
             if packed:
                 pads = slice(k, width) if self.padding_side == "right" else slice(0, width - k)
@@ -54,6 +94,27 @@ class CompletionOnlyCollator:
             # without it (training.trainer), or the packed rows would see each other.
             batch["position_ids"] = positions
         return batch
+
+    @staticmethod
+    def flattened(features: list[dict]) -> dict[str, torch.Tensor]:
+        """The batch as one row of all its tokens (transformers' DataCollatorWithFlattening layout):
+        position ids restart at 0 for each row (a packed row keeps its own), from which the model
+        keeps each row's attention to itself (training.trainer passes no attention mask). Each
+        row's first label is not trained: it would be predicted from the row before; padded, it
+        is never predicted either."""
+        ids, labels, positions = [], [], []
+        for f in features:
+            ids += list(f["input_ids"])
+            labels += [IGNORE, *list(f["labels"])[1:]]
+            positions += list(f.get("position_ids", range(len(f["input_ids"]))))
+        # attention_mask counts the real tokens (all of them), as for packed rows.
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+                "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
+
+
+def per_token(features: list[dict]) -> bool:
+    """Whether the rows carry a label per token (a causal LM), not one class index each (a head)."""
+    return not isinstance(features[0]["labels"], (int, np.integer))
 
 
 def trained_positions(labels):

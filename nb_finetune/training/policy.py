@@ -32,9 +32,8 @@ def optimizer_and_checkpointing(cfg: TrainConfig, quantized: bool) -> tuple[str,
     return optim, checkpointing
 
 
-# Model families whose loss with Liger's kernels benchmarks/gpu_check.py compares with
-# transformers' own layers; 'auto' turns Liger on for these only.
-LIGER_CHECKED = ("llama",)
+# 'auto' uses Liger only for families a GPU run of benchmarks/gpu_check.py measured at equal loss.
+LIGER_MEASURED: tuple[str, ...] = ()
 
 
 def liger_supported_types() -> tuple[set, str]:
@@ -54,12 +53,57 @@ def use_liger(cfg: TrainConfig, model_type: str) -> tuple[bool, str]:
     ok, why = hardware.liger_available()
     if ok:
         supported, why = liger_supported_types()
-        wanted = supported if cfg.liger_kernel == "on" else supported & set(LIGER_CHECKED)
+        wanted = supported if cfg.liger_kernel == "on" else supported & set(LIGER_MEASURED)
         if model_type in wanted:
             return True, f"Liger Kernel: fused linear + cross-entropy, RMSNorm, SwiGLU and RoPE for {model_type}"
         why = why or (f"model type {model_type!r} is not one Liger supports" if model_type not in supported else
-                      f"model type {model_type!r} is not yet checked for equal loss (train.liger_kernel: on forces it)")
+                      f"model type {model_type!r} has no GPU measurement of equal loss yet "
+                      "(benchmarks/gpu_check.py; train.liger_kernel: on forces it)")
     return False, f"Liger Kernel off: {why}; training with transformers' own layers"
+
+
+# How each attention implementation keeps a padding-free row's rows apart, given position ids
+# that restart and no attention mask (transformers 5.x, masking_utils and flash-attention utils).
+PACKED_ATTENTION = {
+    "flash_attention_2": "flash-attention's varlen kernel (sequence bounds from the position ids)",
+    "flash_attention_3": "flash-attention's varlen kernel (sequence bounds from the position ids)",
+    "sdpa": "SDPA with a block-diagonal mask built from the position ids",
+    "eager": "a block-diagonal mask built from the position ids",
+    "flex_attention": "flex attention with a block mask built from the position ids",
+}
+PADDING_FREE_NEEDS_CAUSAL_LM = ("train.padding_free: on needs a causal-LM objective: a classification head "
+                                "reads one row per input; set train.padding_free to auto or off")
+
+
+def builds_masks_from_positions(model) -> bool:
+    """Whether the model builds its attention mask with transformers' masking utilities, which
+    read restarting position ids as separate sequences (older model code would mix the rows)."""
+    import sys
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(sys.modules.get(type(base).__module__), "create_causal_mask")
+
+
+def use_padding_free(cfg: TrainConfig, model, causal_lm: bool) -> tuple[bool, str]:
+    """Whether training batches go padding-free (data.collator.CompletionOnlyCollator.flattened),
+    and one line saying how attention stays inside each row, or why not. 'on' refuses what
+    cannot keep the rows apart rather than train them mixed."""
+    if cfg.padding_free == "off" or (cfg.padding_free == "auto" and not hardware.cuda_available()):
+        return False, ""
+    if not causal_lm:
+        if cfg.padding_free == "on":
+            raise UserError(PADDING_FREE_NEEDS_CAUSAL_LM)
+        return False, ""
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    how = PACKED_ATTENTION.get(attention) if builds_masks_from_positions(model) else None
+    if how is None:
+        why = (f"padding-free batches need a model that builds its masks with transformers' masking utilities and "
+               f"one of the attention implementations {', '.join(PACKED_ATTENTION)}; this "
+               f"{getattr(config, 'model_type', 'model')} uses {attention!r}")
+        if cfg.padding_free == "on":
+            raise UserError(f"train.padding_free: on: {why}; set train.padding_free to auto or off")
+        return False, f"{why}: padding each batch instead"
+    return True, f"padding-free batches: each batch's rows in one row, attention kept inside each row by {how}"
 
 
 def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool, quantized: bool = False,
@@ -123,10 +167,9 @@ def oom_rescue(cfg: TrainConfig, quantized: bool) -> tuple[TrainConfig, str] | N
         half = cfg.batch_size // 2
         # effective_batch, when set, derives the accumulation from the new batch size itself
         accum = cfg.grad_accum if cfg.effective_batch else cfg.grad_accum * cfg.batch_size // half
-        return (dataclasses.replace(cfg, batch_size=half, grad_accum=accum),
-                f"out of GPU memory at batch_size {cfg.batch_size}: retrying with batch_size {half} and "
-                f"{accumulation(dataclasses.replace(cfg, batch_size=half, grad_accum=accum))} passes per step "
-                "(the same effective batch)")
+        smaller = dataclasses.replace(cfg, batch_size=half, grad_accum=accum)
+        return smaller, (f"out of GPU memory at batch_size {cfg.batch_size}: retrying with batch_size {half} and "
+                         f"{accumulation(smaller)} passes per step (the same effective batch)")
     if not optimizer_and_checkpointing(cfg, quantized)[1]:
         return (dataclasses.replace(cfg, gradient_checkpointing="yes"),
                 "out of GPU memory at batch_size 1: retrying with gradient checkpointing (activations recomputed "

@@ -49,7 +49,8 @@ def start_line(info: dict) -> str:
     return (f"training: {info['max_steps']} steps, {info['train_rows']:,} rows, effective batch "
             f"{info['effective_batch']} ({info['batch_size']} per process x {info['processes']} "
             f"process(es) x {info['grad_accum']} accumulation), {info['trainable']:,} trainable parameters, "
-            f"precision {info['precision']}" + (f"; {info['kernels']}" if info.get("kernels") else ""))
+            f"precision {info['precision']}" + ("; padding-free batches" if info.get("padding_free") else "")
+            + (f"; {info['kernels']}" if info.get("kernels") else ""))
 
 
 class ConsoleProgress(Callback):

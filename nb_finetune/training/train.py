@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .. import distributed, kernels
 from ..config import TrainConfig
+from ..data.collator import PaddingTally, per_token
 from ..errors import UserError
 from ..modeling import keeps_logits_selectively
 from .diagnosis import diagnose
@@ -30,6 +31,7 @@ from .policy import (
     oom_rescue,
     training_arguments,
     use_liger,
+    use_padding_free,
 )
 from .trainer import EventBridge, SafeTrainer, predicted_ids, token_accuracy
 
@@ -43,6 +45,7 @@ class TrainResult:
     last_checkpoint: Path | None
     global_step: int
     seconds: float
+    padding: PaddingTally = field(default_factory=PaddingTally)  # the training batches' padding
 
     def _repr_html_(self) -> str:
         from ..render import html
@@ -53,44 +56,60 @@ class TrainResult:
         p.text(html.train_result_text(self, diagnose(self.history)))
 
 
+@dataclass(frozen=True)
+class Setup:
+    """How a run computes, decided once before its first try."""
+    precision: str
+    quantized: bool = False  # the base is 4- or 8-bit
+    liger: bool = False  # Liger Kernel's layers and loss (policy.use_liger)
+    padding_free: bool = False  # training batches flattened into one row (policy.use_padding_free)
+
+
 def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), stop: threading.Event | None = None,
           precision: str = "float32", tokenizer=None, info: dict | None = None, quantized: bool = False,
           say=None) -> TrainResult:
     """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter.
     The history is written to cfg.output_dir/history.csv however training ends. `say` gets a
-    line for each change made to rescue a run that ran out of GPU memory."""
+    line for each speed-up used or refused and each change made to rescue a run that ran out
+    of GPU memory."""
     check_disk(model, cfg)
     # Only the main process reports: one console, one history, one set of files.
     callbacks = list(callbacks) if distributed.is_main() else []
     bridge = EventBridge(callbacks, stop, cfg.early_stopping_patience, dict(info or {}))
     say = say or (lambda line: None)
-    liger, note = use_liger(cfg, getattr(getattr(model, "config", None), "model_type", ""))
-    if note:
-        say(note)
-    bridge.info["liger_kernel"] = liger
+    setup = decide_setup(model, train_ds, cfg, precision, quantized, say)
+    bridge.info.update(liger_kernel=setup.liger, padding_free=setup.padding_free)
     start = time.perf_counter()
     try:
-        trainer = train_with_rescue(model, (train_ds, val_ds), collator, cfg, (precision, quantized, liger), bridge,
-                                    say)
+        trainer = train_with_rescue(model, (train_ds, val_ds), collator, cfg, setup, bridge, say)
     finally:
         write_history(bridge.history, cfg)
     return finish(trainer, bridge, cfg, tokenizer, callbacks, time.perf_counter() - start, precision)
 
 
-def train_with_rescue(model, datasets, collator, cfg: TrainConfig, setup: tuple[str, bool, bool],
-                      bridge: EventBridge, say) -> SafeTrainer:
+def decide_setup(model, train_ds, cfg: TrainConfig, precision: str, quantized: bool, say) -> Setup:
+    """The speed-ups this run uses (Liger Kernel, padding-free batches), each said when used or refused."""
+    liger, liger_note = use_liger(cfg, getattr(getattr(model, "config", None), "model_type", ""))
+    causal_lm = len(train_ds) == 0 or per_token([train_ds[0]])
+    padding_free, padding_note = use_padding_free(cfg, model, causal_lm)
+    for note in (liger_note, padding_note):
+        if note:
+            say(note)
+    return Setup(precision, quantized, liger, padding_free)
+
+
+def train_with_rescue(model, datasets, collator, cfg: TrainConfig, setup: Setup, bridge: EventBridge,
+                      say) -> SafeTrainer:
     """Train; on running out of GPU memory before the first optimizer step, try again smaller
-    (policy.oom_rescue) until it fits or nothing is left to try. `setup`: precision, whether the
-    base is quantized, whether Liger Kernel is used."""
-    precision, quantized, _ = setup
+    (policy.oom_rescue) until it fits or nothing is left to try."""
     while True:
         trainer = make_trainer(model, *datasets, collator, cfg, setup, bridge)
         try:
-            run(trainer, model, cfg, precision, bridge)
+            run(trainer, model, cfg, setup.precision, bridge)
             return trainer
         except RuntimeError as err:  # torch.OutOfMemoryError is one
             # Past the first optimizer step the weights have moved: a restart would not be the same run.
-            rescue = oom_rescue(cfg, quantized) if is_gpu_oom(err) and trainer.state.global_step == 0 else None
+            rescue = oom_rescue(cfg, setup.quantized) if is_gpu_oom(err) and trainer.state.global_step == 0 else None
             if rescue is None:
                 if is_oom(err):
                     raise UserError(oom_advice(cfg)) from None
@@ -127,18 +146,19 @@ def release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, setup: tuple[str, bool, bool],
+def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, setup: Setup,
                  bridge: EventBridge) -> SafeTrainer:
-    precision, quantized, liger = setup
-    args = training_arguments(cfg, precision, has_eval=val_ds is not None and len(val_ds) > 0, quantized=quantized,
-                              liger=liger)
+    args = training_arguments(cfg, setup.precision, has_eval=val_ds is not None and len(val_ds) > 0,
+                              quantized=setup.quantized, liger=setup.liger)
     trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds,
                           eval_dataset=val_ds if args.eval_strategy != "no" else None,
                           data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
                           preprocess_logits_for_metrics=predicted_ids)
     # Liger's fused linear + cross-entropy keeps no logits already, and its forward takes
     # `logits_to_keep` as a count or slice, not our mask of positions.
-    trainer.trained_logits_only = keeps_logits_selectively(model) and not liger
+    trainer.trained_logits_only = keeps_logits_selectively(model) and not setup.liger
+    # Each try counts its own training batches; validation batches stay padded.
+    trainer.train_collator = replace(collator, flatten=setup.padding_free, tally=PaddingTally())
     trainer.drop_printers()
     return trainer
 
@@ -168,7 +188,7 @@ def finish(trainer: SafeTrainer, bridge: EventBridge, cfg: TrainConfig, tokenize
     if tokenizer is not None and distributed.is_main():
         tokenizer.save_pretrained(str(adapter_dir))
     result = TrainResult(bridge.history, bridge.stopped, bridge.early_stopped, adapter_dir,
-                         Path(last) if last else None, trainer.state.global_step, seconds)
+                         Path(last) if last else None, trainer.state.global_step, seconds, trainer.train_collator.tally)
     for cb in callbacks:
         cb.on_train_end(result)
     return result

@@ -132,7 +132,8 @@ class SafeTrainer(Trainer):
     """Writes each checkpoint under a temporary name and renames it once complete, so a
     process killed mid-save never leaves a `checkpoint-N` that resume would load.
 
-    Packed batches (train.packing) reach the model with position_ids and no attention mask.
+    Packed rows (train.packing) and padding-free batches (train.padding_free) reach the model
+    with position_ids and no attention mask.
 
     With `trained_logits_only`, training computes the vocabulary projection and the loss at
     the positions that predict a trained token only. The prompt's positions have no loss, so
@@ -148,12 +149,23 @@ class SafeTrainer(Trainer):
     staging: str | None = None
     trained_logits_only = False
     fused_loss = None
+    train_collator = None  # the training batches' own collator (padding-free, counting), where set
+
+    def get_train_dataloader(self):
+        """The training batches from `train_collator` where one is set; validation keeps the
+        shared `data_collator`."""
+        shared = self.data_collator
+        self.data_collator = self.train_collator or shared
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = shared
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "position_ids" in inputs:
-            # Packed rows (data.tokens.pack): without an attention mask and without a cache,
-            # transformers builds the block-diagonal causal mask from the position_ids, so
-            # each original row sees only itself. The mask has served to count tokens.
+            # Packed or flattened rows (data.tokens.pack, CompletionOnlyCollator.flattened): without an
+            # attention mask and a cache, transformers keeps each original row's attention to itself
+            # from the position_ids (training.policy.PACKED_ATTENTION). The mask has served to count tokens.
             inputs = {k: v for k, v in inputs.items() if k != "attention_mask"} | {"use_cache": False}
         labels = inputs.get("labels")
         if not (self.trained_logits_only and labels is not None and labels.dim() == 2):

@@ -88,14 +88,19 @@ def test_liger_falls_back_with_one_line_on_this_machine_or_without_triton_or_sup
 
 
 def test_liger_follows_its_own_table_of_models(monkeypatch):
-    """With Liger importable on a GPU: 'auto' for the families the benchmark checks, 'on' for any it
-    supports, a note for the rest; a copy that does not import falls back too."""
+    """With Liger importable on a GPU: 'auto' only for the families a GPU benchmark measured at equal
+    loss (none yet), 'on' for any it supports, a note for the rest; a copy that does not import falls
+    back too."""
     from nb_finetune.training import policy
     monkeypatch.setattr(hardware, "liger_available", lambda: (True, ""))
     monkeypatch.setattr(policy, "liger_supported_types", lambda: ({"llama", "qwen2"}, ""))
+    assert policy.LIGER_MEASURED == ()
+    used, note = policy.use_liger(TrainConfig(), "llama")
+    assert not used and "'llama' has no GPU measurement of equal loss yet" in note and "\n" not in note
+    assert policy.use_liger(TrainConfig(liger_kernel="on"), "llama")[0]
+    monkeypatch.setattr(policy, "LIGER_MEASURED", ("llama",))
     assert policy.use_liger(TrainConfig(), "llama")[0]
-    used, note = policy.use_liger(TrainConfig(), "qwen2")
-    assert not used and "not yet checked for equal loss" in note
+    assert not policy.use_liger(TrainConfig(), "qwen2")[0]
     assert policy.use_liger(TrainConfig(liger_kernel="on"), "qwen2")[0]
     used, note = policy.use_liger(TrainConfig(liger_kernel="on"), "bert")
     assert not used and "'bert' is not one Liger supports" in note
