@@ -85,7 +85,7 @@ def write_folder(model, tokenizer, staging: Path, quant: str, name: str, progres
     shutil.rmtree(model_dir)
     mf = staging / "Modelfile"
     mf.write_text(modelfile.modelfile(tokenizer, context=min(4096, model.config.max_position_embeddings)))
-    progress("checking the GGUF: reading it back with transformers in another process")
+    progress(f"checking the GGUF: reading it back with {' and '.join(roundtrip.readers())} in other processes")
     check = roundtrip.verify(model, tokenizer, gguf_path, quant)
     if not check.ok:
         raise UserError(f"the GGUF does not match the merged model, nothing was written: {check.summary()}")
