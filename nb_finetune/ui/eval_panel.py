@@ -118,8 +118,9 @@ class EvalPanel(Panel):
 
     @staticmethod
     def answer_box(name: str) -> widgets.HTML:
-        # A Layout each: one shared Layout is hidden with either box.
-        box = widgets.HTML(f"<b>{name}</b>", layout=widgets.Layout(width="50%", height="12em",
+        # A Layout each: one shared Layout is hidden with either box. A fixed `height` lets the
+        # panel's flex column shrink the boxes to nothing; equal min and max heights hold.
+        box = widgets.HTML(f"<b>{name}</b>", layout=widgets.Layout(width="50%", min_height="12em", max_height="12em",
                                                                    overflow="auto", border="1px solid #ddd",
                                                                    padding="4px", margin="2px"))
         box.add_class(f"nbft-chat-{name}")

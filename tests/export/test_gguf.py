@@ -152,6 +152,15 @@ def test_merge_says_another_base_in_one_line(smollm2_dir, tiny_model_dir, tiny_a
     assert f"the adapter says it was trained on {tiny_model_dir}" in " ".join(said)
 
 
+def test_merging_a_4bit_base_says_it_dequantizes(tiny_model_dir, tiny_adapter):
+    cfg = config_for(tiny_model_dir)
+    cfg.model.quantization = "4bit"
+    said = []
+    merged, _ = merge(cfg, tiny_adapter, progress=said.append)
+    assert "dequantized full-precision copy" in " ".join(said)
+    assert merged.dtype == torch.float32 and not getattr(merged, "is_loaded_in_4bit", False)
+
+
 def test_file_too_large_for_the_disk_is_refused_before_loading(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
     """The one place the export reads free space is told the disk is nearly full."""
     monkeypatch.setattr(gguf_export.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))

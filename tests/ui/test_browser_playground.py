@@ -49,6 +49,7 @@ def test_playground_streams_both_answers(lab, smollm2_dir, shared_data):
             for box in [*boxes.values(), message.bounding_box()]:
                 assert 0 <= box["y"] and box["y"] + box["height"] <= view["height"], (box, view)
             assert boxes["base"]["y"] == boxes["tuned"]["y"] and boxes["base"]["x"] < boxes["tuned"]["x"]
+            assert min(box["height"] for box in boxes.values()) > 100, boxes  # a few lines tall, not collapsed
             # Several growing texts seen for each answer: streamed, not shown at once when done.
             for name, texts in seen.items():
                 assert len(texts - {""}) >= 3, (name, texts)
