@@ -145,6 +145,16 @@ def open_notebook(page, lab: Lab, name: str) -> None:
                            "?.getAttribute('data-status') === 'idle'", timeout=90_000)
 
 
+def open_page(playwright, lab: Lab, nb: dict, viewport=(1400, 1000)):
+    """(browser, page): `nb` saved as notebook.ipynb under the lab's root and open in a page, its
+    kernel idle and nothing run yet."""
+    (lab.root / "notebook.ipynb").write_text(json.dumps(nb))
+    browser = launch(playwright)
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    open_notebook(page, lab, "notebook.ipynb")
+    return browser, page
+
+
 def cells_started(page) -> bool:
     """Whether any cell is queued, running or has run: its prompt shows [*] or a number."""
     return page.evaluate("Array.from(document.querySelectorAll('.jp-Notebook .jp-InputPrompt'))"

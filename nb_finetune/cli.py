@@ -124,12 +124,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def ask(question: str) -> bool:
+    """Yes only when the person at the terminal types y or yes."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 def cmd_export_gguf(cfg, args) -> int:
-    from .export import export_gguf as run_export
+    from .export import export_gguf
     quiet_libraries()
     adapter = Path(args.adapter or Path(cfg.train.output_dir) / "adapter")
-    out = args.out or args.output or str(Path(cfg.train.output_dir) / f"gguf-{args.gguf}")
-    result = run_export(cfg, adapter, out, args.gguf, force=args.force, progress=print)
+    out = Path(args.out or args.output or Path(cfg.train.output_dir) / f"gguf-{args.gguf}")
+    force = args.force or (out.exists() and sys.stdin.isatty() and ask(f"{out} exists: replace it? [y/N] "))
+    result = export_gguf(cfg, adapter, out, args.gguf, force=force, progress=print)
     print(result.roundtrip.summary())
     print(f"written: {result.gguf} and {result.modelfile}; run it with: "
           f"cd {result.folder} && ollama create {result.folder.name} -f Modelfile")
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gguf", metavar="TYPE", help="write the merged model as GGUF: f16, q8_0 or q4_0")
     e.add_argument("--out", help="GGUF folder (default: <train.output_dir>/gguf-TYPE)")
     e.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
-    e.add_argument("--force", action="store_true", help="replace an existing output folder")
+    e.add_argument("--force", action="store_true", help="replace an existing output folder (asked at a terminal)")
     e.set_defaults(func=cmd_export)
     pr = sub.add_parser("probe", help="run the bias probes (probe: settings) on a saved run's base and adapter; "
                                       "exit status 3 when the bias gate fails")

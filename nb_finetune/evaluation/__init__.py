@@ -4,5 +4,5 @@ from .base_cache import BaseResults, as_base
 from .chat import Sampling, stream_reply
 from .evaluate import EvalResult, compare_prompt, evaluate, label_candidates
 
-__all__ = ["BaseResults", "EvalResult", "as_base", "compare_prompt", "evaluate", "label_candidates", "Sampling",
+__all__ = ["BaseResults", "EvalResult", "Sampling", "as_base", "compare_prompt", "evaluate", "label_candidates",
            "stream_reply"]

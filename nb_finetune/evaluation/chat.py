@@ -69,4 +69,3 @@ def stream_reply(model, tokenizer, message: str, tuned: bool = True, sampling: S
             worker.join()
     if errors:
         raise errors[0]
-

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import UserError
-from . import gguf_file, merge, modelfile, roundtrip
+from . import gguf_file, modelfile, roundtrip
+from .adapter import adapter_mismatch, another_base, merge
 
 _README = """# {name}: the tuned model as GGUF ({quant})
 
@@ -38,47 +39,58 @@ class GGUFExport:
 
 def check_destination(out: Path, force: bool) -> None:
     if out.exists() and not force:
-        raise UserError(f"{out} exists: choose another output folder or pass --force (force=True) to replace it")
+        raise UserError(f"{out} exists: choose another output folder, or replace it (--force, force=True, "
+                        "or 'replace' in the Export panel)")
 
 
-def check_model(cfg: RunConfig, out: Path, quant: str) -> None:
-    """Before loading any weights: refuse an architecture the writer does not know, a merge that
-    will not fit in memory and a file that will not fit on disk."""
-    import psutil
-
+def check_model(cfg: RunConfig, adapter_dir: Path, out: Path, quant: str) -> None:
+    """Before loading any weights: refuse a model the writer does not know, a merge that will not
+    fit in memory, a file that will not fit on disk and an adapter from another base."""
     from ..memory import meta_model
     if cfg.model.objective == "head":
         raise UserError("GGUF export needs a language model: a classification head (model.objective='head') "
                         "has no GGUF form")
     model, model_config = meta_model(cfg, "completion", 2)
     gguf_file.architecture(model_config)
+    check_memory(model)
+    check_disk(model, out, quant)
+    mismatch = adapter_mismatch(adapter_dir, model)
+    if mismatch:
+        raise another_base(cfg, adapter_dir, mismatch)
+
+
+def check_memory(model) -> None:
+    import psutil
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    # The merge holds the base in float32 plus the adapter; the export then reads it back once more.
-    need_ram, free_ram = 2 * 4 * params, psutil.virtual_memory().available
-    if need_ram > free_ram:
-        raise UserError(f"merging needs about {need_ram / 2**30:.1f} GiB of memory, {free_ram / 2**30:.1f} GiB "
+    # The merged model in float32 here, and a second float32 copy in the round trip's reader process.
+    need, free = 2 * 4 * params, psutil.virtual_memory().available
+    if need > free:
+        raise UserError(f"merging needs about {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB "
                         "is free: use a machine with more memory")
-    need_disk = gguf_file.estimated_bytes(model, quant)
-    free_disk = shutil.disk_usage(out.parent).free
-    if need_disk > free_disk:
-        raise UserError(f"the {quant} GGUF needs about {need_disk / 2**30:.2f} GiB on disk, {free_disk / 2**30:.2f} "
-                        f"GiB is free under {out.parent}: free space or choose another folder")
 
 
-def write_folder(model, tokenizer, staging: Path, quant: str, name: str, progress) -> GGUFExport:
-    """model.gguf, Modelfile and README.md in `staging`, the GGUF verified."""
+def check_disk(model, out: Path, quant: str) -> None:
+    where = next(p for p in out.parents if p.exists())  # out's folder may not exist yet
+    need, free = gguf_file.estimated_bytes(model, quant), shutil.disk_usage(where).free
+    if need > free:
+        raise UserError(f"the {quant} GGUF needs about {need / 2**30:.2f} GiB on disk, {free / 2**30:.2f} "
+                        f"GiB is free under {where}: free space or choose another folder")
+
+
+def write_folder(model, tokenizer, staging: Path, quant: str, name: str, progress) -> roundtrip.RoundTrip:
+    """model.gguf, Modelfile and README.md in `staging`; returns the GGUF's passed round trip."""
     model_dir = staging / "tokenizer"
     tokenizer.save_pretrained(str(model_dir))  # SpecialVocab reads merges and ids from these files
     gguf_path = gguf_file.write_gguf(model, tokenizer, model_dir, staging / "model.gguf", quant, name)
     shutil.rmtree(model_dir)
     mf = staging / "Modelfile"
     mf.write_text(modelfile.modelfile(tokenizer, context=min(4096, model.config.max_position_embeddings)))
-    progress("checking the GGUF: reading it back with transformers in another process")
+    progress(f"checking the GGUF: reading it back with {' and '.join(roundtrip.readers())} in other processes")
     check = roundtrip.verify(model, tokenizer, gguf_path, quant)
     if not check.ok:
         raise UserError(f"the GGUF does not match the merged model, nothing was written: {check.summary()}")
     (staging / "README.md").write_text(_README.format(name=name, quant=quant, summary=check.summary()))
-    return GGUFExport(staging, gguf_path, mf, check)
+    return check
 
 
 def export_gguf(cfg: RunConfig, adapter_dir: str | Path, out: str | Path, quant: str = "f16",
@@ -89,24 +101,28 @@ def export_gguf(cfg: RunConfig, adapter_dir: str | Path, out: str | Path, quant:
     check_destination(out, force)
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise UserError(f"no trained adapter in {adapter_dir}: train first, or point to the adapter folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_model(cfg, out, quant)
+    check_model(cfg, Path(adapter_dir), out, quant)
     model, tokenizer = merge(cfg, adapter_dir, "completion", None, progress)
+    progress(f"writing {quant} GGUF")
+    check = write_staged(out, lambda staging: write_folder(model, tokenizer, staging, quant, out.name, progress))
+    return GGUFExport(out, out / "model.gguf", out / "Modelfile", check)
+
+
+def write_staged(out: Path, write):
+    """`write(staging)` into a hidden sibling folder of `out`, renamed to `out` only once it
+    returned; on any failure the sibling is removed, and a full disk is said in one line."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        progress(f"writing {quant} GGUF")
-        result = write_folder(model, tokenizer, staging, quant, out.name, progress)
-    except OSError as err:
+        result = write(staging)
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise UserError(f"the disk under {out.parent} is full: free space and export again") from err
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
-    return GGUFExport(out, out / "model.gguf", out / "Modelfile", result.roundtrip)
+    return result

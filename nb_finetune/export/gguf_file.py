@@ -72,14 +72,14 @@ def prepared_tensors(model, arch: str):
         yield tensor_name(name), w
 
 
-def storage_type(name: str, w: np.ndarray, quant: str):
+def storage_type(name: str, shape: tuple[int, ...], quant: str):
     """The GGML type a tensor is stored in: 1-D in F32; for q4_0 the embedding (also the output
     when tied) in Q8_0, as llama-quantize keeps it above 4 bits; rows not a whole number of
     32-value blocks fall back to F16."""
     from gguf import GGMLQuantizationType as Q
-    if w.ndim == 1:
+    if len(shape) == 1:
         return Q.F32
-    if quant == "f16" or w.shape[-1] % 32:
+    if quant == "f16" or shape[-1] % 32:
         return Q.F16
     if quant == "q4_0" and name in ("token_embd.weight", "output.weight"):
         return Q.Q8_0
@@ -105,9 +105,7 @@ def estimated_bytes(model, quant: str) -> int:
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        shape = tuple(tensor.shape)
-        fake = np.empty(shape[-1:] if len(shape) == 1 else (1, shape[-1]), dtype=np.float32)
-        total += tensor.numel() * per_value[storage_type(tensor_name(name), fake, quant).name]
+        total += tensor.numel() * per_value[storage_type(tensor_name(name), tuple(tensor.shape), quant).name]
     return int(total) + 8 * 2**20  # tokenizer and metadata
 
 
@@ -186,7 +184,7 @@ def write_gguf(model, tokenizer, model_dir: Path, path: Path, quant: str, name: 
     add_hyperparameters(writer, model.config, arch, name, quant)
     add_tokenizer(writer, model.config, tokenizer, model_dir)
     for gname, w in prepared_tensors(model, arch):
-        qtype = storage_type(gname, w, quant)
+        qtype = storage_type(gname, w.shape, quant)
         writer.add_tensor(gname, encode(w, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

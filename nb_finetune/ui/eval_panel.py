@@ -107,14 +107,24 @@ class EvalPanel(Panel):
         self.temperature = widgets.FloatSlider(value=0.7, min=0.0, max=1.5, step=0.05, description="temperature")
         self.top_p = widgets.FloatSlider(value=0.9, min=0.05, max=1.0, step=0.05, description="top-p")
         self.max_new = widgets.IntSlider(value=128, min=8, max=1024, step=8, description="max new tokens")
-        self.answers = {name: widgets.HTML(layout=widgets.Layout(width="50%", border="1px solid #ddd", padding="4px"))
-                        for name in ("base", "tuned")}  # a Layout each: a shared one is hidden with either
-        for name, box in self.answers.items():
-            box.add_class(f"nbft-chat-{name}")
+        self.answers = {name: self.answer_box(name) for name in ("base", "tuned")}
+        # As in a chat window, the answers sit above the message box: whoever sees where to type
+        # sees both answers. Their boxes have a fixed height, so a growing answer scrolls inside
+        # its box and moves nothing on the page while it streams.
         return [widgets.HTML("<b>chat playground</b>: base and tuned answers, streamed"),
+                widgets.HBox([self.answers["base"], self.answers["tuned"]]),
                 widgets.HBox([self.message, self.send_button, self.stop_chat]),
-                widgets.HBox([self.temperature, self.top_p, self.max_new]),
-                widgets.HBox([self.answers["base"], self.answers["tuned"]])]
+                widgets.HBox([self.temperature, self.top_p, self.max_new])]
+
+    @staticmethod
+    def answer_box(name: str) -> widgets.HTML:
+        # A Layout each: one shared Layout is hidden with either box. A fixed `height` lets the
+        # panel's flex column shrink the boxes to nothing; equal min and max heights hold.
+        box = widgets.HTML(f"<b>{name}</b>", layout=widgets.Layout(width="50%", min_height="12em", max_height="12em",
+                                                                   overflow="auto", border="1px solid #ddd",
+                                                                   padding="4px", margin="2px"))
+        box.add_class(f"nbft-chat-{name}")
+        return box
 
     def chat(self) -> threading.Thread | None:
         """Send: in the foreground, or on a thread that it returns."""
@@ -139,6 +149,8 @@ class EvalPanel(Panel):
             return
         sampling = evaluation.Sampling(self.temperature.value, self.top_p.value, self.max_new.value)
         self.stop_chat.disabled = self.foreground
+        for name, box in self.answers.items():
+            box.value = f"<b>{name}</b>"  # the last message's answers go, so none is mistaken for this one's
         try:
             for name in ("base", "tuned"):
                 text = ""

@@ -5,6 +5,7 @@ with one line, leaving nothing behind."""
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import gguf
 import pytest
@@ -12,7 +13,7 @@ import torch
 from conftest import SUBPROCESS_ENV
 
 from nb_finetune import RunConfig, UserError
-from nb_finetune.export import export_gguf, gguf_file, modelfile, roundtrip
+from nb_finetune.export import export_gguf, gguf_export, gguf_file, merge, modelfile, roundtrip
 
 
 def make_adapter(base_dir, folder, seed=0):
@@ -130,12 +131,68 @@ def test_merge_too_large_for_memory_is_refused_before_loading(tiny_adapter, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_adapter_from_another_base(smollm2_dir, tiny_model_dir, tiny_adapter, tmp_path):
+def never_merged(*args, **kwargs):
+    raise AssertionError("the export loaded weights before refusing")
+
+
+def test_adapter_from_another_base_is_refused_before_loading(smollm2_dir, tiny_model_dir, tiny_adapter, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setattr(gguf_export, "merge", never_merged)
+    with pytest.raises(UserError, match=rf"trained on another base .*it names {re.escape(str(tiny_model_dir))}; "
+                                        r"model\.layers\.0\.\S+ is \d+ wide in the base, \d+ in the adapter\)"):
+        export_gguf(config_for(smollm2_dir), tiny_adapter, tmp_path / "out", "f16", progress=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_says_another_base_in_one_line(smollm2_dir, tiny_model_dir, tiny_adapter, tmp_path):
+    """The merge on its own (the Export panel's merged model) says it too, once the base is loaded."""
     said = []
     with pytest.raises(UserError, match="trained on another base"):
-        export_gguf(config_for(smollm2_dir), tiny_adapter, tmp_path / "out", "f16", progress=said.append)
-    assert list(tmp_path.iterdir()) == []
+        merge(config_for(smollm2_dir), tiny_adapter, progress=said.append)
     assert f"the adapter says it was trained on {tiny_model_dir}" in " ".join(said)
+
+
+def test_merging_a_4bit_base_says_it_dequantizes(tiny_model_dir, tiny_adapter):
+    cfg = config_for(tiny_model_dir)
+    cfg.model.quantization = "4bit"
+    said = []
+    merged, _ = merge(cfg, tiny_adapter, progress=said.append)
+    assert "dequantized full-precision copy" in " ".join(said)
+    assert merged.dtype == torch.float32 and not getattr(merged, "is_loaded_in_4bit", False)
+
+
+def test_file_too_large_for_the_disk_is_refused_before_loading(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
+    """The one place the export reads free space is told the disk is nearly full."""
+    monkeypatch.setattr(gguf_export.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))
+    monkeypatch.setattr(gguf_export, "merge", never_merged)
+    with pytest.raises(UserError, match=rf"the q8_0 GGUF needs about 0\.\d\d GiB on disk, 0\.00 GiB is free under "
+                                        rf"{re.escape(str(tmp_path))}: free space"):
+        export_gguf(config_for(tiny_model_dir), tiny_adapter, tmp_path / "new" / "out", "q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_folder_is_kept_without_force(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    monkeypatch.setattr(gguf_export, "merge", never_merged)
+    with pytest.raises(UserError, match=r"out exists: choose another output folder, or replace it \(--force"):
+        export_gguf(config_for(tiny_model_dir), tiny_adapter, tmp_path / "out", "f16")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+
+
+def test_cli_refusals_are_one_line(tiny_model_dir, tiny_adapter, tmp_path):
+    """An unknown type and an existing folder (no terminal to ask at), before any weights load."""
+    cfg = config_for(tiny_model_dir)
+    cfg.save(tmp_path / "config.yaml")
+    (tmp_path / "gguf").mkdir()
+    cmd = [sys.executable, "-m", "nb_finetune", "export", "--config", str(tmp_path / "config.yaml"),
+           "--adapter", str(tiny_adapter), "--out", str(tmp_path / "gguf")]
+    for quant, says in (("q5", "unknown GGUF quant type 'q5': choose one of f16, q8_0, q4_0"),
+                        ("f16", "exists: choose another output folder")):
+        bad = subprocess.run(cmd + ["--gguf", quant], capture_output=True, text=True, env=SUBPROCESS_ENV,
+                             stdin=subprocess.DEVNULL)
+        assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and says in bad.stderr, bad.stderr
+    assert list((tmp_path / "gguf").iterdir()) == []
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
@@ -156,8 +213,6 @@ def test_cli_export_gguf(tiny_model_dir, tiny_adapter, tmp_path):
     cfg.save(tmp_path / "config.yaml")
     cmd = [sys.executable, "-m", "nb_finetune", "export", "--config", str(tmp_path / "config.yaml"),
            "--adapter", str(tiny_adapter), "--out", str(tmp_path / "gguf")]
-    bad = subprocess.run(cmd + ["--gguf", "q5"], capture_output=True, text=True, env=SUBPROCESS_ENV)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown GGUF quant type" in bad.stderr
     ok = subprocess.run(cmd + ["--gguf", "q4_0"], capture_output=True, text=True, env=SUBPROCESS_ENV)
     assert ok.returncode == 0, ok.stderr
     assert "round trip (q4_0" in ok.stdout and (tmp_path / "gguf" / "model.gguf").is_file()

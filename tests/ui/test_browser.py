@@ -14,7 +14,6 @@ which docs/screenshots.py uses too.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -55,15 +54,6 @@ def lab(tmp_path, browser_ready):
     browser_lab.stop_lab(started)
 
 
-def _open(p, lab, notebook: dict):
-    """A browser page on the notebook, its kernel idle and nothing run yet."""
-    (lab.root / "notebook.ipynb").write_text(json.dumps(notebook))
-    browser = browser_lab.launch(p)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    browser_lab.open_notebook(page, lab, "notebook.ipynb")
-    return browser, page
-
-
 @pytest.mark.parametrize("style", ["import", "magic"])
 def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_dir, shared_data, style):
     from playwright.sync_api import sync_playwright
@@ -75,7 +65,7 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
               "eval": {"num_samples": 2, "max_new_tokens": 4}}
     shots = root / "screenshots"
     with sync_playwright() as p:
-        browser, page = _open(p, lab, _notebook(config, shared_data / "sst2" / "dev.tsv", style))
+        browser, page = browser_lab.open_page(p, lab, _notebook(config, shared_data / "sst2" / "dev.tsv", style))
         try:
             start = page.locator(".nbft-train-start")
             browser_lab.run_all(page, lab, start.is_visible)
@@ -177,7 +167,7 @@ def test_every_tab_and_panel_shows_its_controls_and_the_probe_runs(lab, ui_confi
     both kinds of probe. Every problem is gathered first, so one run reports them all."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        browser, page = _open(p, lab, _panels_notebook(ui_config))
+        browser, page = browser_lab.open_page(p, lab, _panels_notebook(ui_config))
         try:
             browser_lab.run_all(page, lab, lambda: all(page.locator(f".nbft-show-{name}").count() for name in SHOWN))
             browser_lab.full_width(page)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from conftest import SUBPROCESS_ENV, browser_lab
-from test_browser import _open
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +28,7 @@ def test_playground_streams_both_answers(lab, smollm2_dir, shared_data):
               "train": {"output_dir": str(lab.root / "run"), "max_length": 64}}
     cell = browser_lab.sst2_studio_cell(config, shared_data / "sst2" / "dev.tsv", READY)
     with sync_playwright() as p:
-        browser, page = _open(p, lab, browser_lab.notebook([cell]))
+        browser, page = browser_lab.open_page(p, lab, browser_lab.notebook([cell]))
         try:
             message = page.locator(".nbft-chat-message input")
             browser_lab.run_all(page, lab, message.is_visible)
@@ -44,6 +43,13 @@ def test_playground_streams_both_answers(lab, smollm2_dir, shared_data):
                 return len(seen["tuned"]) >= 4
             browser_lab.wait_until(look, 240, 0.1)
             page.screenshot(path=str(lab.root / "playground.png"))
+            # Where the message is typed, both answers are in view, side by side.
+            view = page.viewport_size
+            boxes = {name: page.locator(f".nbft-chat-{name}").bounding_box() for name in seen}
+            for box in [*boxes.values(), message.bounding_box()]:
+                assert 0 <= box["y"] and box["y"] + box["height"] <= view["height"], (box, view)
+            assert boxes["base"]["y"] == boxes["tuned"]["y"] and boxes["base"]["x"] < boxes["tuned"]["x"]
+            assert min(box["height"] for box in boxes.values()) > 100, boxes  # a few lines tall, not collapsed
             # Several growing texts seen for each answer: streamed, not shown at once when done.
             for name, texts in seen.items():
                 assert len(texts - {""}) >= 3, (name, texts)
