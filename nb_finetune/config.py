@@ -201,12 +201,12 @@ class RunConfig:
         problems: list[Problem] = []
         if not isinstance(raw, dict):
             raise ConfigError([Problem("<config>", type(raw).__name__, "a mapping with sections "
-                                       + ", ".join(_SECTIONS))])
+                                       + ", ".join(SECTIONS))])
         sections = {}
         for key in raw:
-            if key not in _SECTIONS:
-                problems.append(Problem(key, raw[key], "unknown section; accepted: " + ", ".join(_SECTIONS)))
-        for name, klass in _SECTIONS.items():
+            if key not in SECTIONS:
+                problems.append(Problem(key, raw[key], "unknown section; accepted: " + ", ".join(SECTIONS)))
+        for name, klass in SECTIONS.items():
             sections[name] = _section_from_dict(klass, name, raw.get(name) or {}, problems)
         cfg = cls(**sections)
         # Range and cross-field checks run on the values that were readable, so the user sees
@@ -265,7 +265,7 @@ class RunConfig:
     # -- validation -----------------------------------------------------------------
     def problems(self) -> list[Problem]:
         found: list[Problem] = []
-        for name in _SECTIONS:
+        for name in SECTIONS:
             found += _field_problems(getattr(self, name), name)
         d, t = self.data, self.train
         if d.val_fraction + (0 if d.test_source else d.test_fraction) >= 0.9:
@@ -316,7 +316,7 @@ class RunConfig:
         return self
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
              "probe": ProbeConfig}
 
 
@@ -333,7 +333,7 @@ def _section_from_dict(klass, section: str, raw: Any, problems: list[Problem]):
             continue
         ok, coerced = _coerce(names[key], value)
         if not ok:
-            problems.append(Problem(f"{section}.{key}", value, f"a value of type {_type_name(names[key])}"))
+            problems.append(Problem(f"{section}.{key}", value, f"a value of type {type_name(names[key])}"))
             continue
         kwargs[key] = coerced
     return klass(**kwargs)
@@ -343,7 +343,7 @@ def _section_from_dict(klass, section: str, raw: Any, problems: list[Problem]):
 def _hints() -> dict:
     # Field names repeat across sections only with the same type (seed: int).
     out = {}
-    for klass in _SECTIONS.values():
+    for klass in SECTIONS.values():
         out.update(typing.get_type_hints(klass))
     return out
 
@@ -352,7 +352,7 @@ def field_type(f: dataclasses.Field):
     return _hints().get(f.name, type(f.default))
 
 
-def _type_name(f) -> str:
+def type_name(f) -> str:
     return getattr(field_type(f), "__name__", str(field_type(f)))
 
 
@@ -397,7 +397,7 @@ def _field_problems(section_obj, section: str) -> list[Problem]:
         where = f"{section}.{f.name}"
         ok, _ = _coerce(f, value)
         if not ok:
-            found.append(Problem(where, value, f"a value of type {_type_name(f)}"))
+            found.append(Problem(where, value, f"a value of type {type_name(f)}"))
             continue
         if "choices" in meta and value not in meta["choices"]:
             found.append(Problem(where, value, "one of " + ", ".join(map(repr, meta["choices"]))))
@@ -412,7 +412,7 @@ def _field_problems(section_obj, section: str) -> list[Problem]:
 
 def field_help(section: str, name: str) -> str:
     """The help text of one field, for panels and `--help`."""
-    klass = _SECTIONS[section]
+    klass = SECTIONS[section]
     return next(f.metadata["help"] for f in dataclasses.fields(klass) if f.name == name)
 
 
@@ -428,31 +428,3 @@ def load_preset(name: str) -> RunConfig:
     if not path.is_file():
         raise UserError(f"unknown preset {name!r}; available: {', '.join(presets())}")
     return RunConfig.load(path)
-
-
-def reference() -> str:
-    """Every setting as Markdown, from the dataclasses' help text: docs/config.md, written by
-    `python docs/config_reference.py` (a test checks that it is current)."""
-    lines = ["# Configuration reference", "",
-             "Generated from the help text in `nb_finetune/config.py` by `python docs/config_reference.py`. "
-             "A run config is YAML or JSON with the sections below; every setting is optional.", ""]
-    for section, klass in _SECTIONS.items():
-        lines += [f"## `{section}`", "", "| setting | default | accepted | what it does |", "|---|---|---|---|"]
-        for f in dataclasses.fields(klass):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            lines.append(f"| `{f.name}` | `{json.dumps(default)}` | {_accepted(f)} | "
-                         f"{f.metadata['help'].replace('|', '&#124;')} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _accepted(f: dataclasses.Field) -> str:
-    meta = f.metadata
-    if "choices" in meta:
-        return ", ".join(f"`{c}`" for c in meta["choices"])
-    if "items" in meta:
-        return "list of " + ", ".join(f"`{c}`" for c in meta["items"])
-    lo, hi = meta.get("min"), meta.get("max")
-    bounds = f" from {lo}" if lo is not None else ""
-    bounds += f" to {hi}" if hi is not None else ""
-    return _type_name(f) + bounds

@@ -1,6 +1,7 @@
 """Models: resolve a name, load the tokenizer and the base (optionally 4/8-bit), add LoRA."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -182,9 +183,25 @@ def load_adapter(base, adapter_dir, base_name: str):
         raise UserError(f"no adapter in {adapter_dir}: train first, or give the folder a run saved its adapter in")
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir))
-    except RuntimeError as err:  # torch's size mismatch when loading the adapter's weights
-        raise UserError(f"the adapter in {adapter_dir} was trained on another base than {base_name}: "
-                        "set model.name to the base it was trained on") from err
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        raise another_base(adapter_dir, base_name) from err
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base named in the adapter's adapter_config.json ('' when it names none)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        return ""
+    return json.loads(path.read_text()).get("base_model_name_or_path") or ""
+
+
+def another_base(adapter_dir: str | Path, base_name: str, detail: str = "") -> UserError:
+    named = adapter_base(adapter_dir)
+    why = "; ".join(filter(None, [f"it names {named}" if named else "", detail]))
+    return UserError(f"the adapter in {adapter_dir} was trained on another base than {base_name}"
+                     + (f" ({why})" if why else "") + ": set model.name to the base it was trained on")
 
 
 def trainable_parameters(model) -> tuple[int, int]:

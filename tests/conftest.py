@@ -28,7 +28,7 @@ SUBPROCESS_ENV = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(R
 PNG = b"\x89PNG"  # how every PNG file starts
 
 
-def _load_docs_module(name: str):
+def load_docs_module(name: str):
     """A module of docs/ (scripts, not a package), loaded by its path once."""
     spec = importlib.util.spec_from_file_location(name, REPO / "docs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -39,7 +39,7 @@ def _load_docs_module(name: str):
 
 # JupyterLab and Chromium for tests/ui's browser test, with the page helpers and the waiting
 # that docs/screenshots.py uses too. Standard library only: cheap to load for every run.
-browser_lab = _load_docs_module("browser_lab")
+browser_lab = load_docs_module("browser_lab")
 
 
 def mentions(texts, terms: list[str]):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SUBPROCESS_ENV, load_docs_module
 
 PACKAGE = REPO / "nb_finetune"
 # Layers, lowest first: a module may import its own layer's modules or lower ones, never higher.
@@ -231,8 +231,8 @@ def test_ci_runs_the_readme_test_command_after_the_linter():
 def test_the_config_reference_is_current():
     import dataclasses
 
-    from nb_finetune.config import RunConfig, reference
-    text = reference()
+    from nb_finetune.config import RunConfig
+    text = load_docs_module("config_reference").reference()
     assert (REPO / "docs" / "config.md").read_text(encoding="utf-8") == text + "\n", \
         "docs/config.md is stale: run python docs/config_reference.py"
     cfg = RunConfig()

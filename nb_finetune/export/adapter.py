@@ -1,12 +1,10 @@
 """The trained adapter, alone or merged into its base as a standalone model."""
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import UserError
 
 
 def save_adapter(model, tokenizer, folder: str | Path) -> Path:
@@ -18,28 +16,11 @@ def save_adapter(model, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def adapter_base(adapter_dir: str | Path) -> str:
-    """The base named in the adapter's adapter_config.json ('' when it names none)."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        return ""
-    return json.loads(path.read_text()).get("base_model_name_or_path") or ""
-
-
-def another_base(cfg: RunConfig, adapter_dir: str | Path, detail: str = "") -> UserError:
-    named = adapter_base(adapter_dir)
-    why = "; ".join(filter(None, [f"it names {named}" if named else "", detail]))
-    return UserError(f"the adapter in {adapter_dir} was trained on another base than {cfg.model.name}"
-                     + (f" ({why})" if why else "") + ": set model.name to the base it was trained on")
-
-
 def merge(cfg: RunConfig, adapter_dir: str | Path, objective: str = "completion",
           labels: list[str] | None = None, progress=print):
     """(merged model, tokenizer): the base loaded again unquantized (a 4-bit base cannot take
     merged weights exactly) with the adapter added into its weights."""
-    from peft import PeftModel
-
-    from ..modeling import load_base, load_tokenizer
+    from ..modeling import adapter_base, load_adapter, load_base, load_tokenizer
     if cfg.model.quantization != "none":
         progress(f"the base was trained {cfg.model.quantization} (QLoRA): merging into a dequantized "
                  "full-precision copy of it")
@@ -51,13 +32,7 @@ def merge(cfg: RunConfig, adapter_dir: str | Path, objective: str = "completion"
     model_cfg = replace(cfg.model, quantization="none")
     tokenizer = load_tokenizer(model_cfg, progress)
     base = load_base(model_cfg, objective, labels, tokenizer.pad_token_id, progress)
-    try:
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    except RuntimeError as err:
-        if "size mismatch" not in str(err):
-            raise
-        raise another_base(cfg, adapter_dir) from err
-    return merged, tokenizer
+    return load_adapter(base, adapter_dir, cfg.model.name).merge_and_unload(), tokenizer
 
 
 def save_merged(cfg: RunConfig, adapter_dir: str | Path, folder: str | Path, objective: str,

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..errors import UserError
 from . import gguf_file, modelfile, roundtrip
-from .adapter import adapter_mismatch, another_base, merge
+from .adapter import adapter_mismatch, merge
 
 _README = """# {name}: the tuned model as GGUF ({quant})
 
@@ -56,7 +56,8 @@ def check_model(cfg: RunConfig, adapter_dir: Path, out: Path, quant: str) -> Non
     check_disk(model, out, quant)
     mismatch = adapter_mismatch(adapter_dir, model)
     if mismatch:
-        raise another_base(cfg, adapter_dir, mismatch)
+        from ..modeling import another_base
+        raise another_base(adapter_dir, cfg.model.name, mismatch)
 
 
 def check_memory(model) -> None:
