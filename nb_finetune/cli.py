@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -30,6 +31,14 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def config_from(args):
+    """The config of --config or --preset, with --set overrides."""
+    from .config import RunConfig, load_preset
+    cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
+    overrides = _parse_set(args.set)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
 def set_up_process(cfg) -> None:
     """What the command line settles for its whole process before the libraries load: huge
     pages for torch's tensors where the CPU kernels are on, and quiet libraries."""
@@ -47,23 +56,13 @@ def _run(cfg) -> int:
         return _run_quietly(cfg)
     stop = threading.Event()
     print(f"output folder: {cfg.train.output_dir}")
-    previous = signal.getsignal(signal.SIGINT)
-
-    def first_interrupt(signum, frame):
-        # The first Ctrl-C asks training to stop after this step and save; a second one aborts.
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, first_interrupt)
     resume = (f"{cfg.train.output_dir}; resume with the same command and --set train.resume_from=last")
     try:
-        session = pipeline.run(cfg, callbacks=[training.ConsoleProgress()], stop=stop, progress=print)
+        with first_ctrl_c_stops(stop):
+            session = pipeline.run(cfg, callbacks=[training.ConsoleProgress()], stop=stop, progress=print)
     except KeyboardInterrupt:
         print(f"\naborted: the last checkpoint and the history are kept in {resume}", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if session.train_result.stopped:
         print(f"stopped at step {session.train_result.global_step}: checkpoint, adapter and history are in "
               f"{resume}", file=sys.stderr)
@@ -73,6 +72,23 @@ def _run(cfg) -> int:
         print("\nsamples (base vs tuned):\n" + session.eval_result.samples.to_string(index=False))
     print(f"\nadapter, history and reports written to {session.output_dir}")
     return gate_status(session.gate_result)
+
+
+@contextmanager
+def first_ctrl_c_stops(stop: threading.Event):
+    """The first Ctrl-C asks training to stop after this step and save; a second one aborts."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def first_interrupt(signum, frame):
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, first_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def gate_status(result) -> int:
@@ -102,18 +118,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import RunConfig, load_preset
-    cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
-    overrides = _parse_set(args.set)
-    return _run(cfg.with_overrides(overrides) if overrides else cfg)
+    return _run(config_from(args))
 
 
 def cmd_export(args) -> int:
-    from .config import RunConfig, load_preset
     from .export import export_job
-    cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
-    overrides = _parse_set(args.set)
-    cfg = cfg.with_overrides(overrides) if overrides else cfg
+    cfg = config_from(args)
     if args.gguf:
         return cmd_export_gguf(cfg, args)
     if not args.output:
@@ -149,10 +159,7 @@ def cmd_probe(args) -> int:
     """The bias probes on a saved run: its base and its adapter, report.json updated."""
     import json
 
-    from .config import RunConfig, load_preset
-    cfg = load_preset(args.preset) if args.preset else RunConfig.load(args.config)
-    overrides = _parse_set(args.set)
-    cfg = cfg.with_overrides(overrides) if overrides else cfg
+    cfg = config_from(args)
     set_up_process(cfg)
     from .pipeline import Session
     session = Session(cfg, progress=print)
@@ -166,6 +173,49 @@ def cmd_probe(args) -> int:
                       encoding="utf-8")
     print(f"bias_gate written to {report}")
     return gate_status(result)
+
+
+def cmd_runs(args) -> int:
+    """A folder of runs on the command line: list, show one, diff two configs, compare a few."""
+    from . import runs
+    found, skipped = runs.find_runs(args.dir)
+    baseline = runs.find(found, args.baseline) if args.baseline else None
+    if args.action == "list":
+        print(runs.table(found, baseline or (found[-1] if found else None)).to_string(index=False)
+              if found else f"no runs in {args.dir}")
+    elif args.action == "show":
+        print(runs.show(one_run(found, args.names, 1)[0]))
+    elif args.action == "diff":
+        a, b = one_run(found, args.names, 2)
+        diff = runs.config_diff(a, b)
+        print(diff.to_string() if len(diff) else f"{a.name} and {b.name} have the same settings")
+    else:
+        chosen = one_run(found, args.names, len(args.names) or 2)
+        print(runs.table(chosen, baseline or chosen[0]).to_string(index=False))
+    if skipped:
+        print(f"({skipped} folder(s) with a history or report but no readable run record skipped)")
+    return 0
+
+
+def one_run(found, names: list[str], count: int) -> list:
+    from . import runs
+    if len(names) != count:
+        raise UserError(f"give {count} run name(s) (see `nb-finetune runs list`)")
+    return [runs.find(found, name) for name in names]
+
+
+def cmd_sweep(args) -> int:
+    from . import sweep, training
+    cfg = config_from(args)
+    grid = sweep.parse_grid(args.grid)
+    set_up_process(cfg)
+    stop = threading.Event()
+    with first_ctrl_c_stops(stop):
+        result = sweep.run_sweep(cfg, grid, stop, print, callbacks=[training.ConsoleProgress()], prune=args.prune)
+    print(f"\nsweep in {result.folder}, ranked by validation loss:\n" + result.table().to_string(index=False))
+    if args.prune is not None:
+        print(f"pruning stopped {len(result.pruned)} run(s) early and saved {result.pruned_steps} training steps")
+    return 130 if result.stopped else 0
 
 
 def cmd_validate(args) -> int:
@@ -237,6 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_source(pr)
     pr.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
     pr.set_defaults(func=cmd_probe)
+    rn = sub.add_parser("runs", help="the runs in a folder: list, show NAME, diff A B, compare A B [C ...]")
+    rn.add_argument("action", choices=("list", "show", "diff", "compare"))
+    rn.add_argument("names", nargs="*", help="run names as `runs list` shows them")
+    rn.add_argument("--dir", default="runs", help="the folder of runs (default: runs)")
+    rn.add_argument("--baseline", help="the run the others are compared with (default: the oldest)")
+    rn.set_defaults(func=cmd_runs)
+    sw = sub.add_parser("sweep", help="train every combination of a few settings, one run after another")
+    _add_config_source(sw)
+    sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                    help="a setting and its values, e.g. train.learning_rate=1e-4,3e-4 (repeatable)")
+    sw.add_argument("--prune", type=float, metavar="MARGIN", help="stop a run whose validation loss trails the "
+                    "best earlier run's at the same step by more than MARGIN (0.1: 10%%)")
+    sw.set_defaults(func=cmd_sweep)
     v = sub.add_parser("validate", help="check a config and its data without training")
     v.add_argument("--config", required=True)
     v.set_defaults(func=cmd_validate)

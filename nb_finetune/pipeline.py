@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +22,7 @@ from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame
 from .errors import UserError
 from .probes import gate
 from .redact import redact
+from .runs.record import RunRecord, new_folder, training_summary
 from .training.policy import PADDING_FREE_NEEDS_CAUSAL_LM
 
 
@@ -37,6 +39,7 @@ class Session:
         self.peak_memory: int | None = None
         self.eval_result: evaluation.EvalResult | None = None
         self.gate_result: gate.GateResult | None = None
+        self.record: RunRecord | None = None  # run.json in output_dir, from the start of training
         self.base_results = evaluation.BaseResults()  # the base model's results, shared with the panels
 
     def reconfigure(self, cfg: RunConfig, source_changed: bool = False) -> None:
@@ -181,6 +184,7 @@ class Session:
     def train(self, callbacks=(), stop: threading.Event | None = None) -> training.TrainResult:
         if self.model is None:
             self.load_model()
+        self.use_new_folder()
         t = self.cfg.train
         train_ds = self.datasets["train"]
         if t.packing:
@@ -195,9 +199,16 @@ class Session:
         if distributed.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.output_dir / "config.yaml")
-        self.train_result = training.train(self.model, train_ds, self.datasets["validation"],
-                                         self.collator, t, callbacks, stop, self.precision, self.tokenizer, info,
-                                         quantized=self.cfg.model.quantization != "none", say=self.progress)
+            self.record = RunRecord.start(self.output_dir, self.cfg.to_dict(), self.data_fingerprint())
+            callbacks = [*callbacks, self.record]
+        with self.recording():
+            self.train_result = training.train(self.model, train_ds, self.datasets["validation"],
+                                             self.collator, t, callbacks, stop, self.precision, self.tokenizer,
+                                             info, quantized=self.cfg.model.quantization != "none",
+                                             say=self.progress)
+        if self.record is not None:
+            self.record.end("stopped" if self.train_result.stopped else "finished",
+                            training=training_summary(self.train_result.history))
         self.progress(self.train_result.padding.summary())
         self.peak_memory = memory.measured_peak()
         if self.memory_estimate is not None:
@@ -212,10 +223,12 @@ class Session:
         f, test = self.formatter, self.prep.splits["test"]
         base_key = ("evaluation", self.base_identity, self.precision, self.cfg.train.batch_size, f.max_length,
                     f.use_chat, f.instruction, tuple(f.labels), data_mod.frame_digest(test))
-        self.eval_result = evaluation.evaluate(self.model, self.formatter, self.prep, self.objective, self.cfg.eval,
-                                               self.cfg.train.batch_size, self.precision, self.progress,
-                                               self.base_results, base_key,
-                                               kernels.wanted(self.cfg.train.cpu_kernels))
+        with self.recording():
+            self.eval_result = evaluation.evaluate(self.model, self.formatter, self.prep, self.objective,
+                                                   self.cfg.eval, self.cfg.train.batch_size, self.precision,
+                                                   self.progress, self.base_results, base_key,
+                                                   kernels.wanted(self.cfg.train.cpu_kernels))
+        self.note(test_metrics=self.eval_result.metrics.reset_index().to_dict(orient="records"))
         return self.eval_result
 
     def load_trained(self, adapter_dir: str | Path | None = None):
@@ -228,6 +241,7 @@ class Session:
         base = modeling.load_base(self.cfg.model, self.objective, self.prep.labels, self.tokenizer.pad_token_id,
                                   self.progress)
         self.model = modeling.load_adapter(base, adapter_dir, self.cfg.model.name)
+        self.record = RunRecord.reopen(adapter_dir.parent)
         return self.model
 
     def probe_names(self) -> list[str]:
@@ -252,10 +266,42 @@ class Session:
         names = self.probe_names()
         if self.model is None:
             self.load_model()
-        self.gate_result = gate.run_gate(self.cfg.probe, names, self.model, self.tokenizer, self.formatter,
-                                         list(self.prep.labels), self.objective, self.precision, self.progress,
-                                         self.base_results, self.base_identity)
+        with self.recording():
+            self.gate_result = gate.run_gate(self.cfg.probe, names, self.model, self.tokenizer, self.formatter,
+                                             list(self.prep.labels), self.objective, self.precision,
+                                             self.progress, self.base_results, self.base_identity)
+        self.note(bias_gate=self.gate_result.to_dict())
         return self.gate_result
+
+    # -- the run record ----------------------------------------------------------------
+    def data_fingerprint(self) -> dict:
+        """Where the data came from and a digest of each split, to tell runs on other data apart."""
+        splits = self.prep.splits
+        return {"source": str(self.cfg.data.source or "built-in"), "rows": {k: len(v) for k, v in splits.items()},
+                "digest": {k: data_mod.frame_digest(v)[:16] for k, v in splits.items()}}
+
+    def use_new_folder(self) -> None:
+        """Keep an earlier run: a new one (not a resume) writes beside it, and output_dir says where."""
+        folder = new_folder(self.output_dir, bool(self.cfg.train.resume_from))
+        distributed.barrier()  # every process has chosen before the main one creates the folder
+        if folder != self.output_dir:
+            self.progress(f"{self.output_dir} holds an earlier run: this one is written to {folder}")
+            self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train,
+                                                                               output_dir=str(folder)))
+
+    @contextmanager
+    def recording(self):
+        """A stage that raises marks the run failed (stopped, for Ctrl-C) in its record first."""
+        try:
+            yield
+        except BaseException as err:
+            if self.record is not None:
+                self.record.end("stopped" if isinstance(err, KeyboardInterrupt) else "failed", err)
+            raise
+
+    def note(self, **fields) -> None:
+        if self.record is not None:
+            self.record.update(**fields)
 
     # -- files -------------------------------------------------------------------------
     def write_outputs(self) -> Path:

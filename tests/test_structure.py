@@ -19,8 +19,8 @@ LAYERS = [
     {"kernels"},
     {"data", "modeling"},
     {"training", "memory", "evaluation", "export"},
-    {"probes"},
-    {"pipeline"},
+    {"probes", "runs"},
+    {"pipeline", "sweep"},
     {"ui", "magics", "cli", "__main__"},
 ]
 

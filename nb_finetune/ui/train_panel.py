@@ -169,6 +169,7 @@ class TrainPanel(Panel):
             session.discard_training()  # a new run starts from fresh adapters
         events = PanelProgress(self)
         self.result = session.train([events], self._stop)
+        self.shared.set("train.output_dir", str(session.output_dir))  # a new folder when the old one held a run
         self.stop_button.disabled = True  # training is over; the test may still run on this thread
         session.write_outputs()
         r = self.result
