@@ -161,3 +161,35 @@ def probe_figure(long: pd.DataFrame, ideal: float | None = None, title: str = ""
     ax.grid(alpha=0.3, axis="x")
     ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
+
+
+# -- runs --------------------------------------------------------------------------------
+
+def runs_figure(long: pd.DataFrame, title: str = "loss of each run") -> Figure:
+    """Several runs' losses overlaid: one colour per run (its label says what it changed), a
+    solid line for training and a dashed one with points for validation.
+
+    `long`: one row per logged value with columns run, step, split (train/validation), loss."""
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+    labels = list(dict.fromkeys(long["run"]))
+    fig, (ax,) = _figure(7.5, 3.2)
+    palette = dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "husl", len(labels))))
+    styles = {"train": {"linestyle": "-"}, "validation": {"linestyle": "--", "marker": "o", "markersize": 4}}
+    for split, style in styles.items():
+        part = long[long["split"] == split]
+        if len(part):
+            sns.lineplot(data=part, x="step", y="loss", hue="run", hue_order=[r for r in labels if r in set(part["run"])],
+                         palette=palette, estimator=None, sort=True, legend=False, ax=ax, **style)
+    handles = [Line2D([], [], color=palette[r], label=r) for r in labels]
+    handles += [Line2D([], [], color="#444", label=name if name == "validation" else "training", **style)
+                for name, style in styles.items() if name in set(long["split"])]
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if handles:
+        ax.legend(handles=handles, frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.text(0.5, 0.5, "no curves: choose runs that have logged a step", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+    return fig
