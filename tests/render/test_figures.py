@@ -17,7 +17,8 @@ def test_renderers_are_pure_figures():
             figures.class_balance_figure(pd.Series({"negative": 40, "positive": 60})),
             figures.token_length_figure(pd.Series([10, 20, 30, 64]), 64),
             figures.confusion_figure(pd.DataFrame([[5, 1], [2, 7]], index=["a", "b"], columns=["a", "b"])),
-            figures.memory_figure({"weights": 2**30, "activations": 2**29}, 2**34)]
+            figures.memory_figure({"weights": 2**30, "activations": 2**29}, 2**34),
+            figures.runs_figure(pd.DataFrame(columns=["step", "loss", "run", "split"]))]
     assert all(isinstance(f, Figure) for f in figs)
     assert all(figures.to_png(f).startswith(PNG) for f in figs)
     assert plt.get_fignums() == before  # nothing left in pyplot's global state
@@ -38,3 +39,17 @@ def test_the_training_plot_steps_are_whole_numbers():
         for ax in fig.axes:
             labels = [t.get_text().replace("\u2212", "-") for t in ax.get_xticklabels() if t.get_text()]
             assert labels and all(float(t).is_integer() and "." not in t for t in labels), labels
+
+
+def test_the_runs_plot_has_a_colour_per_run_and_a_line_style_per_split():
+    import pandas as pd
+
+    from nb_finetune.render import figures
+    long = pd.DataFrame({"step": [1, 2, 2, 1, 2], "loss": [2.0, 1.5, 1.6, 2.1, 1.8],
+                         "run": ["a (-)"] * 3 + ["b (lora_r=8)"] * 2,
+                         "split": ["train", "train", "validation", "train", "train"]})
+    ax = figures.runs_figure(long).axes[0]
+    lines = [line for line in ax.get_lines() if len(line.get_xdata())]
+    assert len(lines) == 3 and len({line.get_color() for line in lines}) == 2
+    assert sorted(line.get_linestyle() for line in lines) == ["-", "-", "--"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (-)", "b (lora_r=8)", "training", "validation"]
