@@ -14,9 +14,10 @@ from .eval_panel import EvalPanel  # noqa: E402
 from .export_panel import ExportPanel  # noqa: E402
 from .model_panel import ModelPanel  # noqa: E402
 from .probe_panel import ProbePanel  # noqa: E402
+from .runs_panel import RunsPanel  # noqa: E402
 from .studio import Studio  # noqa: E402
 from .tokens_panel import TokenizationPanel  # noqa: E402
 from .train_panel import TrainPanel  # noqa: E402
 
 __all__ = ["Shared", "Studio", "DataPanel", "TokenizationPanel", "ModelPanel", "TrainPanel", "EvalPanel",
-           "ProbePanel", "ExportPanel"]
+           "ProbePanel", "ExportPanel", "RunsPanel"]

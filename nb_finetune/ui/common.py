@@ -53,7 +53,8 @@ class Shared:
     data source, and one `Session` whose stage results the panels show.
 
     Panels call `observe(fn)` to hear `fn(event)`: 'config' after a setting changed, and
-    'data', 'tokens', 'train', 'eval' after a stage produced a result."""
+    'data', 'tokens', 'train', 'eval' after a stage produced a result, and 'resume' when the
+    settings to resume a stopped run have been loaded (the Runs panel)."""
 
     def __init__(self, config=None, source=None):
         self.raw = as_config(config).to_dict()

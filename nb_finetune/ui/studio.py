@@ -9,6 +9,7 @@ from .eval_panel import EvalPanel
 from .export_panel import ExportPanel
 from .model_panel import ModelPanel
 from .probe_panel import ProbePanel
+from .runs_panel import RunsPanel
 from .tokens_panel import TokenizationPanel
 from .train_panel import TrainPanel
 
@@ -31,7 +32,9 @@ class Studio(widgets.VBox):
         self.evaluation = EvalPanel(self.shared, foreground=foreground)
         self.probe = ProbePanel(self.shared)
         self.export = ExportPanel(self.shared)
-        self.panels = [self.data, self.tokens, self.model, self.train, self.evaluation, self.probe, self.export]
+        self.runs = RunsPanel(self.shared, foreground=foreground)
+        self.panels = [self.data, self.tokens, self.model, self.train, self.evaluation, self.probe, self.export,
+                       self.runs]
         self.tabs = widgets.Tab(children=self.panels)
         for i, panel in enumerate(self.panels):
             self.tabs.set_title(i, panel.title)
@@ -39,6 +42,9 @@ class Studio(widgets.VBox):
         self.children = [widgets.HTML("<h3 style='margin:4px 0'>nb_finetune studio</h3>"), self.tabs]
 
     def _follow(self, event: str) -> None:
-        # Show the result the user is waiting for: the test appears when training ends.
+        # Show the result the user is waiting for: the test appears when training ends; a run
+        # to resume (chosen in the Runs tab) waits for Start in the Train tab.
         if event == "eval":
             self.tabs.selected_index = self.panels.index(self.evaluation)
+        elif event == "resume":
+            self.tabs.selected_index = self.panels.index(self.train)
