@@ -191,7 +191,11 @@ class RunsPanel(Panel):
             self.table.value = ""
             return
         frame = runs.table(self.found, self.by_name(self.baseline.value))
-        frame = frame.sort_values(self.sort.value, ascending=self.ascending.value, na_position="last", kind="stable")
+        if self.sort.value == "started":  # shown to the minute, which ties; the list is newest first already
+            frame = frame.iloc[::-1] if self.ascending.value else frame
+        else:
+            frame = frame.sort_values(self.sort.value, ascending=self.ascending.value, na_position="last",
+                                      kind="stable")
         rows = frame["status"].map(lambda s: ROW_CLASS.get(s, "ok"))
         self.table.value = tables.table_html(frame.reset_index(drop=True), row_class=rows.reset_index(drop=True))
 

@@ -103,7 +103,8 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
 
 
 # A fresh studio (the built-in demo's settings), then each panel alone on the tiny model.
-PANELS = ["DataPanel", "TokenizationPanel", "ModelPanel", "TrainPanel", "EvalPanel", "ProbePanel", "ExportPanel"]
+PANELS = ["DataPanel", "TokenizationPanel", "ModelPanel", "TrainPanel", "EvalPanel", "ProbePanel", "ExportPanel",
+          "RunsPanel"]
 SHOWN = ["studio", *PANELS]
 # The probe's plot and examples get classes too, for the test to find them once it has run: the
 # plot's on the <img> itself, inside the plot's place where that holds more than the picture.
