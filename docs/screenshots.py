@@ -17,6 +17,7 @@ output area only:
     completions.png  the Bias probe tab after a completion probe for two groups
     counterfactual.png  the Bias probe tab after counterfactual sentences scored by the classifier
     export.png       the Export tab after exporting the adapter, the config and a job folder
+    runs.png         the Runs tab after a second run with another LoRA rank: the two compared
 
 Run from anywhere (this checkout's package is the one imported):
 
@@ -200,7 +201,7 @@ def take_probes(page, studio, out: Path) -> None:
     if f"{PROBE_PAIRS} pairs" not in panel_text(studio):
         raise Failure(f"the probe did not run on {PROBE_PAIRS} pairs:\n" + panel_text(studio)[:2000])
     # The examples table lists 15 long pairs; three are enough to show what it holds.
-    shoot(page, studio, out / "probe.png", until=studio.locator("table").last.locator("tr").nth(3))
+    shoot(page, studio, out / "probe.png", until=studio.locator("table").filter(visible=True).last.locator("tr").nth(3))
 
     browser_lab.choose(studio, "probe", "completions from templates")
     browser_lab.set_box(studio, "samples per prompt", "2")
@@ -209,14 +210,14 @@ def take_probes(page, studio, out: Path) -> None:
     must_appear(lambda: "gap between groups" in panel_text(studio) and run.is_enabled(), 300,
                "the completion probe's result")
     fail_on_panel_error(studio, "Bias probe")
-    shoot(page, studio, out / "completions.png", until=studio.locator("table").last)
+    shoot(page, studio, out / "completions.png", until=studio.locator("table").filter(visible=True).last)
 
     browser_lab.choose(studio, "probe", "counterfactual sentences (the tuned classifier)")
     run.click()
     must_appear(lambda: "Kiritchenko" in panel_text(studio) and run.is_enabled(), 300,
                 "the counterfactual sentences' result")
     fail_on_panel_error(studio, "Bias probe")
-    shoot(page, studio, out / "counterfactual.png", until=studio.locator("table").last.locator("tr").nth(4))
+    shoot(page, studio, out / "counterfactual.png", until=studio.locator("table").filter(visible=True).last.locator("tr").nth(4))
 
 
 def take_export(page, studio, out: Path) -> None:
@@ -227,6 +228,23 @@ def take_export(page, studio, out: Path) -> None:
     shoot(page, studio, out / "export.png")
 
 
+def take_runs(page, studio, out: Path) -> None:
+    """A second run with LoRA rank 4 instead of 8 (it goes to runs/sst2-2), then the Runs tab:
+    both runs, what the second changed, their curves and its config diff."""
+    browser_lab.click_tab(studio, "Model")
+    browser_lab.set_box(studio, "lora_r", "4")
+    browser_lab.click_tab(studio, "Train")
+    studio.locator(".nbft-train-start").click()
+    # The Runs tab refreshes when the test after training has added its figures to the record.
+    table = studio.locator(".nbft-runs-table")
+    must_appear(lambda: table.text_content().count("accuracy") >= 2 and "lora_r=4" in table.text_content(),
+                TRAIN_TIMEOUT, "the second run, tested, in the Runs tab")
+    browser_lab.click_tab(studio, "Runs")
+    must_appear(studio.locator(".nbft-runs-diff").is_visible, 30, "the Runs tab's config diff")
+    fail_on_panel_error(studio, "Runs")
+    shoot(page, studio, out / "runs.png", until=studio.locator(".nbft-runs-diff"))
+
+
 def take(page, out: Path, lab) -> None:
     studio = page.locator(".jp-OutputArea-output", has=page.locator(browser_lab.TABS)).first
     browser_lab.run_all(page, lab, lambda: studio.count() > 0)
@@ -235,6 +253,7 @@ def take(page, out: Path, lab) -> None:
     take_train_evaluate(page, studio, out)
     take_probes(page, studio, out)
     take_export(page, studio, out)
+    take_runs(page, studio, out)
 
 
 def shots(root: Path, data: Path, out: Path) -> None:
