@@ -32,14 +32,21 @@ def missing(cfg: TrainConfig) -> list[str]:
     return [module for module in needs if importlib.util.find_spec(module) is None]
 
 
+def install_hint(cfg: TrainConfig) -> str:
+    """The pip command that brings what the chosen tracker lacks here; empty when nothing is missing."""
+    absent = missing(cfg)
+    if not absent:
+        return ""
+    # The tracker's own package brings the rest (mlflow brings SQLAlchemy and Alembic).
+    return "pip install " + (cfg.report_to if cfg.report_to in absent else " ".join(absent))
+
+
 def check(cfg: TrainConfig) -> None:
     """Refuse, in one line and before any model loads, a tracker whose package is absent."""
-    absent = missing(cfg)
-    if absent:
-        # The tracker's own package brings the rest (mlflow brings SQLAlchemy and Alembic).
-        install = cfg.report_to if cfg.report_to in absent else " ".join(absent)
-        raise UserError(f"train.report_to: {cfg.report_to} needs {', '.join(absent)}, not installed here: "
-                        f"pip install {install}, or set train.report_to: none")
+    hint = install_hint(cfg)
+    if hint:
+        raise UserError(f"train.report_to: {cfg.report_to} needs {', '.join(missing(cfg))}, not installed here: "
+                        f"{hint}, or set train.report_to: none")
 
 
 def point_tensorboard(trainer, cfg: TrainConfig) -> None:
