@@ -114,3 +114,16 @@ def test_mlflow_needs_no_local_store_when_the_user_has_a_server(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert trackers.missing(TrainConfig(report_to="mlflow")) == []
     assert trackers.missing(TrainConfig(report_to="none")) == []
+
+
+def test_a_training_that_fails_leaves_no_mlflow_run_open_and_no_uri(tmp_path, fresh_mlflow):
+    """transformers ends its MLflow run only when training ends normally: the next training in
+    this process must not log into the failed one's run, or its store."""
+    pytest.importorskip("sqlalchemy")
+    from nb_finetune.training import trackers
+    cfg = TrainConfig(report_to="mlflow", output_dir=str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match="boom"), trackers.mlflow_store(cfg):
+        run_id = fresh_mlflow.start_run().info.run_id  # what the callback does at train begin
+        raise RuntimeError("boom")
+    assert fresh_mlflow.active_run() is None and not fresh_mlflow.is_tracking_uri_set()
+    assert fresh_mlflow.MlflowClient(trackers.mlflow_uri(cfg)).get_run(run_id).info.status == "FAILED"
