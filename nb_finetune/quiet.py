@@ -16,6 +16,8 @@ def quiet_notices() -> None:
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_notices()
+    # train.report_to: mlflow's local store announces the tables it creates at a run's start.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
