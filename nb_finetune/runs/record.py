@@ -1,0 +1,119 @@
+"""The record of one run: run.json in its folder, written when training starts and updated as
+the run goes on (each log step, the end of training, the test, the bias gate), so a run that
+fails, is stopped or loses its kernel is still listed with what it had done."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from .. import hardware
+
+RECORD = "run.json"
+FORMAT = "nb_finetune.run/1"
+PACKAGES = ("nb_finetune", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "pandas")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    """Python's and the installed packages' versions (None where one is absent)."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def training_summary(history: pd.DataFrame) -> dict:
+    """The last figures of a history: steps, train and validation loss, validation accuracy and
+    the median tokens/s (the first steps' warm-up counts less in a median)."""
+    def last(column):
+        values = history[column].dropna() if column in history else pd.Series(dtype=float)
+        return None if values.empty else round(float(values.iloc[-1]), 6)
+
+    speed = history["tokens_per_second"].dropna() if "tokens_per_second" in history else pd.Series(dtype=float)
+    return {"steps": int(history["step"].max()) if len(history) else 0, "train_loss": last("train_loss"),
+            "val_loss": last("val_loss"), "val_accuracy": last("val_accuracy"),
+            "tokens_per_second": None if speed.empty else round(float(speed.median()), 1)}
+
+
+def new_folder(folder: str | Path, resuming: bool) -> Path:
+    """Where a run writes: `folder`, or when it holds an earlier run (and this one does not
+    resume it) the first free `folder-2`, `folder-3`, ... so every run is kept."""
+    folder = Path(folder)
+    if resuming or not (folder / RECORD).is_file():
+        return folder
+    return next(p for n in range(2, 10_000) if not (p := folder.with_name(f"{folder.name}-{n}")).exists())
+
+
+class RunRecord:
+    """run.json, kept current. As a training callback (training.progress.Callback's methods) it
+    also keeps history.csv current, so a kernel that dies mid-run leaves the curve up to its
+    last log step."""
+
+    def __init__(self, folder: str | Path, fields: dict):
+        self.folder, self.fields = Path(folder), fields
+        self.clock = time.perf_counter()
+
+    @classmethod
+    def start(cls, folder: str | Path, config: dict, data: dict) -> "RunRecord":
+        record = cls(folder, {"format": FORMAT, "status": "running", "error": None, "started": now(),
+                              "ended": None, "seconds": None, "pid": os.getpid(), "host": socket.gethostname(),
+                              "config": config, "data": data, "versions": versions(),
+                              "hardware": hardware.describe(), "training": None, "test_metrics": None,
+                              "bias_gate": None, "probes": {}})
+        record.write()
+        return record
+
+    @classmethod
+    def reopen(cls, folder: str | Path) -> "RunRecord | None":
+        """The record a finished run left in `folder`, to add to (a probe run later), or None."""
+        try:
+            fields = json.loads((Path(folder) / RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return cls(folder, fields) if isinstance(fields, dict) and fields.get("format") == FORMAT else None
+
+    def update(self, **fields) -> None:
+        self.fields.update(fields)
+        self.write()
+
+    def end(self, status: str, error: BaseException | None = None, **fields) -> None:
+        """How the run ended: finished, stopped or failed (with the error's one line)."""
+        self.update(status=status, ended=now(), seconds=round(time.perf_counter() - self.clock, 1),
+                    error=None if error is None else f"{type(error).__name__}: {error}".splitlines()[0], **fields)
+
+    def write(self) -> None:
+        # A whole file or none: written beside and renamed over, so a crash never leaves half a record.
+        self.folder.mkdir(parents=True, exist_ok=True)
+        part = self.folder / f".{RECORD}.part"
+        part.write_text(json.dumps(self.fields, indent=2, default=str), encoding="utf-8")
+        part.replace(self.folder / RECORD)
+
+    # -- training events -----------------------------------------------------------------
+    def on_train_begin(self, info: dict) -> None:
+        self.update(planned_steps=info.get("max_steps"))
+
+    def on_log(self, row: dict, history: pd.DataFrame) -> None:
+        self.keep(history)
+
+    def on_evaluate(self, row: dict, history: pd.DataFrame) -> None:
+        self.keep(history)
+
+    def on_train_end(self, result) -> None: ...
+
+    def keep(self, history: pd.DataFrame) -> None:
+        history.to_csv(self.folder / "history.csv", index=False)
+        self.update(training=training_summary(history))
