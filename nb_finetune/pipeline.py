@@ -201,7 +201,8 @@ class Session:
         if distributed.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.output_dir / "config.yaml")
-            self.record = RunRecord.start(self.output_dir, self.cfg.to_dict(), self.data_fingerprint())
+            self.record = RunRecord.start(self.output_dir, self.cfg.to_dict(), self.data_fingerprint(),
+                                         resuming=bool(t.resume_from))
             callbacks = [*callbacks, self.record]
         with self.recording():
             self.train_result = training.train(self.model, train_ds, self.datasets["validation"],

@@ -65,15 +65,20 @@ class RunRecord:
 
     def __init__(self, folder: str | Path, fields: dict):
         self.folder, self.fields = Path(folder), fields
-        self.clock = time.perf_counter()
+        self.clock = time.perf_counter() - (fields.get("seconds") or 0)  # a resumed run counts its earlier time
 
     @classmethod
-    def start(cls, folder: str | Path, config: dict, data: dict) -> "RunRecord":
-        record = cls(folder, {"format": FORMAT, "status": "running", "error": None, "started": now(),
-                              "ended": None, "seconds": None, "pid": os.getpid(), "host": socket.gethostname(),
-                              "config": config, "data": data, "versions": versions(),
-                              "hardware": hardware.describe(), "training": None, "test_metrics": None,
-                              "bias_gate": None, "probes": {}})
+    def start(cls, folder: str | Path, config: dict, data: dict, resuming: bool = False) -> "RunRecord":
+        """A new record, or for a resumed run its earlier record carried on (started, time, resumes)."""
+        earlier = (cls.reopen(folder) if resuming else None) or cls(folder, {})
+        fields = {"format": FORMAT, "status": "running", "error": None, "started": now(), "ended": None,
+                  "seconds": None, "resumed": [], "pid": os.getpid(), "host": socket.gethostname(),
+                  "config": config, "data": data, "versions": versions(), "hardware": hardware.describe(),
+                  "training": None, "test_metrics": None, "bias_gate": None, "probes": {}}
+        if earlier.fields:
+            fields |= {"started": earlier.fields.get("started"), "seconds": earlier.fields.get("seconds"),
+                       "resumed": [*earlier.fields.get("resumed", []), now()]}
+        record = cls(folder, fields)
         record.write()
         return record
 

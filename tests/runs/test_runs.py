@@ -75,6 +75,14 @@ def test_two_learning_rates_and_a_stopped_run_are_all_kept_and_listed(tmp_path, 
     curves = runs.curves(found, runs.find(found, "demo"))
     assert set(curves["split"]) == {"train", "validation"} and curves["run"].nunique() == 3
 
+    stopped = json.loads((tmp_path / "runs" / "demo-3" / RECORD).read_text())  # resumed: the same run, finished
+    run(cfg.with_overrides({"train.resume_from": "last", "train.output_dir": str(tmp_path / "runs" / "demo-3")}),
+        progress=lambda m: None)
+    resumed = json.loads((tmp_path / "runs" / "demo-3" / RECORD).read_text())
+    assert resumed["status"] == "finished" and resumed["training"]["steps"] == 6
+    assert resumed["started"] == stopped["started"] and len(resumed["resumed"]) == 1
+    assert resumed["seconds"] > stopped["seconds"] and len(runs.find_runs(tmp_path / "runs")[0]) == 3
+
 
 def test_a_run_that_crashes_is_recorded_failed_with_its_history(tmp_path, tiny_model_dir, sst2_file):
     from nb_finetune import RunConfig
