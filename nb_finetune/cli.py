@@ -181,7 +181,7 @@ def cmd_runs(args) -> int:
     found, skipped = runs.find_runs(args.dir)
     baseline = runs.find(found, args.baseline) if args.baseline else None
     if args.action == "list":
-        print(runs.table(found, baseline or (found[-1] if found else None)).to_string(index=False)
+        print(runs.table(found, baseline or (found[-1] if found else None)).round(4).to_string(index=False)
               if found else f"no runs in {args.dir}")
     elif args.action == "show":
         print(runs.show(one_run(found, args.names, 1)[0]))
@@ -191,7 +191,7 @@ def cmd_runs(args) -> int:
         print(diff.to_string() if len(diff) else f"{a.name} and {b.name} have the same settings")
     else:
         chosen = one_run(found, args.names, len(args.names) or 2)
-        print(runs.table(chosen, baseline or chosen[0]).to_string(index=False))
+        print(runs.table(chosen, baseline or chosen[0]).round(4).to_string(index=False))
     if skipped:
         print(f"({skipped} folder(s) with a history or report but no readable run record skipped)")
     return 0
@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_source(pr)
     pr.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
     pr.set_defaults(func=cmd_probe)
-    rn = sub.add_parser("runs", help="the runs in a folder: list, show NAME, diff A B, compare A B [C ...]")
-    rn.add_argument("action", choices=("list", "show", "diff", "compare"))
+    rn = sub.add_parser("runs", help="the runs in a folder: list (the default), show NAME, diff A B, "
+                                     "compare A B [C ...]")
+    rn.add_argument("action", nargs="?", default="list", choices=("list", "show", "diff", "compare"))
     rn.add_argument("names", nargs="*", help="run names as `runs list` shows them")
     rn.add_argument("--dir", default="runs", help="the folder of runs (default: runs)")
     rn.add_argument("--baseline", help="the run the others are compared with (default: the oldest)")

@@ -139,6 +139,9 @@ class TrainConfig:
                             "2 GiB) and read them back when the same rows are tokenized the same way again.")
     eval_steps: int = _f(10, "Validate every this many optimizer steps.", min=1)
     logging_steps: int = _f(5, "Record training loss every this many optimizer steps.", min=1)
+    report_to: str = _f("none", "Also log the metrics to TensorBoard (output_dir/tensorboard) or MLflow (a local "
+                        "store, output_dir/mlflow.db); needs that package (an extra of the same name).",
+                        choices=("none", "tensorboard", "mlflow"))
     save_steps: int = _f(0, "Checkpoint every this many steps (0: at each validation).", min=0)
     early_stopping_patience: int = _f(0, "Stop after this many validations without a lower validation loss (0: never).", min=0)
     resume_from: str = _f("", "Checkpoint folder to resume from, or 'last' for the newest in output_dir.")

@@ -12,6 +12,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 from IPython.core.error import UsageError
@@ -31,6 +32,8 @@ SUBCOMMANDS = {
     "probe [N|gate]": "the bias probe panel (in a terminal: N built-in CrowS-Pairs pairs, base vs tuned; "
                       "gate: the config's probe: section checked against its thresholds)",
     "export": "the export panel",
+    "runs [DIR]": "the runs panel over DIR (default: the folder train.output_dir is in; in a terminal: "
+                  "the runs table)",
     "config": "the current settings",
     "assets": "built-in models and data sets, cached or not",
     "env": "what the toolkit found here and what it means for you",
@@ -263,6 +266,15 @@ class FinetuneMagics(Magics):
         if not self._has_widgets():
             raise UsageError("exporting from a terminal: use `nb-finetune export --config FILE --output DIR`")
         return self._panel("ExportPanel")
+
+    def _do_runs(self, rest):
+        folder = rest[0] if rest else str(Path(self.shared.get("train.output_dir")).parent)
+        if self._has_widgets():
+            from .ui import RunsPanel
+            return RunsPanel(self.shared, folder=folder)
+        from . import runs
+        found, _ = runs.find_runs(folder)
+        return runs.table(found, found[-1] if found else None)
 
     def _do_config(self, rest):
         return self.shared.config()

@@ -23,6 +23,7 @@ from .errors import UserError
 from .probes import gate
 from .redact import redact
 from .runs.record import RunRecord, new_folder, training_summary
+from .training import trackers
 from .training.policy import PADDING_FREE_NEEDS_CAUSAL_LM
 
 
@@ -182,6 +183,7 @@ class Session:
         return CompletionOnlyCollator(self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of or None)
 
     def train(self, callbacks=(), stop: threading.Event | None = None) -> training.TrainResult:
+        trackers.check(self.cfg.train)  # a missing tracker package, said before the model loads
         if self.model is None:
             self.load_model()
         self.use_new_folder()
@@ -199,7 +201,8 @@ class Session:
         if distributed.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.output_dir / "config.yaml")
-            self.record = RunRecord.start(self.output_dir, self.cfg.to_dict(), self.data_fingerprint())
+            self.record = RunRecord.start(self.output_dir, self.cfg.to_dict(), self.data_fingerprint(),
+                                         resuming=bool(t.resume_from))
             callbacks = [*callbacks, self.record]
         with self.recording():
             self.train_result = training.train(self.model, train_ds, self.datasets["validation"],
@@ -348,6 +351,7 @@ class Session:
 def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progress=print, source=None) -> Session:
     """Every stage in order; returns the session with all results (files written to output_dir)."""
     session = Session(cfg, progress)
+    trackers.check(cfg.train)  # before the data and the model, not after them
     session.prepare_data(source)
     session.tokenize()
     if cfg.probe.probes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 
 def quiet_notices() -> None:
@@ -16,6 +17,10 @@ def quiet_notices() -> None:
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_notices()
+    # train.report_to: mlflow's local store announces the tables it creates at a run's start.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # peft asks transformers a deprecated question each time it wraps a model; nothing a user can change.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -92,7 +92,8 @@ class Pruner(Callback):
 @dataclasses.dataclass
 class SweepResult:
     folder: Path
-    runs: list  # the pipeline's sessions, in the order they ran
+    runs: list = dataclasses.field(default_factory=list)  # each run's folder, in the order they ran
+    failed: list = dataclasses.field(default_factory=list)  # (folder, the error's line)
     pruned: list = dataclasses.field(default_factory=list)  # the folders of runs stopped by pruning
     pruned_steps: int = 0  # training steps not spent on them
     stopped: bool = False
@@ -105,21 +106,24 @@ class SweepResult:
 
 def run_sweep(cfg: RunConfig, grid: dict[str, list], stop: threading.Event | None = None, progress=print,
               callbacks=(), on_run=None, prune: float | None = None, source=None) -> SweepResult:
-    """Each combination in turn, with the training `callbacks`; `on_run(session)` after each.
-    Stop ends the current run and the sweep. `prune`: the margin for stopping a run that trails
-    the best one (None: never)."""
+    """Each combination in turn, with the training `callbacks`; `on_run(session)` after each run
+    that ends. A run that fails is recorded as failed and the sweep goes on; Stop ends the current
+    run and the sweep. `prune`: the margin for stopping a run that trails the best one (None: never)."""
     configs, stop = grid_configs(cfg, grid), stop or threading.Event()
-    result = SweepResult(Path(configs[0].train.output_dir).parent, [])
-    best = pd.Series(dtype=float)
+    result, best = SweepResult(Path(configs[0].train.output_dir).parent), pd.Series(dtype=float)
     for i, one in enumerate(configs, 1):
         if stop.is_set():
-            result.stopped = True
             break
         progress(f"sweep run {i}/{len(configs)}: {Path(one.train.output_dir).name}")
         either = Either(stop)
-        pruner = Pruner(best, prune or 0.0, either) if prune is not None and len(best) else None
-        session = run(one, [*callbacks, pruner] if pruner else list(callbacks), either, progress, source)
-        result.runs.append(session)
+        pruner = Pruner(best, prune, either) if prune is not None and len(best) else None
+        try:
+            session = run(one, [*callbacks, pruner] if pruner else list(callbacks), either, progress, source)
+        except Exception as err:  # noqa: BLE001 - its record says failed; the other runs still run
+            result.failed.append((one.train.output_dir, f"{type(err).__name__}: {err}".splitlines()[0]))
+            progress(f"sweep run {i} failed: {result.failed[-1][1]}")
+            continue
+        result.runs.append(session.output_dir)
         if pruner is not None and pruner.pruned_at is not None:
             result.pruned.append(session.output_dir)
             result.pruned_steps += prune_note(session, pruner.pruned_at, progress)
@@ -127,13 +131,13 @@ def run_sweep(cfg: RunConfig, grid: dict[str, list], stop: threading.Event | Non
             best = best_curve(best, session.train_result.history)
         if on_run is not None:
             on_run(session)
-    result.stopped = result.stopped or stop.is_set()
+    result.stopped = stop.is_set()
     return result
 
 
 def prune_note(session, step: int, progress) -> int:
     """Mark a pruned run in its record; the steps it did not train."""
-    planned = session.record.fields.get("planned_steps") or 0
+    planned = (session.record.fields.get("planned_steps") if session.record else None) or 0
     saved = max(int(planned) - session.train_result.global_step, 0)
     session.note(status="pruned", error=f"validation loss trailed the best run's at step {step}")
     progress(f"pruned at step {step}: its validation loss trailed the best run's; {saved} steps saved")

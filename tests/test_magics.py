@@ -102,6 +102,9 @@ def test_terminal_fallbacks_answer_in_text(ip, tiny_yaml, tmp_path):
     text = ip.display_formatter.format(session)[0]["text/plain"]
     assert "done: data, tokens, model, training, evaluation" in text
     assert session.train_result.global_step == 4 and session.eval_result is not None
+    table = ip.run_line_magic("finetune", "runs")  # the folder the run went in
+    assert table["run"].tolist() == ["run"] and table["status"].tolist() == ["finished"]
+    assert table["steps"].tolist() == [4]
     with pytest.raises(UsageError, match="nb-finetune export"):
         ip.run_line_magic("finetune", "export")
 

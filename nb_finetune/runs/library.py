@@ -110,7 +110,7 @@ def describe_changes(changes: dict) -> str:
 
 def table(runs: list[Run], baseline: Run | None = None) -> pd.DataFrame:
     """One row per run: name, when, what differs from the baseline, final validation figures, test
-    metric, time, tokens/s, status."""
+    metric, time, tokens/s, status, and the bias gate's verdict."""
     rows = []
     for run in runs:
         training = run.record.get("training") or {}
@@ -119,9 +119,17 @@ def table(runs: list[Run], baseline: Run | None = None) -> pd.DataFrame:
                      "changed": describe_changes(changed(run, baseline)), "val_loss": training.get("val_loss"),
                      "val_accuracy": training.get("val_accuracy"), "test": value, "test_metric": metric,
                      "seconds": run.record.get("seconds"), "tokens_per_s": training.get("tokens_per_second"),
-                     "steps": training.get("steps"), "status": run.status})
+                     "steps": training.get("steps"), "status": run.status, "bias_gate": gate_verdict(run)})
     return pd.DataFrame(rows, columns=["run", "started", "changed", "val_loss", "val_accuracy", "test",
-                                       "test_metric", "seconds", "tokens_per_s", "steps", "status"])
+                                       "test_metric", "seconds", "tokens_per_s", "steps", "status", "bias_gate"])
+
+
+def gate_verdict(run: Run) -> str:
+    """failed, passed, report only, or '' when the run's probes were not run."""
+    gate = run.record.get("bias_gate")
+    if not gate:
+        return ""
+    return "failed" if gate.get("failed") else "passed" if gate.get("enforced") else "report only"
 
 
 def config_diff(a: Run, b: Run) -> pd.DataFrame:
@@ -160,8 +168,7 @@ def show(run: Run) -> str:
              f"  started {r.get('started')}, ended {r.get('ended') or '-'}, {r.get('seconds') or '-'} s",
              "  training: " + ", ".join(f"{k} {v}" for k, v in training.items()),
              f"  test {metric}: {value}" if metric else "  test: not run",
-             f"  bias gate: {'failed' if r['bias_gate']['failed'] else 'passed'}" if r.get("bias_gate") else
-             "  bias gate: not run",
+             f"  bias gate: {gate_verdict(run) or 'not run'}",
              "  data: " + json.dumps(r.get("data")), "  versions: " + json.dumps(r.get("versions")),
              "  hardware: " + json.dumps(r.get("hardware")), "  settings:"]
     return "\n".join(lines + [f"    {k}: {v}" for k, v in run.settings().items()])

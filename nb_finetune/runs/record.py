@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 
 from .. import hardware
-from ..training.progress import Callback
 
 RECORD = "run.json"
 FORMAT = "nb_finetune.run/1"
@@ -59,21 +58,27 @@ def new_folder(folder: str | Path, resuming: bool) -> Path:
     return next(p for n in range(2, 10_000) if not (p := folder.with_name(f"{folder.name}-{n}")).exists())
 
 
-class RunRecord(Callback):
-    """run.json, kept current. As a training callback it also keeps history.csv current, so a
-    kernel that dies mid-run leaves the curve up to its last log step."""
+class RunRecord:
+    """run.json, kept current. As a training callback (training.progress.Callback's methods) it
+    also keeps history.csv current, so a kernel that dies mid-run leaves the curve up to its
+    last log step."""
 
     def __init__(self, folder: str | Path, fields: dict):
         self.folder, self.fields = Path(folder), fields
-        self.clock = time.perf_counter()
+        self.clock = time.perf_counter() - (fields.get("seconds") or 0)  # a resumed run counts its earlier time
 
     @classmethod
-    def start(cls, folder: str | Path, config: dict, data: dict) -> "RunRecord":
-        record = cls(folder, {"format": FORMAT, "status": "running", "error": None, "started": now(),
-                              "ended": None, "seconds": None, "pid": os.getpid(), "host": socket.gethostname(),
-                              "config": config, "data": data, "versions": versions(),
-                              "hardware": hardware.describe(), "training": None, "test_metrics": None,
-                              "bias_gate": None})
+    def start(cls, folder: str | Path, config: dict, data: dict, resuming: bool = False) -> "RunRecord":
+        """A new record, or for a resumed run its earlier record carried on (started, time, resumes)."""
+        earlier = (cls.reopen(folder) if resuming else None) or cls(folder, {})
+        fields = {"format": FORMAT, "status": "running", "error": None, "started": now(), "ended": None,
+                  "seconds": None, "resumed": [], "pid": os.getpid(), "host": socket.gethostname(),
+                  "config": config, "data": data, "versions": versions(), "hardware": hardware.describe(),
+                  "training": None, "test_metrics": None, "bias_gate": None, "probes": {}}
+        if earlier.fields:
+            fields |= {"started": earlier.fields.get("started"), "seconds": earlier.fields.get("seconds"),
+                       "resumed": [*earlier.fields.get("resumed", []), now()]}
+        record = cls(folder, fields)
         record.write()
         return record
 
@@ -111,6 +116,8 @@ class RunRecord(Callback):
 
     def on_evaluate(self, row: dict, history: pd.DataFrame) -> None:
         self.keep(history)
+
+    def on_train_end(self, result) -> None: ...
 
     def keep(self, history: pd.DataFrame) -> None:
         history.to_csv(self.folder / "history.csv", index=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 from .. import distributed, hardware
 from ..config import TrainConfig
 from ..errors import UserError
+from .trackers import report_to
 
 
 def accumulation(cfg: TrainConfig) -> int:
@@ -120,7 +121,8 @@ def training_arguments(cfg: TrainConfig, precision: str, has_eval: bool, quantiz
         logging_steps=cfg.logging_steps, eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=save_steps, save_total_limit=2,
         seed=cfg.seed, data_seed=cfg.seed, bf16=precision == "bfloat16", fp16=precision == "float16",
-        use_cpu=not hardware.cuda_available(), report_to="none", disable_tqdm=True,
+        use_cpu=not hardware.cuda_available(), report_to=report_to(cfg), disable_tqdm=True,
+        run_name=Path(cfg.output_dir).name,  # the run's name in a tracker
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         logging_nan_inf_filter=False,  # a NaN must reach our check, not be averaged away
         train_sampling_strategy="group_by_length", remove_unused_columns=False,

@@ -20,6 +20,7 @@ from ..config import TrainConfig
 from ..data.collator import PaddingTally, per_token
 from ..errors import UserError
 from ..modeling import keeps_logits_selectively
+from . import trackers
 from .diagnosis import diagnose
 from .policy import (
     accumulation,
@@ -72,6 +73,7 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
     The history is written to cfg.output_dir/history.csv however training ends. `say` gets a
     line for each speed-up used or refused and each change made to rescue a run that ran out
     of GPU memory."""
+    trackers.check(cfg)
     check_disk(model, cfg)
     # Only the main process reports: one console, one history, one set of files.
     callbacks = list(callbacks) if distributed.is_main() else []
@@ -124,7 +126,8 @@ def train_with_rescue(model, datasets, collator, cfg: TrainConfig, setup: Setup,
 
 def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: EventBridge) -> None:
     try:
-        with kernels.for_training(model, precision, kernels.wanted(cfg.cpu_kernels)) as applied:
+        with kernels.for_training(model, precision, kernels.wanted(cfg.cpu_kernels)) as applied, \
+                trackers.mlflow_store(cfg):
             trainer.fused_loss = applied.fused_loss if trainer.trained_logits_only else None
             bridge.info["kernels"] = applied.describe()
             trainer.train(resume_from_checkpoint=resume_point(cfg, trainer.args.output_dir))
@@ -160,6 +163,7 @@ def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, setup: Set
     # Each try counts its own training batches; validation batches stay padded.
     trainer.train_collator = replace(collator, flatten=setup.padding_free, tally=PaddingTally())
     trainer.drop_printers()
+    trackers.point_tensorboard(trainer, cfg)
     return trainer
 
 

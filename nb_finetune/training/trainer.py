@@ -91,7 +91,7 @@ class EventBridge(TrainerCallback):
             control.should_save = True
         for cb in self.callbacks:
             cb.on_evaluate(dict(row), self.history)
-        self.check_stop(control)  # a stop asked for on seeing this validation (a sweep's pruning) ends here
+        self.check_stop(control)  # a stop asked for on seeing this validation ends the run at this step
 
     def no_better(self, loss: float) -> bool:
         """Whether `patience` validations in a row have not lowered the best loss."""

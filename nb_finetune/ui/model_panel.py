@@ -7,7 +7,9 @@ from pathlib import Path
 import ipywidgets as widgets
 
 from .. import assets, hardware, memory, modeling
+from ..config import TrainConfig
 from ..render import figures
+from ..training import trackers
 from .common import Form, Panel, Picture
 
 MODEL_KEYS = ["model.name", "model.objective", "model.compute_dtype", "model.trust_remote_code",
@@ -18,7 +20,7 @@ TRAIN_KEYS = ["train.learning_rate", "train.batch_size", "train.grad_accum", "tr
               "train.epochs", "train.max_steps", "train.weight_decay", "train.warmup_ratio", "train.scheduler",
               "train.optimizer", "train.gradient_checkpointing", "train.max_length", "train.seed"]
 RUN_KEYS = ["train.output_dir", "train.eval_steps", "train.logging_steps", "train.save_steps",
-            "train.early_stopping_patience", "train.resume_from"]
+            "train.early_stopping_patience", "train.resume_from", "train.report_to"]
 
 
 def _cheap_to_inspect(name: str) -> bool:
@@ -63,6 +65,16 @@ class ModelPanel(Panel):
         if not policy.bf16_allowed:
             dtype.options = [o for o in dtype.options if o != "bfloat16"]
             self.forms[0].notes["model.compute_dtype"].value = f"<span style='color:#666'>{policy.reason}</span>"
+        self._note_absent_trackers()
+
+    def _note_absent_trackers(self) -> None:
+        """A tracker without its package stays a choice (a loaded config may name it, and training
+        then says what to install); the note says so beforehand."""
+        hints = [f"{name}: {hint}" for name in trackers.NEEDS
+                 if (hint := trackers.install_hint(TrainConfig(report_to=name)))]
+        if hints:
+            note = f"not installed here: {'; '.join(hints)}"
+            self.forms[4].notes["train.report_to"].value = f"<span style='color:#666'>{note}</span>"
 
     def _on_event(self, event: str) -> None:
         if event in ("config", "data") and self._estimated:

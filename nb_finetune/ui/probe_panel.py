@@ -124,10 +124,20 @@ class ProbePanel(Panel):
             done += self.run_pairs(session, choice)
         if session.base_results.reused:
             done += " (the base's result from an earlier run with the same model and inputs: the base does not change)"
+        self.record_results(session)
         self._offer_sort_columns()
         self._show_examples()
         self.say(done)
         self.shared.notify("probe")
+
+    def record_results(self, session) -> None:
+        """Each model's summary into the trained run's record (run.json), under this probe's name."""
+        if session.record is None:
+            return
+        found = dict(session.record.fields.get("probes") or {})
+        found[self.probe.value] = {k: items_and_summary(r)[1].reset_index().to_dict(orient="records")
+                                   for k, r in self.results.items()}
+        session.note(probes=found)
 
     def run_completions(self, session) -> str:
         """The completion probe on base and tuned (and with blocked words); what it blocked."""

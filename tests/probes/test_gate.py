@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import mentions, sst2_dev
 
-from nb_finetune import ConfigError, RunConfig
+from nb_finetune import ConfigError, RunConfig, runs
 from nb_finetune.cli import main
 from nb_finetune.data.bias_scan import DEFAULT_GROUPS
 from nb_finetune.probes import gate, runner
@@ -174,6 +174,9 @@ def test_a_classifier_tuned_on_a_planted_skew_fails_the_gate_and_one_tuned_on_cl
     assert main(["run", "--config", run_config(tmp_path, "clean", rows)]) == 0
     clean = json.loads((tmp_path / "run-clean" / "report.json").read_text())["bias_gate"]
     assert not clean["failed"] and clean["checks"][0]["tuned"] < 0.1
+    found, _ = runs.find_runs(tmp_path)  # the verdicts in the runs table too
+    assert runs.table(found).set_index("run")["bias_gate"].to_dict() == {"run-planted": "failed",
+                                                                         "run-clean": "passed"}
 
     # The saved planted run probed again from its adapter: the same figures, the same verdict.
     assert main(["probe", "--config", str(tmp_path / "planted.yaml")]) == gate.EXIT_FAILED

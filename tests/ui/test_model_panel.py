@@ -17,6 +17,18 @@ def test_controls_that_cannot_work_are_disabled_with_the_reason(ui_config, monke
     assert "bfloat16" not in dtype.options and "not supported" in panel.forms[0].notes["model.compute_dtype"].value
 
 
+def test_a_tracker_without_its_package_is_noted_with_the_install(ui_config, monkeypatch):
+    import sys
+
+    from nb_finetune.ui import ModelPanel
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # find_spec's answer for a module not installed
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    form = next(f for f in ModelPanel(config=ui_config).forms if "train.report_to" in f.controls)
+    assert list(form.controls["train.report_to"].options) == ["none", "tensorboard", "mlflow"]
+    note = form.notes["train.report_to"].value
+    assert "tensorboard: pip install tensorboard" in note and "mlflow: pip install mlflow" in note
+
+
 def test_model_panel_estimates_trainable_parameters_before_loading(smollm2_dir):
     """With no arguments the panel uses the built-in demo and shows its LoRA size; the figure
     must equal what peft reports once the model is really loaded."""

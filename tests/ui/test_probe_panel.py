@@ -3,6 +3,9 @@ probed once across trainings, the output filter, your own classifier, the built-
 and the previous training kept for comparison."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from conftest import PNG
 
@@ -183,6 +186,13 @@ def test_probe_panel_keeps_the_previous_training_for_comparison(ui_config, sst2_
     probe.run_button.click()
     assert probe.error.value == "", probe.error.value
     assert set(probe.results) == {"base", "tuned", "tuned, previous training"}
+    # The second training went beside the first, and each run's record keeps what its probe found.
+    first = Path(ui_config["train"]["output_dir"])
+    assert studio.shared.get("train.output_dir") == str(first.with_name(first.name + "-2"))
+    records = [json.loads((folder / "run.json").read_text()) for folder in (first, first.with_name(first.name + "-2"))]
+    assert [set(*r["probes"].values()) for r in records] == [{"base", "tuned"},
+                                                              {"base", "tuned", "tuned, previous training"}]
+    assert len(next(iter(records[0]["probes"].values()))["tuned"]) > 0
 
 
 def test_probe_panel_runs_counterfactual_sentences_with_its_own_templates(ui_config, sst2_120):
