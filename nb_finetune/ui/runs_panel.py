@@ -22,8 +22,7 @@ from ..errors import UserError
 from ..render import figures, tables
 from .common import Panel, Picture, message_html, on_colab
 
-COLUMNS = ["run", "started", "changed", "val_loss", "val_accuracy", "test", "test_metric", "seconds",
-           "tokens_per_s", "steps", "status"]
+COLUMNS = list(runs.table([]).columns)  # the sort choices: every column of the table
 CURVES_AT_FIRST = 6  # the newest runs plotted when the panel opens: more lines are hard to tell apart
 RESUMABLE = ("stopped", "interrupted")  # a run that ended early on purpose or lost its kernel
 ROW_CLASS = {"failed": "error", "stopped": "warning", "interrupted": "warning", "pruned": "warning"}
@@ -350,8 +349,10 @@ class RunsPanel(Panel):
         """The sweep's runs ranked, and what pruning saved."""
         pruned = (f"; {len(result.pruned)} pruned, {result.pruned_steps} training steps saved" if result.pruned
                   else "")
+        failed = "".join(f"; {Path(folder).name} failed: {error}" for folder, error in result.failed)
         ended = "stopped" if result.stopped else "done"
-        self.sweep_status.value = html.escape(f"sweep {ended}: {len(result.runs)} run(s) in {result.folder}{pruned}")
+        self.sweep_status.value = html.escape(f"sweep {ended}: {len(result.runs)} run(s) in {result.folder}{pruned}"
+                                              f"{failed}")
         ranked = result.table()
         self.ranked.value = ("<b>the sweep's runs, best validation loss first</b>"
                              + tables.table_html(ranked.drop(columns=["started", "test_metric"])))
