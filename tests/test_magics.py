@@ -144,7 +144,8 @@ def test_rich_display_of_configs_reports_results_and_sessions(ip, tiny_yaml, tmp
 def test_each_panel_subcommand_shows_its_panel(ip):
     magics(ip).widgets = True
     expected = {"studio": "Studio", "data": "DataPanel", "preview": "TokenizationPanel", "model": "ModelPanel",
-                "train": "TrainPanel", "evaluate": "EvalPanel", "probe": "ProbePanel", "export": "ExportPanel"}
+                "train": "TrainPanel", "evaluate": "EvalPanel", "probe": "ProbePanel", "export": "ExportPanel",
+                "runs": "RunsPanel"}
     for command, name in expected.items():
         shown = ip.run_line_magic("finetune", command)
         assert type(shown).__name__ == name
