@@ -242,7 +242,7 @@ def take_runs(page, studio, out: Path) -> None:
     browser_lab.click_tab(studio, "Runs")
     must_appear(studio.locator(".nbft-runs-diff").is_visible, 30, "the Runs tab's config diff")
     fail_on_panel_error(studio, "Runs")
-    shoot(page, studio, out / "runs.png", until=studio.locator(".nbft-runs-diff"))
+    shoot(page, studio, out / "runs.png")
 
 
 def take(page, out: Path, lab) -> None:

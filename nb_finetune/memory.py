@@ -53,12 +53,14 @@ class MemoryEstimate:
 
 def meta_model(cfg: RunConfig, objective: str, num_labels: int):
     """The model built on the meta device (no weights read), and its transformers config."""
-    from accelerate import init_empty_weights
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .modeling import load_config
     model_config = load_config(cfg.model, progress=lambda m: None)
-    with init_empty_weights():
+    # torch's device context is per thread; accelerate's init_empty_weights patches every module
+    # class, so a panel's estimate would put a model loading on the training thread on meta too.
+    with torch.device("meta"):
         if objective == "head":
             model_config.num_labels = max(num_labels, 2)
             return AutoModelForSequenceClassification.from_config(model_config), model_config

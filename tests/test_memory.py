@@ -106,3 +106,24 @@ def test_gpu_estimate_is_close_to_the_measured_peak(quantization, tmp_path, shar
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.85 < got["estimate"] / got["peak"] < 1.15, got
+
+
+def test_an_estimate_builds_on_meta_for_its_own_thread_only(tiny_model_dir, monkeypatch):
+    """A panel's estimate runs beside training: a model loading on another thread meanwhile keeps real weights."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nb_finetune import RunConfig, memory
+    seen, build = {}, AutoModelForCausalLM.from_config
+
+    def build_while_another_thread_loads(config, **kwargs):
+        other = threading.Thread(target=lambda: seen.update(other=torch.nn.Linear(2, 2).weight.device.type))
+        other.start()
+        other.join()
+        return build(config, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", build_while_another_thread_loads)
+    model, _ = memory.meta_model(RunConfig.from_dict({"model": {"name": str(tiny_model_dir)}}), "completion", 2)
+    assert next(model.parameters()).device.type == "meta" and seen == {"other": "cpu"}
