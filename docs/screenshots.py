@@ -239,8 +239,15 @@ def take_runs(page, studio, out: Path) -> None:
     table = studio.locator(".nbft-runs-table")
     must_appear(lambda: table.text_content().count("accuracy") >= 2 and "lora_r=4" in table.text_content(),
                 TRAIN_TIMEOUT, "the second run, tested, in the Runs tab")
-    browser_lab.click_tab(studio, "Runs")
-    must_appear(studio.locator(".nbft-runs-diff").is_visible, 30, "the Runs tab's config diff")
+    diff = studio.locator(".nbft-runs-diff")
+
+    def runs_tab_shown() -> bool:
+        # Clicked again until it stays: the studio brings the Evaluate tab forward as the test ends.
+        browser_lab.click_tab(studio, "Runs")
+        time.sleep(1)
+        return diff.is_visible() and "settings of" in diff.text_content()
+
+    must_appear(runs_tab_shown, 60, "the Runs tab's config diff", interval=2)
     fail_on_panel_error(studio, "Runs")
     shoot(page, studio, out / "runs.png")
 

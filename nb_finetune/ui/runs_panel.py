@@ -161,16 +161,19 @@ class RunsPanel(Panel):
 
     def _refill_choices(self) -> None:
         """The run choices for the current list: a choice kept while its run is there; the baseline
-        defaults to the oldest run, the chosen run to the newest, and new runs join the plot."""
+        defaults to the oldest run, the chosen run to the newest (and to a run that has just
+        appeared), and new runs join the plot."""
         names = [r.name for r in self.found]  # newest first
         before = set(self.baseline.options)
+        new = [n for n in names if n not in before] if before else names[:CURVES_AT_FIRST]
         self._syncing = True
         try:
             for control, default in ((self.baseline, names[-1:]), (self.selected, names[:1])):
                 keep = control.value if control.value in names else (default[0] if default else None)
+                if control is self.selected and before and new:  # a run just ended: show what it changed
+                    keep = new[0]
                 control.options = names
                 control.value = keep
-            new = [n for n in names if n not in before] if before else names[:CURVES_AT_FIRST]
             kept = [n for n in self.chosen.value if n in names]
             self.chosen.options = names
             self.chosen.value = tuple(kept + [n for n in new if n not in kept])
