@@ -284,9 +284,12 @@ class Session:
                 "digest": {k: data_mod.frame_digest(v)[:16] for k, v in splits.items()}}
 
     def use_new_folder(self) -> None:
-        """Keep an earlier run: a new one (not a resume) writes beside it, and output_dir says where."""
+        """Keep an earlier run: a new one (not a resume) writes beside it, and output_dir says where.
+        Under a launcher the job's folder stands: its processes cannot agree on another before
+        torch.distributed starts, which is later, in the Trainer."""
+        if distributed.world_size() > 1:
+            return
         folder = new_folder(self.output_dir, bool(self.cfg.train.resume_from))
-        distributed.barrier()  # every process has chosen before the main one creates the folder
         if folder != self.output_dir:
             self.progress(f"{self.output_dir} holds an earlier run: this one is written to {folder}")
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train,

@@ -58,6 +58,14 @@ def new_folder(folder: str | Path, resuming: bool) -> Path:
     return next(p for n in range(2, 10_000) if not (p := folder.with_name(f"{folder.name}-{n}")).exists())
 
 
+def whole_file(path: Path, text: str) -> None:
+    """A whole file or none: written beside and renamed over, so a process killed mid-write never
+    leaves half a record or an empty history."""
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text, encoding="utf-8")
+    part.replace(path)
+
+
 class RunRecord:
     """run.json, kept current. As a training callback (training.progress.Callback's methods) it
     also keeps history.csv current, so a kernel that dies mid-run leaves the curve up to its
@@ -101,11 +109,8 @@ class RunRecord:
                     error=None if error is None else f"{type(error).__name__}: {error}".splitlines()[0], **fields)
 
     def write(self) -> None:
-        # A whole file or none: written beside and renamed over, so a crash never leaves half a record.
         self.folder.mkdir(parents=True, exist_ok=True)
-        part = self.folder / f".{RECORD}.part"
-        part.write_text(json.dumps(self.fields, indent=2, default=str), encoding="utf-8")
-        part.replace(self.folder / RECORD)
+        whole_file(self.folder / RECORD, json.dumps(self.fields, indent=2, default=str))
 
     # -- training events -----------------------------------------------------------------
     def on_train_begin(self, info: dict) -> None:
@@ -120,5 +125,5 @@ class RunRecord:
     def on_train_end(self, result) -> None: ...
 
     def keep(self, history: pd.DataFrame) -> None:
-        history.to_csv(self.folder / "history.csv", index=False)
+        whole_file(self.folder / "history.csv", history.to_csv(index=False))
         self.update(training=training_summary(history))

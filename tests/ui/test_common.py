@@ -53,7 +53,7 @@ def test_panels_work_with_no_arguments(smollm2_dir):
     from nb_finetune.ui import DataPanel, EvalPanel, ExportPanel, Studio, TokenizationPanel, TrainPanel
     studio = Studio()
     assert [p.title for p in studio.panels] == ["Data", "Tokens", "Model", "Train", "Evaluate", "Bias probe",
-                                                "Export"]
+                                                "Export", "Runs"]
     assert all(p.error.value == "" for p in studio.panels)
     for panel in (TokenizationPanel(), TrainPanel(), EvalPanel(), ExportPanel()):
         assert panel.shared.config().data.source == "imdb-sample"
