@@ -14,7 +14,9 @@ def reference() -> str:
     docs/config.md is current)."""
     lines = ["# Configuration reference", "",
              "Generated from the help text in `nb_finetune/config.py` by `python docs/config_reference.py`. "
-             "A run config is YAML or JSON with the sections below; every setting is optional.", ""]
+             "A run config is YAML or JSON with the sections below; every setting is optional. "
+             "`on`/`off` and `yes`/`no` may be written bare: YAML reads them as true/false, and a "
+             "setting offering those words takes them back.", ""]
     for section, klass in SECTIONS.items():
         lines += [f"## `{section}`", "", "| setting | default | accepted | what it does |", "|---|---|---|---|"]
         for f in dataclasses.fields(klass):

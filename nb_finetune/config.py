@@ -92,6 +92,9 @@ class ModelConfig:
     allow_pickle: bool = _f(False, "Load pickle weight files (.bin/.pt), which can run code when loaded. "
                             "Off: safetensors only. Only for models you trust.")
 
+    def __post_init__(self):
+        _switch_words(self)
+
 
 @dataclass
 class TrainConfig:
@@ -138,6 +141,9 @@ class TrainConfig:
     cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "
                             "2 GiB) and read them back when the same rows are tokenized the same way again.")
     eval_steps: int = _f(10, "Validate every this many optimizer steps.", min=1)
+
+    def __post_init__(self):
+        _switch_words(self)
     logging_steps: int = _f(5, "Record training loss every this many optimizer steps.", min=1)
     report_to: str = _f("none", "Also log the metrics to TensorBoard (output_dir/tensorboard) or MLflow (a local "
                         "store, output_dir/mlflow.db); needs that package (an extra of the same name).",
@@ -359,9 +365,31 @@ def type_name(f) -> str:
     return getattr(field_type(f), "__name__", str(field_type(f)))
 
 
+# YAML 1.1 (PyYAML) reads on/off and yes/no as booleans: a field offering those words takes them back.
+SWITCH_WORDS = (("on", "off"), ("yes", "no"))
+
+
+def as_choice(f: dataclasses.Field, value: Any) -> Any:
+    """A boolean as the word it was written as, for a field whose choices are on/off or yes/no;
+    any other value as it is."""
+    choices = f.metadata.get("choices", ())
+    if isinstance(value, bool):
+        for yes, no in SWITCH_WORDS:
+            if yes in choices or no in choices:
+                return yes if value else no
+    return value
+
+
+def _switch_words(section_obj) -> None:
+    """A section built in Python with True/False for an on/off field keeps the word instead."""
+    for f in dataclasses.fields(section_obj):
+        setattr(section_obj, f.name, as_choice(f, getattr(section_obj, f.name)))
+
+
 def _coerce(f: dataclasses.Field, value: Any) -> tuple[bool, Any]:
     """Accept the value if it has (or plainly converts to) the field's type."""
     want = field_type(f)
+    value = as_choice(f, value)
     if want is bool:
         return isinstance(value, bool), value
     if want is int:

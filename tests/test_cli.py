@@ -113,3 +113,12 @@ def test_validate_prints_the_bias_scan_and_a_bad_term_list_in_one_line(tmp_path,
     assert main(["validate", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "age/old needs two or more terms" in err and "Traceback" not in err
+
+
+def test_set_takes_on_and_off(tmp_path):
+    """`--set train.cpu_kernels=off` goes through YAML, which reads off as False."""
+    job = tmp_path / "job"
+    assert main(["export", "--preset", "demo", "--set", "train.cpu_kernels=off", "--set", "train.liger_kernel=on",
+                 "--output", str(job)]) == 0
+    train = yaml.safe_load((job / "config.yaml").read_text())["train"]
+    assert (train["cpu_kernels"], train["liger_kernel"]) == ("off", "on")

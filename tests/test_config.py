@@ -78,3 +78,34 @@ def test_shipped_presets():
     assert {"demo", "qlora-gpu"} <= set(presets())
     q = load_preset("qlora-gpu").model
     assert (q.quantization, q.quant_type, q.double_quant) == ("4bit", "nf4", True)
+
+
+ON_OFF_YAML = ("train:\n  cpu_kernels: off\n  liger_kernel: on\n  padding_free: off\n  gradient_checkpointing: no\n"
+               "model:\n  chat_template: yes\n")
+ON_OFF_WORDS = {"train.cpu_kernels": "off", "train.liger_kernel": "on", "train.padding_free": "off",
+                "train.gradient_checkpointing": "no", "model.chat_template": "yes"}
+
+
+def _words(cfg: RunConfig) -> dict:
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in ON_OFF_WORDS}
+
+
+def test_on_and_off_written_in_a_yaml_file_are_the_words(tmp_path):
+    """YAML 1.1 reads on/off and yes/no as booleans; the fields offering those words take them."""
+    path = tmp_path / "c.yaml"
+    path.write_text(ON_OFF_YAML)
+    assert yaml.safe_load(ON_OFF_YAML)["train"]["cpu_kernels"] is False  # what the file gives
+    cfg = RunConfig.load(path)
+    assert _words(cfg) == ON_OFF_WORDS
+    assert RunConfig.load(cfg.save(tmp_path / "again.yaml")) == cfg
+
+
+def test_on_and_off_from_python_are_the_words():
+    assert TrainConfig(cpu_kernels=False, liger_kernel=True).cpu_kernels == "off"
+    assert TrainConfig(liger_kernel=True).liger_kernel == "on"
+    bools = {key: word in ("on", "yes") for key, word in ON_OFF_WORDS.items()}
+    assert _words(RunConfig().with_overrides(bools)) == ON_OFF_WORDS
+    with pytest.raises(ConfigError, match="train.cpu_kernels='on': one of 'auto', 'off'"):
+        RunConfig.from_dict({"train": {"cpu_kernels": True}})  # a word the field does not offer, named
+    with pytest.raises(ConfigError, match="train.packing=.*a value of type bool"):
+        RunConfig.from_dict({"train": {"packing": "off"}})  # a plain bool field is unchanged

@@ -72,6 +72,7 @@ class Shared:
 
     def set(self, key: str, value) -> None:
         section, name = key.split(".")
+        value = config_mod.as_choice(_field(key), value)  # True/False for an on/off field: the word
         if self.raw[section][name] != value:
             self.raw[section][name] = value
             self.notify("config")

@@ -169,3 +169,19 @@ def test_panels_work_with_ipywidgets_7(tmp_path_factory):
     assert " passed" in run.stdout and "no tests ran" not in run.stdout
     passed = {line.split("::")[-1].split()[0] for line in run.stdout.splitlines() if line.startswith("PASSED ")}
     assert set(VISIBILITY_TESTS) <= passed, sorted(set(VISIBILITY_TESTS) - passed)
+
+
+def test_on_and_off_as_booleans_become_the_words_in_the_panels(ui_config):
+    """A dict or a setting from Python with True/False (what YAML makes of on/off, yes/no) shows
+    and validates as the word."""
+    from nb_finetune.ui import ModelPanel
+    ui_config["train"] |= {"gradient_checkpointing": False, "cpu_kernels": False}
+    panel = ModelPanel(config=ui_config)
+    control = next(f for f in panel.forms if "train.gradient_checkpointing" in f.controls
+                   ).controls["train.gradient_checkpointing"]
+    assert control.value == "no"
+    panel.shared.set("train.gradient_checkpointing", True)
+    panel.shared.set("train.liger_kernel", False)
+    assert control.value == "yes" and panel.shared.problems() == []
+    cfg = panel.shared.config()
+    assert (cfg.train.gradient_checkpointing, cfg.train.cpu_kernels, cfg.train.liger_kernel) == ("yes", "off", "off")
