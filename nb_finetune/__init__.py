@@ -12,17 +12,15 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in ("Session", "run"):
-        from .quiet import quiet_notices
-        quiet_notices()
-        from . import pipeline
+        from .quiet import loading_quietly
+        with loading_quietly():  # pipeline imports peft, and with it bitsandbytes, which logs as it loads
+            from . import pipeline
         return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_ipython_extension(shell) -> None:
     """`%load_ext nb_finetune`: the `%finetune` and `%%finetune_config` magics."""
-    from .quiet import quiet_notices
-    quiet_notices()
     from .magics import load
     load(shell)
 

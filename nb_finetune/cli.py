@@ -10,14 +10,14 @@ import argparse
 import signal
 import sys
 import threading
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from . import commands
 from .errors import UserError
-from .quiet import quiet_libraries
+from .quiet import quieted
 from .redact import redact
 
 
@@ -41,16 +41,28 @@ def config_from(args):
 
 def set_up_process(cfg) -> None:
     """What the command line settles for its whole process before the libraries load: huge
-    pages for torch's tensors where the CPU kernels are on, and quiet libraries."""
+    pages for torch's tensors where the CPU kernels are on."""
     if cfg.train.cpu_kernels != "off":
         # Before torch allocates anything: it reads the huge-page setting once, at its first allocation.
         from .kernels.allocator import huge_pages_for_tensors
         huge_pages_for_tensors()
-    quiet_libraries()
+
+
+@contextmanager
+def working(cfg):
+    """One command's work on `cfg`: the process set up first (quieting imports transformers,
+    and with it torch), then the libraries quiet while it runs."""
+    set_up_process(cfg)
+    with quieted():
+        yield
 
 
 def _run(cfg) -> int:
-    set_up_process(cfg)
+    with working(cfg):
+        return _run_reporting(cfg)
+
+
+def _run_reporting(cfg) -> int:
     from . import distributed, pipeline, training
     if not distributed.is_main():  # under a launcher, only the main process talks
         return _run_quietly(cfg)
@@ -125,7 +137,8 @@ def cmd_export(args) -> int:
     from .export import export_job
     cfg = config_from(args)
     if args.gguf:
-        return cmd_export_gguf(cfg, args)
+        with quieted():
+            return cmd_export_gguf(cfg, args)
     if not args.output:
         raise UserError("export needs --output DIR for the job folder, or --gguf TYPE for a GGUF model")
     folder = export_job(cfg, args.output)
@@ -144,7 +157,6 @@ def ask(question: str) -> bool:
 
 def cmd_export_gguf(cfg, args) -> int:
     from .export import export_gguf
-    quiet_libraries()
     adapter = Path(args.adapter or Path(cfg.train.output_dir) / "adapter")
     out = Path(args.out or args.output or Path(cfg.train.output_dir) / f"gguf-{args.gguf}")
     force = args.force or (out.exists() and sys.stdin.isatty() and ask(f"{out} exists: replace it? [y/N] "))
@@ -157,21 +169,15 @@ def cmd_export_gguf(cfg, args) -> int:
 
 def cmd_probe(args) -> int:
     """The bias probes on a saved run: its base and its adapter, report.json updated."""
-    import json
-
     cfg = config_from(args)
-    set_up_process(cfg)
-    from .pipeline import Session
-    session = Session(cfg, progress=print)
-    session.check_probes()
-    session.load_trained(args.adapter)
-    result = session.probe_bias()
-    print(result.summary())
-    report = session.output_dir / "report.json"
-    saved = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else session.report()
-    report.write_text(redact(json.dumps(saved | {"bias_gate": result.to_dict()}, indent=2, default=str)),
-                      encoding="utf-8")
-    print(f"bias_gate written to {report}")
+    with working(cfg):
+        from .pipeline import Session
+        session = Session(cfg, progress=print)
+        session.check_probes()
+        session.load_trained(args.adapter)
+        result = session.probe_bias()
+        print(result.summary())
+        print(f"bias_gate written to {session.write_gate()}")
     return gate_status(result)
 
 
@@ -208,9 +214,8 @@ def cmd_sweep(args) -> int:
     from . import sweep, training
     cfg = config_from(args)
     grid = sweep.parse_grid(args.grid)
-    set_up_process(cfg)
     stop = threading.Event()
-    with first_ctrl_c_stops(stop):
+    with working(cfg), first_ctrl_c_stops(stop):
         result = sweep.run_sweep(cfg, grid, stop, print, callbacks=[training.ConsoleProgress()], prune=args.prune)
     print(f"\nsweep in {result.folder}, ranked by validation loss:\n" + result.table().to_string(index=False))
     if args.prune is not None:
@@ -230,13 +235,13 @@ def cmd_validate(args) -> int:
 
 def cmd_assets(args) -> int:
     from . import assets
-    quiet_libraries()
     if args.action == "list":
         import pandas as pd
         print(f"asset cache: {assets.cache_dir()}  (set NB_FINETUNE_CACHE to move it)")
         print(pd.DataFrame(assets.listing()).to_string(index=False))
         return 0
-    paths = assets.fetch(args.names)
+    with quieted():  # a fetched model is converted to safetensors by transformers
+        paths = assets.fetch(args.names)
     for p in paths:
         print(p)
     return 0
@@ -263,60 +268,72 @@ def _add_config_source(parser) -> None:
     _add_overrides(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nb-finetune", description="Fine-tune language models with LoRA/QLoRA.")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="SmolLM2-135M-Instruct learns IMDB sentiment, offline, in minutes on a CPU")
+def _args_demo(d) -> None:
     d.add_argument("--output", help="output folder (default runs/demo)")
     _add_overrides(d)
-    d.set_defaults(func=cmd_demo)
-    r = sub.add_parser("run", help="run a saved config (YAML or JSON)")
-    _add_config_source(r)
-    r.set_defaults(func=cmd_run)
-    e = sub.add_parser("export", help="write a job folder for torchrun / accelerate (config + launch scripts), "
-                                      "or with --gguf the tuned model as GGUF for llama.cpp / Ollama")
+
+
+def _args_export(e) -> None:
     _add_config_source(e)
     e.add_argument("--output", help="job folder to write")
     e.add_argument("--gguf", metavar="TYPE", help="write the merged model as GGUF: f16, q8_0 or q4_0")
     e.add_argument("--out", help="GGUF folder (default: <train.output_dir>/gguf-TYPE)")
     e.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder (asked at a terminal)")
-    e.set_defaults(func=cmd_export)
-    pr = sub.add_parser("probe", help="run the bias probes (probe: settings) on a saved run's base and adapter; "
-                                      "exit status 3 when the bias gate fails")
+
+
+def _args_probe(pr) -> None:
     _add_config_source(pr)
     pr.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
-    pr.set_defaults(func=cmd_probe)
-    rn = sub.add_parser("runs", help="the runs in a folder: list (the default), show NAME, diff A B, "
-                                     "compare A B [C ...]")
+
+
+def _args_runs(rn) -> None:
     rn.add_argument("action", nargs="?", default="list", choices=("list", "show", "diff", "compare"))
     rn.add_argument("names", nargs="*", help="run names as `runs list` shows them")
     rn.add_argument("--dir", default="runs", help="the folder of runs (default: runs)")
     rn.add_argument("--baseline", help="the run the others are compared with (default: the oldest)")
-    rn.set_defaults(func=cmd_runs)
-    sw = sub.add_parser("sweep", help="train every combination of a few settings, one run after another")
+
+
+def _args_sweep(sw) -> None:
     _add_config_source(sw)
     sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                     help="a setting and its values, e.g. train.learning_rate=1e-4,3e-4 (repeatable)")
     sw.add_argument("--prune", type=float, metavar="MARGIN", help="stop a run whose validation loss trails the "
                     "best earlier run's at the same step by more than MARGIN (0.1: 10%%)")
-    sw.set_defaults(func=cmd_sweep)
-    v = sub.add_parser("validate", help="check a config and its data without training")
-    v.add_argument("--config", required=True)
-    v.set_defaults(func=cmd_validate)
-    a = sub.add_parser("assets", help="built-in models and data sets")
+
+
+def _args_assets(a) -> None:
     a.add_argument("action", choices=("list", "fetch"))
     a.add_argument("names", nargs="*", help="assets to fetch (default: all)")
-    a.set_defaults(func=cmd_assets)
-    ps = sub.add_parser("presets", help="list shipped presets, or print one")
-    ps.add_argument("name", nargs="?")
-    ps.set_defaults(func=cmd_presets)
+
+
+# Each command of commands.COMMANDS offered here: its arguments and what runs it.
+SUBCOMMANDS = {
+    "demo": (_args_demo, cmd_demo),
+    "run": (_add_config_source, cmd_run),
+    "validate": (lambda v: v.add_argument("--config", required=True), cmd_validate),
+    "probe": (_args_probe, cmd_probe),
+    "export": (_args_export, cmd_export),
+    "runs": (_args_runs, cmd_runs),
+    "sweep": (_args_sweep, cmd_sweep),
+    "assets": (_args_assets, cmd_assets),
+    "presets": (lambda ps: ps.add_argument("name", nargs="?"), cmd_presets),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nb-finetune", description="Fine-tune language models with LoRA/QLoRA.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in commands.for_cli():
+        add_arguments, func = SUBCOMMANDS[command.name]
+        parser = sub.add_parser(command.name, help=command.cli)
+        add_arguments(parser)
+        parser.set_defaults(func=func)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore")
     try:
         return args.func(args)
     except UserError as err:

@@ -18,31 +18,10 @@ import yaml
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
+from .commands import BY_NAME, magic_usage
 from .config import RunConfig
 from .errors import ConfigError, UserError
 from .redact import redact
-
-SUBCOMMANDS = {
-    "studio": "every panel in tabs, over the current settings",
-    "data [PATH]": "the data panel (PATH: a file, built-in name or Hub id to load)",
-    "preview": "the tokenization preview",
-    "model": "the model and hyperparameter panel",
-    "train [--config FILE]": "the training panel (FILE: a YAML/JSON config to use first)",
-    "evaluate": "the evaluation panel",
-    "probe [N|gate]": "the bias probe panel (in a terminal: N built-in CrowS-Pairs pairs, base vs tuned; "
-                      "gate: the config's probe: section checked against its thresholds)",
-    "export": "the export panel",
-    "runs [DIR]": "the runs panel over DIR (default: the folder train.output_dir is in; in a terminal: "
-                  "the runs table)",
-    "config": "the current settings",
-    "assets": "built-in models and data sets, cached or not",
-    "env": "what the toolkit found here and what it means for you",
-}
-
-
-def _usage() -> str:
-    width = max(len(k) for k in SUBCOMMANDS)
-    return "usage: %finetune SUBCOMMAND\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in SUBCOMMANDS.items())
 
 
 @dataclass
@@ -183,24 +162,21 @@ class FinetuneMagics(Magics):
         except ValueError as err:
             raise UsageError(f"%finetune {line}: {err}") from None
         command, rest = (args[0], args[1:]) if args else ("help", [])
-        handler = getattr(self, f"_do_{command}", None)
         if command == "help":
-            print(_usage())
+            print(magic_usage())
             return None
-        if handler is None:
-            raise UsageError(f"%finetune: unknown subcommand {command!r}\n{_usage()}")
+        if command not in BY_NAME or BY_NAME[command].magic is None:
+            raise UsageError(f"%finetune: unknown subcommand {command!r}\n{magic_usage()}")
+        from .quiet import quieted
         try:
-            return handler(rest)
+            with quieted():
+                from .pipeline import reporting_to  # quiet first: it loads bitsandbytes, which logs as it loads
+                with reporting_to(print):  # the messages of work done here: the console (no panel shows them)
+                    return getattr(self, f"_do_{command}")(rest)
         except UserError as err:  # a problem the user can fix: one line, no traceback
             raise UsageError(redact(str(err))) from None
 
     # -- subcommands ----------------------------------------------------------------------
-    def _session(self):
-        """The shared session, reporting to the console (no panel shows its status here)."""
-        session = self.shared.session()
-        session.progress = print
-        return session
-
     def _panel(self, name: str):
         from . import ui
         return getattr(ui, name)(self.shared)
@@ -215,14 +191,14 @@ class FinetuneMagics(Magics):
         if rest:
             self.shared.set("data.source", rest[0])
         if not self._has_widgets():
-            session = self._session()
+            session = self.shared.session()
             return session.prepare_data().report
         return self._panel("DataPanel")
 
     def _do_preview(self, rest):
         if not self._has_widgets():
             from .data.collator import token_table
-            session = self._session()
+            session = self.shared.session()
             session.tokenize()
             table = token_table(session.formatter, session.prep.splits["train"].iloc[0].to_dict())
             return table
@@ -247,19 +223,12 @@ class FinetuneMagics(Magics):
 
     def _do_probe(self, rest):
         if rest == ["gate"]:
-            return self._session().probe_bias()
+            return self.shared.session().probe_bias()
         if not self._has_widgets():  # a terminal: the built-in CrowS-Pairs subset on base and tuned
-            from .probes import likelihood, runner
             n = int(rest[0]) if rest and rest[0].isdigit() else 0
             if rest and not n:
                 raise UsageError("usage: %finetune probe [N|gate]  (N: how many pairs, e.g. 200)")
-            session = self._session()
-            if session.model is None:
-                session.load_model()
-            pairs = runner.load_pair_set("crows-pairs-masked", limit=n)  # N: a seeded sample, for a quick look
-            runs = runner.pair_probe(session.model, session.tokenizer, pairs, base_results=session.base_results,
-                                     base_identity=session.base_identity)
-            return likelihood.pair_change(runs["base"], runs["tuned"])
+            return self.shared.session().pair_set_change("crows-pairs-masked", limit=n)
         return self._panel("ProbePanel")
 
     def _do_export(self, rest):

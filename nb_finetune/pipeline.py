@@ -2,9 +2,14 @@
 
 `Session` keeps each stage's result so a panel can run stages one at a time and show
 each; `run()` does them all, as the command line does.
+
+Stage messages go to the sink the caller names for its work (`reporting_to`), on its own
+thread: a panel clicked while another panel's training runs on a thread gets its own
+messages, and the training its own.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import threading
@@ -20,17 +25,30 @@ from .data.collator import CompletionOnlyCollator
 from .data.formatter import Formatter
 from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame
 from .errors import UserError
-from .probes import gate
+from .probes import gate, likelihood, runner
 from .redact import redact
 from .runs.record import RunRecord, new_folder, training_summary
 from .training import trackers
 from .training.policy import PADDING_FREE_NEEDS_CAUSAL_LM
 
+# The progress sink of the work running in this context (each thread has its own).
+_SINK: contextvars.ContextVar = contextvars.ContextVar("nb_finetune_progress", default=None)
+
+
+@contextmanager
+def reporting_to(progress):
+    """Stage messages of the session work inside, on this thread, go to `progress`."""
+    token = _SINK.set(progress)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
 
 class Session:
     def __init__(self, cfg: RunConfig, progress=print):
         self.cfg = cfg.validate()
-        self.progress = progress
+        self.progress = progress  # the sink for work that names none
         self.prep = self.tokenizer = self.formatter = self.model = self.source = None
         self.objective = None
         self.datasets: dict = {}
@@ -85,6 +103,16 @@ class Session:
     def _repr_pretty_(self, p, cycle) -> None:
         done = [name for name, ok in self.stages() if ok]
         p.text(f"Session({self.cfg.model.name} on {self.cfg.data.source}; done: {', '.join(done) or 'nothing yet'})")
+
+    @property
+    def progress(self):
+        """Where stage messages go: the sink of the work calling (`reporting_to`), else the
+        session's own."""
+        return _SINK.get() or self.own_progress
+
+    @progress.setter
+    def progress(self, sink) -> None:
+        self.own_progress = sink
 
     @property
     def output_dir(self) -> Path:
@@ -275,6 +303,25 @@ class Session:
                                              self.progress, self.base_results, self.base_identity)
         self.note(bias_gate=self.gate_result.to_dict())
         return self.gate_result
+
+    def write_gate(self) -> Path:
+        """The bias gate's result into output_dir's report.json, the rest of a saved run's report
+        kept (a finished run probed again); returns the file."""
+        report = self.output_dir / "report.json"
+        saved = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else self.report()
+        text = json.dumps(saved | {"bias_gate": self.gate_result.to_dict()}, indent=2, default=str)
+        report.write_text(redact(text), encoding="utf-8")
+        return report
+
+    def pair_set_change(self, name: str = "crows-pairs-masked", limit: int = 0) -> pd.DataFrame:
+        """One pair set's likelihood probe on base and tuned, and the change, outside the gate:
+        a quick look (`limit`: a seeded sample of that many pairs; 0: all)."""
+        if self.model is None:
+            self.load_model()
+        pairs = runner.load_pair_set(name, limit=limit)
+        runs = runner.pair_probe(self.model, self.tokenizer, pairs, base_results=self.base_results,
+                                 base_identity=self.base_identity)
+        return likelihood.pair_change(runs["base"], runs["tuned"])
 
     # -- the run record ----------------------------------------------------------------
     def data_fingerprint(self) -> dict:

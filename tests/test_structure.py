@@ -15,7 +15,7 @@ from conftest import REPO, SUBPROCESS_ENV, load_docs_module
 PACKAGE = REPO / "nb_finetune"
 # Layers, lowest first: a module may import its own layer's modules or lower ones, never higher.
 LAYERS = [
-    {"errors", "redact", "distributed", "hardware", "quiet", "assets", "config", "render"},
+    {"errors", "redact", "distributed", "hardware", "quiet", "assets", "config", "render", "commands"},
     {"kernels"},
     {"data", "modeling"},
     {"training", "memory", "evaluation", "export"},
@@ -129,27 +129,40 @@ def test_data_config_and_panels_never_import_the_kernels():
     assert [m for m in kept_apart if any(t.startswith("nb_finetune.kernels") for t in graph[m])] == []
 
 
-def test_importing_leaves_the_environment_unchanged():
+def test_importing_leaves_the_process_unchanged():
     """Every module of the package, imported after the libraries it uses (which may set their
-    own variables), leaves os.environ as it found it."""
+    own state), leaves os.environ, the level of every logger there was before (those the
+    package quiets for its work included), transformers' verbosity and progress bars, and
+    warnings.filters as it found them."""
     code = (
-        "import importlib, json, os, pkgutil, sys\n"
+        "import importlib, json, logging, os, pkgutil, sys, warnings\n"
         "import torch, transformers, peft, ipywidgets, IPython\n"
-        "before = dict(os.environ)\n"
+        "quieted = ['bitsandbytes', 'mlflow.store.db.utils']  # loggers nb_finetune.quiet raises for its work\n"
+        "def state():\n"
+        "    loggers = logging.root.manager.loggerDict\n"
+        "    names = list(before['levels']) if 'before' in globals() else list(loggers) + quieted\n"
+        "    return {'env': dict(os.environ), 'filters': [repr(f) for f in warnings.filters],\n"
+        "            'levels': {n: logging.getLogger(n).level for n in names},\n"
+        "            'transformers': [transformers.logging.get_verbosity(),\n"
+        "                             transformers.logging.is_progress_bar_enabled()]}\n"
+        "before = state()\n"
         "import nb_finetune\n"
         "names = [m.name for m in pkgutil.walk_packages(nb_finetune.__path__, 'nb_finetune.')\n"
         "         if not m.name.endswith('__main__')]\n"
         "for name in names:\n"
         "    importlib.import_module(name)\n"
-        "after = dict(os.environ)\n"
-        "print(json.dumps({'modules': len(names), 'changed': sorted(k for k in before.keys() | after.keys()\n"
-        "                  if before.get(k) != after.get(k))}))\n")
+        "nb_finetune.Session\n"
+        "after = state()\n"
+        "changed = {k: sorted(n for n in before[k].keys() | after[k].keys() if before[k].get(n) != after[k].get(n))\n"
+        "           for k in ('env', 'levels')}\n"
+        "changed |= {k: after[k] for k in ('filters', 'transformers') if before[k] != after[k]}\n"
+        "print(json.dumps({'modules': len(names), 'changed': {k: v for k, v in changed.items() if v}}))\n")
     env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["modules"] > 40
-    assert found["changed"] == []
+    assert found["changed"] == {}
 
 
 def private(name: str) -> bool:

@@ -14,6 +14,7 @@ import json
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -22,8 +23,8 @@ import yaml
 from .. import config as config_mod
 from ..config import RunConfig
 from ..errors import ConfigError, Problem, UserError
-from ..pipeline import Session
-from ..quiet import quiet_libraries
+from ..pipeline import Session, reporting_to
+from ..quiet import quieted
 from ..redact import redact
 from ..render.figures import to_png
 
@@ -305,7 +306,6 @@ class Panel(widgets.VBox):
         self.status = widgets.HTML()
         self.error = widgets.HTML()
         self.warnings = widgets.HTML()
-        quiet_libraries()
 
     def say(self, text: str) -> None:
         self.status.value = f"<span style='color:#444'>{html.escape(redact(text))}</span>"
@@ -333,8 +333,7 @@ class Panel(widgets.VBox):
         self.show_error("")
         caught: list = []
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with self.working() as caught:
                 return fn(*args)
         except Exception as err:  # noqa: BLE001 - every error belongs in the panel
             self.handle(err)
@@ -342,6 +341,16 @@ class Panel(widgets.VBox):
             if button is not None:
                 button.disabled = False
             self.show_warnings(caught)
+
+    @contextmanager
+    def working(self):
+        """The context of this panel's work: the libraries quiet, the session's messages on this
+        panel's status line (on this thread only: another panel's work keeps its own), and
+        warnings recorded; yields the list they are recorded in."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quieted(), reporting_to(self.say):
+                yield caught
 
     def show_warnings(self, caught) -> None:
         """Warnings raised during a panel's work, kept in the panel instead of printed."""
@@ -361,6 +370,5 @@ class Panel(widgets.VBox):
         return b
 
     def session(self) -> Session:
-        s = self.shared.session()
-        s.progress = self.say  # stage messages go to this panel's status line
-        return s
+        """The shared session; its messages reach this panel inside `working()`."""
+        return self.shared.session()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import html
 import threading
-import warnings
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -325,8 +324,7 @@ class RunsPanel(Panel):
     def _sweep(self, cfg, grid, prune) -> None:
         caught: list = []
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with self.working() as caught:
                 self.sweep_result = sweep.run_sweep(cfg, grid, self._sweep_stop, SweepProgress(self),
                                                     on_run=self._sweep_ran,
                                                     prune=prune, source=self.shared.source)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import threading
 import time
-import warnings
 
 import ipywidgets as widgets
 
@@ -148,8 +147,7 @@ class TrainPanel(Panel):
     def _run(self) -> None:
         caught: list = []
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with self.working() as caught:
                 self._train()
         except KeyboardInterrupt:  # an interrupt before training began (data or model loading)
             self.outcome.value = message_html("interrupted before training started; nothing was trained", "warning")
