@@ -101,3 +101,35 @@ def test_diagnosis_reads_the_curves():
                             )).startswith("under-fitting")
     assert diagnose(history(falling, [1.5, 1.0, 0.8, 0.6, 0.5, 0.4])).startswith("learning")
     assert diagnose(history(falling[:1], [])).startswith("too early")
+
+
+def test_a_panel_clicked_during_training_gets_its_own_messages_and_none_of_training(ui_config, sst2_120):
+    """The Data panel loads while the Train panel's run goes on on its thread: every message of
+    the training thread reaches the Train panel, none the Data panel, and the Data panel's own
+    messages reach it."""
+    from nb_finetune.ui import DataPanel, Shared, TrainPanel
+    ui_config["train"].update(max_steps=400, eval_steps=3)
+    shared = Shared(ui_config, sst2_120)
+    train, data = TrainPanel(shared, foreground=False), DataPanel(shared)
+    heard: dict[str, list] = {"train": [], "data": []}
+
+    def recording(name, say):
+        def said(text):
+            heard[name].append((threading.current_thread().name, text))
+            say(text)
+        return said
+
+    train.say, data.say = recording("train", train.say), recording("data", data.say)
+    train.start_button.click()
+    assert browser_lab.wait_until(lambda: train.redraws >= 2, 120, 0.05), train.error.value
+    data.load_button.click()
+    assert train.running, "the click came after training ended"
+    assert data.error.value == "", data.error.value
+    train.stop_button.click()
+    assert train.wait(120) and train.error.value == "", train.error.value
+    threads = {name: {thread for thread, _ in said} for name, said in heard.items()}
+    assert threads == {"train": {"nb_finetune-train", "MainThread"}, "data": {"MainThread"}}
+    assert [t for t in heard["data"] if "loading data" in t[1]], heard["data"]
+    after_click = [text for thread, text in heard["train"] if thread == "nb_finetune-train"]
+    assert any("peak memory measured" in text for text in after_click)  # said once training ended
+    assert any("loading model" in text for text in after_click)
