@@ -8,6 +8,10 @@ on a CPU, and each has an equivalence test in tests/kernels/:
 - weights.frozen_weights_in: frozen weights cast once to the compute dtype;
 - allocator: freed memory kept between steps (and huge pages, set by the command line).
 
+They are written against peft and transformers as pyproject.toml bounds them; `compat`
+checks before each run that what they use is still there, and keeps them off, saying why in
+one line, where it is not.
+
 `for_training` applies them all for one training run and puts everything back after, so with
 the switch off (or on a GPU) peft's own layers and transformers' own loss run. Nothing here
 is imported by data/, config or ui/.
@@ -33,8 +37,11 @@ class Applied:
     the trainer (None where the model's head is not the plain one it replaces)."""
     parts: list = field(default_factory=list)
     fused_loss: object = None
+    refused: str = ""  # why they are off though asked for: a library without what they use
 
     def describe(self) -> str:
+        if self.refused:
+            return self.refused
         return "CPU kernels: " + (", ".join(self.parts) if self.parts else "off (train.cpu_kernels)")
 
 
@@ -43,6 +50,11 @@ def for_training(model, precision: str, enabled: bool):
     """Every kernel, for one training run of `model` (a peft model) in `precision`."""
     if not enabled:
         yield Applied()
+        return
+    from .compat import missing
+    refused = missing(model)
+    if refused:
+        yield Applied(refused=refused)
         return
     import torch
 

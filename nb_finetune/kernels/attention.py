@@ -124,10 +124,10 @@ class ShortRowAttention:
 
 @contextmanager
 def for_training(model):
-    """Use this attention while training `model` on a CPU, where it applies; sdpa again after.
-    Yields whether it applies."""
-    from transformers import AttentionInterface
+    """Use this attention while training `model` on a CPU, where it applies; sdpa again after,
+    and the name taken out of transformers' tables. Yields whether it applies."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
@@ -135,10 +135,13 @@ def for_training(model):
             and base.device.type == "cpu"):
         yield False
         return
-    AttentionInterface.register(NAME, ShortRowAttention())
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as sdpa
+    # Item assignment puts the name in these tables only (not in every AttentionInterface, as
+    # register does), and `del` takes it out again.
+    ALL_ATTENTION_FUNCTIONS[NAME] = ShortRowAttention()
+    ALL_MASK_ATTENTION_FUNCTIONS[NAME] = sdpa_mask  # the same masks as sdpa
     config._attn_implementation = NAME
     try:
         yield True
     finally:
         config._attn_implementation = "sdpa"
+        del ALL_ATTENTION_FUNCTIONS[NAME], ALL_MASK_ATTENTION_FUNCTIONS[NAME]

@@ -110,9 +110,10 @@ def test_long_rows_and_no_gradient_go_to_torchs_attention():
     assert short.masks_built == 1
 
 
-def test_for_training_registers_a_fresh_attention_and_gives_sdpa_back(tiny_model_dir):
+def test_for_training_registers_a_fresh_attention_and_takes_it_out_after(tiny_model_dir):
     """Each training run gets its own instance (no mask held over from another run or model);
-    afterwards, and after a failure, the model is on sdpa; a model type not checked keeps sdpa."""
+    afterwards, and after a failure, the model is on sdpa and the name is out of transformers'
+    table; a model type not checked keeps sdpa."""
     model = lora_model(tiny_model_dir)
     cfg = model.get_base_model().config
     assert cfg._attn_implementation == "sdpa"
@@ -121,11 +122,11 @@ def test_for_training_registers_a_fresh_attention_and_gives_sdpa_back(tiny_model
         with attention.for_training(model) as applies:
             assert applies and cfg._attn_implementation == attention.NAME
             seen.append(ALL_ATTENTION_FUNCTIONS[attention.NAME])
-        assert cfg._attn_implementation == "sdpa"
+        assert cfg._attn_implementation == "sdpa" and attention.NAME not in ALL_ATTENTION_FUNCTIONS
     assert all(isinstance(s, ShortRowAttention) for s in seen) and seen[0] is not seen[1]
     with pytest.raises(RuntimeError, match="step failed"), attention.for_training(model):
         raise RuntimeError("step failed")
-    assert cfg._attn_implementation == "sdpa"
+    assert cfg._attn_implementation == "sdpa" and attention.NAME not in ALL_ATTENTION_FUNCTIONS
     cfg.model_type = "gemma2"  # soft-caps its attention
     with attention.for_training(model) as applies:
         assert not applies and cfg._attn_implementation == "sdpa"
@@ -148,12 +149,15 @@ def test_short_row_attention_in_training_keeps_the_loss_and_gradients(smollm2_di
     randomize_lora_b(model)
     model.train()
 
+    used_functions = []
+
     def loss_and_grads(short: bool, autocast: bool = True):
         model.zero_grad()
         with attention.for_training(model) if short else torch.enable_grad(), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             used = model.config._attn_implementation
             loss = model(**batch).loss
+            used_functions.append(ALL_ATTENTION_FUNCTIONS.get(attention.NAME))
         loss.backward()
         return used, loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
@@ -161,7 +165,8 @@ def test_short_row_attention_in_training_keeps_the_loss_and_gradients(smollm2_di
     used_before, own_loss, own = loss_and_grads(False, autocast=bf16)
     used, loss, grads = loss_and_grads(True, autocast=bf16)
     assert (used_before, used) == ("sdpa", attention.NAME) and model.config._attn_implementation == "sdpa"
-    assert ALL_ATTENTION_FUNCTIONS[attention.NAME].masks_built == 1  # one mask for every layer of the pass
+    assert used_functions[-1].masks_built == 1  # one mask for every layer of the pass
+    assert attention.NAME not in ALL_ATTENTION_FUNCTIONS  # taken out of transformers' table after
     if bf16:
         _, _, exact = loss_and_grads(False, autocast=False)
         assert loss == own_loss

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from peft.tuners.lora.layer import Linear
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from nb_finetune import RunConfig, hardware, kernels
@@ -106,6 +107,7 @@ def test_auto_on_a_cpu_trains_with_the_kernels_and_puts_everything_back(tiny_mod
     assert all(a is b for a, b in zip(now, dropouts)) and all(type(d) is torch.nn.Dropout for d in now)
     assert base.lm_head is head and "_loss_function" not in vars(base)
     assert base.config._attn_implementation == "sdpa"
+    assert SHORT_ROW_ATTENTION not in ALL_ATTENTION_FUNCTIONS and SHORT_ROW_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS
     assert all(m.base_layer.weight.dtype == torch.float32 for m in layers)
 
 
