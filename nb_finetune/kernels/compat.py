@@ -21,8 +21,8 @@ MODULES = (
 LAYER_METHODS = ("_cast_input_dtype", "forward")
 LAYER_MAPPINGS = ("lora_A", "lora_B", "lora_dropout", "scaling", "lora_variant", "lora_bias")
 LAYER_VALUES = ("base_layer", "fan_in_fan_out", "active_adapters", "disable_adapters", "merged")
-# What the fused loss and the attention swap on the causal LM.
-MODEL_NAMES = ("get_output_embeddings", "set_output_embeddings", "loss_function")
+# What the fused loss reads from the causal LM.
+MODEL_NAMES = ("get_output_embeddings", "get_decoder")
 
 
 def version(library: str) -> str:

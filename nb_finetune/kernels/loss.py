@@ -14,8 +14,6 @@ upcast to fp32, log-sum-exp in fp32, the gradient (softmax x scale, minus scale 
 target) in fp32, cast to the compute dtype for the matmul with the weight."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from .models import CHECKED_DECODERS
@@ -94,11 +92,13 @@ def has_plain_head(lm) -> bool:
 
 
 class FusedCausalLMLoss:
-    """linear_cross_entropy in place of a causal LM's output projection and loss, for the
-    forward passes run inside `swapped_in()`: the model's lm_head becomes the identity, so the
-    "logits" reaching its loss function are the hidden states of the kept positions, and its
-    loss function becomes `loss` below. The projection's weight is cast to the compute dtype
-    once (it is frozen), not on every pass as autocast does.
+    """linear_cross_entropy in place of a causal LM's output projection and loss, called by the
+    trainer's compute_loss (torchtune's SFTLoss takes the model's output the same way). The
+    model runs with no position kept for its head and no labels, so neither its projection
+    nor its own loss runs; a forward hook on its decoder (transformers' `get_decoder()`) hands
+    on the final hidden states, and the loss here projects the trained positions' chunk by
+    chunk. The projection's weight is cast to the compute dtype once (it is frozen), not on
+    every pass as autocast does.
 
     A pass without gradients (validation) gives the loss, and each trained position's most
     likely token (argmax of its logits) left in `predictions`, for the token accuracy; keeping
@@ -120,25 +120,23 @@ class FusedCausalLMLoss:
             return None  # another head or loss, or an adapted or trained head: keep the model's own path
         return cls(lm, compute_dtype)
 
-    @contextmanager
-    def swapped_in(self):
-        had_own = "_loss_function" in vars(self.lm)
-        own = vars(self.lm).get("_loss_function")
-        self.lm.set_output_embeddings(torch.nn.Identity())
-        self.lm.loss_function = self.loss
+    def __call__(self, model, inputs: dict, keep: torch.Tensor, following: torch.Tensor,
+                 num_items_in_batch=None) -> torch.Tensor:
+        """The loss of `model` (what the trainer calls, wrappers included) on `inputs`: the
+        hidden states at `keep` (bool, batch x length) against the tokens `following` them."""
+        captured = []
+        hook = self.lm.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
         self.predictions = None
+        plain = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "logits_to_keep")}
         try:
-            yield
+            model(**plain, logits_to_keep=torch.zeros_like(keep))  # no position for the head
         finally:
-            self.lm.set_output_embeddings(self.head)
-            if had_own:
-                self.lm.loss_function = own
-            else:
-                del self.lm._loss_function
+            hook.remove()
+        return self.loss(captured[-1][keep], None, num_items_in_batch=num_items_in_batch, shift_labels=following)
 
     def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
              shift_labels=None, **kwargs):
-        """transformers' ForCausalLMLoss, given hidden states where it expects logits."""
+        """transformers' ForCausalLMLoss, given hidden states where it takes logits."""
         hidden = logits.reshape(-1, logits.shape[-1])
         if shift_labels is None:
             shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]

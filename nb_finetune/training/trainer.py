@@ -145,8 +145,8 @@ class SafeTrainer(Trainer):
     With `fused_loss` (kernels.loss.FusedCausalLMLoss, from the CPU kernels), the projection
     and the loss are computed together, a few rows at a time, and the logits are never stored.
     Validation gets each trained position's predicted token from the same chunks, in place of
-    logits. The Trainer's own loss scaling (accumulation, processes) is untouched: the model
-    still returns the loss from its forward pass."""
+    logits. The loss is scaled as Trainer.compute_loss scales a model's own (`across_processes`),
+    and the Trainer's accumulation treats it as it treats the model's."""
     staging: str | None = None
     trained_logits_only = False
     fused_loss = None
@@ -175,12 +175,24 @@ class SafeTrainer(Trainer):
         inputs = {**inputs, "logits_to_keep": keep, "shift_labels": following}
         if self.fused_loss is None or not (model.training or not torch.is_grad_enabled()):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with self.fused_loss.swapped_in():
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if return_outputs and self.fused_loss.predictions is not None:
-            # A pass without gradients (validation) predicted the tokens: hand those on, not logits.
-            return result[0], {"predicted_ids": self.fused_loss.predictions}
-        return result
+        # The model's own loss takes num_items_in_batch where it accepts loss arguments; so does this one.
+        loss = self.fused_loss(model, inputs, keep, following,
+                               num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        loss = self.across_processes(loss, num_items_in_batch)
+        if not return_outputs:
+            return loss
+        # A pass without gradients (validation) predicted the tokens: hand those on, not logits.
+        predictions = self.fused_loss.predictions
+        return loss, {} if predictions is None else {"predicted_ids": predictions}
+
+    def across_processes(self, loss, num_items_in_batch):
+        """What Trainer.compute_loss does to a model's loss over the tokens of all processes:
+        scaled by the process count, as the gradients are averaged across them."""
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
+                and num_items_in_batch is not None:
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
     def _get_output_dir(self, trial):
         return self.staging or super()._get_output_dir(trial)

@@ -39,6 +39,8 @@ class Spy(Callback):
         self.model, self.base = model, model.get_base_model()
         self.info, self.between, self.passes = None, [], []
         self.base.register_forward_pre_hook(lambda module, args: self.passes.append(self.inside_pass()))
+        self.head_rows = []  # positions the model's own head projected, per pass
+        self.base.lm_head.register_forward_hook(lambda module, args, out: self.head_rows.append(out[..., 0].numel()))
 
     def inside_pass(self) -> dict:
         return {"grad": torch.is_grad_enabled(), "head": type(self.base.lm_head),
@@ -84,6 +86,7 @@ def test_off_trains_with_peft_s_layers_and_transformers_own_loss_and_attention(t
         assert seen["frozen"] == {torch.float32} and seen["attention"] == "sdpa"
     for seen in spy.passes:
         assert seen["head"] is torch.nn.Linear and seen["own loss"] and seen["attention"] == "sdpa"
+    assert spy.head_rows and min(spy.head_rows) > 0  # the head projects the trained positions
 
 
 def test_auto_on_a_cpu_trains_with_the_kernels_and_puts_everything_back(tiny_model_dir, tmp_path, sst2_frame):
@@ -98,8 +101,9 @@ def test_auto_on_a_cpu_trains_with_the_kernels_and_puts_everything_back(tiny_mod
         assert seen["lora"] == {FastLoraLinear} and seen["dropout"] == {FastDropout}
         assert seen["frozen"] == {compute} and seen["attention"] == SHORT_ROW_ATTENTION
     assert spy.between[-1][1]["masks built"] >= 4  # the short-row attention ran, a mask per training pass
-    for seen in spy.passes:  # the fused loss in place of the head and the model's own loss
-        assert seen["head"] is torch.nn.Identity and not seen["own loss"] and seen["attention"] == SHORT_ROW_ATTENTION
+    for seen in spy.passes:  # the fused loss is called by the trainer: the model keeps its head and loss
+        assert seen["head"] is torch.nn.Linear and seen["own loss"] and seen["attention"] == SHORT_ROW_ATTENTION
+    assert spy.head_rows and set(spy.head_rows) == {0}  # and its head projects no position: the fused loss does
     # Put back: peft's own classes and the very dropout modules, the head and loss, sdpa, fp32 weights.
     layers = [m for m in s.model.modules() if isinstance(m, Linear)]
     assert len(layers) == 14 and all(type(m) is Linear and "same_input" not in vars(m) for m in layers)
