@@ -27,6 +27,18 @@ def _f(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
+def as_choice(f: dataclasses.Field, value: Any) -> Any:
+    """True/False as the word for a field offering on/off or yes/no, which YAML 1.1 reads as booleans."""
+    pair = next((p for p in (("on", "off"), ("yes", "no")) if set(p) & set(f.metadata.get("choices", ()))), None)
+    return pair[0 if value else 1] if isinstance(value, bool) and pair else value
+
+
+def _switch_words(section_obj) -> None:
+    """A section built in Python with True/False for an on/off field keeps the words."""
+    for f in dataclasses.fields(section_obj):
+        setattr(section_obj, f.name, as_choice(f, getattr(section_obj, f.name)))
+
+
 @dataclass
 class DataConfig:
     source: str = _f("imdb-sample", "Built-in data set name (see `nb-finetune assets list`), a file path "
@@ -91,9 +103,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Run Python code shipped with this model. Only for models you trust.")
     allow_pickle: bool = _f(False, "Load pickle weight files (.bin/.pt), which can run code when loaded. "
                             "Off: safetensors only. Only for models you trust.")
-
-    def __post_init__(self):
-        _switch_words(self)
+    __post_init__ = _switch_words
 
 
 @dataclass
@@ -141,9 +151,7 @@ class TrainConfig:
     cache_tokens: bool = _f(True, "Keep each split's tokens on disk (the asset cache folder, `tokens/`, at most "
                             "2 GiB) and read them back when the same rows are tokenized the same way again.")
     eval_steps: int = _f(10, "Validate every this many optimizer steps.", min=1)
-
-    def __post_init__(self):
-        _switch_words(self)
+    __post_init__ = _switch_words
     logging_steps: int = _f(5, "Record training loss every this many optimizer steps.", min=1)
     report_to: str = _f("none", "Also log the metrics to TensorBoard (output_dir/tensorboard) or MLflow (a local "
                         "store, output_dir/mlflow.db); needs that package (an extra of the same name).",
@@ -363,27 +371,6 @@ def field_type(f: dataclasses.Field):
 
 def type_name(f) -> str:
     return getattr(field_type(f), "__name__", str(field_type(f)))
-
-
-# YAML 1.1 (PyYAML) reads on/off and yes/no as booleans: a field offering those words takes them back.
-SWITCH_WORDS = (("on", "off"), ("yes", "no"))
-
-
-def as_choice(f: dataclasses.Field, value: Any) -> Any:
-    """A boolean as the word it was written as, for a field whose choices are on/off or yes/no;
-    any other value as it is."""
-    choices = f.metadata.get("choices", ())
-    if isinstance(value, bool):
-        for yes, no in SWITCH_WORDS:
-            if yes in choices or no in choices:
-                return yes if value else no
-    return value
-
-
-def _switch_words(section_obj) -> None:
-    """A section built in Python with True/False for an on/off field keeps the word instead."""
-    for f in dataclasses.fields(section_obj):
-        setattr(section_obj, f.name, as_choice(f, getattr(section_obj, f.name)))
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> tuple[bool, Any]:
