@@ -135,13 +135,14 @@ def for_training(model):
             and base.device.type == "cpu"):
         yield False
         return
-    # Item assignment puts the name in these tables only (not in every AttentionInterface, as
-    # register does), and `del` takes it out again.
-    ALL_ATTENTION_FUNCTIONS[NAME] = ShortRowAttention()
-    ALL_MASK_ATTENTION_FUNCTIONS[NAME] = sdpa_mask  # the same masks as sdpa
+    # Registered class-wide: transformers builds a padding mask only for an attention name in the
+    # mask table's class mapping (an instance's item is taken for a backend that needs no mask).
+    ALL_ATTENTION_FUNCTIONS.register(NAME, ShortRowAttention())
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as sdpa
     config._attn_implementation = NAME
     try:
         yield True
     finally:
         config._attn_implementation = "sdpa"
-        del ALL_ATTENTION_FUNCTIONS[NAME], ALL_MASK_ATTENTION_FUNCTIONS[NAME]
+        for table in (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS):
+            type(table)._global_mapping.pop(NAME, None)  # transformers has no unregister

@@ -16,7 +16,10 @@ MODULES = (
     ("transformers.modeling_utils", ("ALL_ATTENTION_FUNCTIONS",)),
     ("transformers.masking_utils", ("ALL_MASK_ATTENTION_FUNCTIONS", "sdpa_mask")),
     ("transformers.integrations.sdpa_attention", ("sdpa_attention_forward",)),
+    ("transformers.utils.generic", ("GeneralInterface",)),
 )
+# The class mapping that register() writes and the short-row attention takes its name out of.
+CLASS_MAPPINGS = (("transformers.utils.generic", "GeneralInterface", "_global_mapping"),)
 # What FastLoraLinear reads from each of peft's LoRA Linear layers, and how.
 LAYER_METHODS = ("_cast_input_dtype", "forward")
 LAYER_MAPPINGS = ("lora_A", "lora_B", "lora_dropout", "scaling", "lora_variant", "lora_bias")
@@ -47,6 +50,9 @@ def missing_name() -> str | None:
         for name in names:
             if not hasattr(module, name):
                 return lacking(library, f"has no {module_name}.{name}")
+    for module_name, owner, name in CLASS_MAPPINGS:
+        if not isinstance(getattr(getattr(importlib.import_module(module_name), owner), name, None), dict):
+            return lacking(module_name.split(".")[0], f"has no mapping {owner}.{name}")
     return None
 
 
