@@ -15,16 +15,16 @@ from test_gguf import config_for, leftovers, make_adapter, never_merged
 from nb_finetune import UserError
 from nb_finetune.export import export_gguf, gguf_export, gguf_file, gguf_layout, gguf_reader, gguf_vocab, roundtrip
 
-# Settings that make each family's tiny model one llama.cpp computes like transformers: Gemma's
-# attention scale is 1/sqrt(head_dim) there; SmolLM3 gets 4 layers so one goes without rotary;
-# Granite's multipliers away from 1 so a lost one shows.
-SETTINGS = {"gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16},
-            "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16},
+# Settings that make each family's tiny model one every reader computes like transformers: Gemma's
+# attention scale is 1/sqrt(head_dim) in llama.cpp, and transformers' GGUF loader assumes a
+# query_pre_attn_scalar of 256 (the real Gemmas' head size); SmolLM3 gets 4 layers so one goes
+# without rotary; Granite's multipliers away from 1 so a lost one shows.
+SETTINGS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
+            "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256},
             "qwen3": {"head_dim": 16}, "smollm3": {"num_hidden_layers": 4},
             "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 1 / 16,
                         "logits_scaling": 8.0}}
 FAMILIES = sorted(gguf_layout.FAMILIES)
-GEMMA_TOKENIZER = Path.home() / ".cache" / "nb_finetune" / "models" / "gemma3-270m"
 
 
 def tiny_config(model_type, tokenizer, **overrides):
@@ -82,7 +82,7 @@ def test_every_tensor_has_a_gguf_name_and_the_layout_inverts(model_type, tokeniz
 
 
 @pytest.mark.parametrize("model_type, overrides, says", [
-    ("gemma3_text", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 other than head_dim 16 in gemma3_text"),
+    ("gemma3_text", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 other than head_dim 256 in gemma3_text"),
     ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers other than every 4th layer in smollm3"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
      "rope scaling 'linear' in llama"),
@@ -168,16 +168,6 @@ def test_base_model_exports_plain_and_the_run_folder_is_unchanged(base_without_t
     assert "tokenizer.chat_template" not in gguf.GGUFReader(result.gguf).fields
     assert 'TEMPLATE """{{ .Prompt }}"""' in result.modelfile.read_text()
     assert leftovers(tmp_path) == []
-
-
-@pytest.fixture(scope="module")
-def gemma_tokenizer():
-    """Gemma 3's SentencePiece-style tokenizer (BPE with byte fallback), from the built-in
-    gemma3-270m asset's cache folder."""
-    if not (GEMMA_TOKENIZER / "tokenizer.json").is_file():
-        pytest.skip("the gemma3-270m asset is not in the cache")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(GEMMA_TOKENIZER)
 
 
 @pytest.mark.slow
