@@ -4,12 +4,15 @@ exported and read back; refusals come before the merge in one line; a broken fil
 layout, a lost tensor, a wrong vocabulary) fails its round trip with the failure named; a base
 model without a chat template exports plain; the run folder is left as it was."""
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV
 from test_gguf import config_for, leftovers, make_adapter, never_merged
 
 from nb_finetune import UserError
@@ -25,6 +28,7 @@ SETTINGS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
             "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 1 / 16,
                         "logits_scaling": 8.0}}
 FAMILIES = sorted(gguf_layout.FAMILIES)
+GEMMA_TOKENIZER = Path.home() / ".cache" / "nb_finetune" / "models" / "gemma3-270m"
 
 
 def tiny_config(model_type, tokenizer, **overrides):
@@ -153,6 +157,12 @@ def test_chat_template_asked_of_a_base_model_is_refused_before_loading(base_with
     with pytest.raises(UserError, match=r"^GGUF export: a chat template was asked for, but the tokenizer has none"):
         export_gguf(config_for(base_without_template), tiny_adapter, tmp_path / "out", "f16", chat_template=True)
     assert list(tmp_path.iterdir()) == []
+    config_for(base_without_template).save(tmp_path / "config.yaml")
+    bad = subprocess.run([sys.executable, "-m", "nb_finetune", "export", "--config", str(tmp_path / "config.yaml"),
+                          "--adapter", str(tiny_adapter), "--out", str(tmp_path / "out"), "--gguf", "f16",
+                          "--chat-template", "yes"], capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "chat template was asked" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
 def test_base_model_exports_plain_and_the_run_folder_is_unchanged(base_without_template, tmp_path):
@@ -168,6 +178,16 @@ def test_base_model_exports_plain_and_the_run_folder_is_unchanged(base_without_t
     assert "tokenizer.chat_template" not in gguf.GGUFReader(result.gguf).fields
     assert 'TEMPLATE """{{ .Prompt }}"""' in result.modelfile.read_text()
     assert leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """Gemma 3's SentencePiece-style tokenizer (BPE with byte fallback), from the built-in
+    gemma3-270m asset's cache folder."""
+    if not (GEMMA_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip("the gemma3-270m asset is not in the cache")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(GEMMA_TOKENIZER)
 
 
 @pytest.mark.slow

@@ -4,12 +4,14 @@ within the same bounds as transformers', greedy f16 answers match the merged mod
 end-of-turn. Skipped when llama_cpp is not installed; without it the export checks through
 transformers alone."""
 import pytest
+import test_gguf_families
 from test_gguf import config_for, make_adapter
 from test_gguf_families import FAMILIES, tiny_family
 
 from nb_finetune.export import export_gguf, roundtrip
 
 pytestmark = pytest.mark.llama_cpp
+gemma_tokenizer = test_gguf_families.gemma_tokenizer  # a fixture
 
 
 def test_without_llama_cpp_only_transformers_reads(monkeypatch):
