@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import SUBPROCESS_ENV, browser_lab
+from conftest import browser_lab
 from panel_checks import TAG_CELL, check_panel, controls, printed_outputs
 
 pytestmark = pytest.mark.slow
@@ -48,8 +48,8 @@ def _notebook(config: dict, sst2, style: str) -> dict:
 
 
 @pytest.fixture
-def lab(tmp_path, browser_ready):
-    started = browser_lab.start_lab(tmp_path, SUBPROCESS_ENV)
+def lab(tmp_path, browser_ready, off_path_env):
+    started = browser_lab.start_lab(tmp_path, off_path_env)
     yield started
     browser_lab.stop_lab(started)
 

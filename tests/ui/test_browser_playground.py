@@ -3,7 +3,7 @@ test_browser.py): a message typed and sent, both answers seen growing piece by p
 from __future__ import annotations
 
 import pytest
-from conftest import SUBPROCESS_ENV, browser_lab
+from conftest import browser_lab
 
 pytestmark = pytest.mark.slow
 
@@ -12,11 +12,11 @@ READY = ("s = studio.shared.session()\ns.prepare_data()\ns.tokenize()\ns.load_mo
 
 
 @pytest.fixture
-def lab(tmp_path):
+def lab(tmp_path, off_path_env):
     why = browser_lab.missing()
     if why:
         pytest.skip(why)
-    started = browser_lab.start_lab(tmp_path, SUBPROCESS_ENV)
+    started = browser_lab.start_lab(tmp_path, off_path_env)
     yield started
     browser_lab.stop_lab(started)
 

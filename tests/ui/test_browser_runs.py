@@ -9,7 +9,7 @@ import shutil
 import threading
 
 import pytest
-from conftest import SUBPROCESS_ENV, browser_lab, sst2_dev
+from conftest import browser_lab, sst2_dev
 from panel_checks import TAG_CELL, check_panel, controls, printed_outputs
 from test_runs_panel import StopAt, tiny_config
 
@@ -17,13 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def lab(tmp_path):
+def lab(tmp_path, off_path_env):
     why = browser_lab.missing()
     if why:
         if os.environ.get("NB_FINETUNE_REQUIRE_BROWSER"):
             pytest.fail(why)
         pytest.skip(why)
-    started = browser_lab.start_lab(tmp_path, SUBPROCESS_ENV)
+    started = browser_lab.start_lab(tmp_path, off_path_env)
     yield started
     browser_lab.stop_lab(started)
 
