@@ -1,7 +1,7 @@
 """JupyterLab on 127.0.0.1 driven by Playwright with Debian's Chromium (no browser download):
 start the server in a throw-away folder, open a notebook whose kernel is already running, wait
-until that kernel is settled, Run All, check that every cell ran (once more if one did not) and
-wait for what the caller expects on the page; then the studio's SST-2 notebook cell, and what
+until that kernel is settled, Run All, check that every cell ran on that same kernel (once
+more if not) and wait for what the caller expects on the page; then the studio's SST-2 notebook cell, and what
 both sides do on the page: click a tab, choose in a dropdown, type into a box, find broken
 pictures and error boxes, wait for a condition.
 
@@ -242,12 +242,12 @@ def cells_state(page) -> str:
 
 def all_ran(page) -> bool:
     """Whether Run All is over, every cell run or the rest dropped after an error: a cell has
-    run, none is queued or running, and the kernel is idle."""
+    run, none is queued or running, and the kernel is idle. The kernel's own status, not the
+    toolbar's indicator, which can stay on a kernel that restarted."""
     return page.evaluate(
         "(() => { const prompts = Array.from(document.querySelectorAll('.jp-Notebook .jp-InputPrompt'))"
         ".map(e => e.innerText);"
-        " const idle = document.querySelector('.jp-Notebook-ExecutionIndicator')?.getAttribute('data-status')"
-        " === 'idle';"
+        " const idle = window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.status === 'idle';"
         " return idle && prompts.some(p => /\\[\\d+\\]/.test(p)) && !prompts.some(p => p.includes('[*]')); })()")
 
 
@@ -263,9 +263,25 @@ UNRUN = """() => {
 }"""
 
 
+# From here on, what befalls the open notebook's kernel and loses its state: a restart (asked
+# for, or the server's after the kernel died), its death, another kernel in its place.
+WATCH_KERNEL = """() => {
+  const sc = window.jupyterapp.shell.currentWidget.sessionContext;
+  window.nbftKernelEvents = [];
+  if (sc.nbftWatched) return;
+  sc.nbftWatched = true;
+  sc.statusChanged.connect((_, status) => {
+    if (['starting', 'restarting', 'autorestarting', 'dead'].includes(status)) window.nbftKernelEvents.push(status);
+  });
+  sc.kernelChanged.connect(() => window.nbftKernelEvents.push('another kernel'));
+}"""
+
+
 def run_cells(page, deadline: float) -> list[str]:
-    """Run All, as a user would, until no cell is queued or running; the dialogs that came up
-    meanwhile, each dismissed (choosing a kernel there would change it mid-run)."""
+    """Run All, as a user would, until no cell is queued or running; what came up meanwhile:
+    the kernel's losses (see WATCH_KERNEL) and dialogs, each dismissed (choosing a kernel
+    there would change it mid-run)."""
+    page.evaluate(WATCH_KERNEL)
     # Not awaited: the command's promise ends only when every cell has run.
     command = "() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
     page.evaluate(command)
@@ -274,28 +290,29 @@ def run_cells(page, deadline: float) -> list[str]:
     # that queued nothing is given again.
     while not all_ran(page) and time.monotonic() < deadline:
         if text := answer_dialog(page, accept=False):
-            dialogs.append(text)
+            dialogs.append(f"dialog: {text}")
         elif time.monotonic() - asked > 15 and not cells_started(page):
             page.evaluate(command)
             asked = time.monotonic()
         time.sleep(0.5)
-    return dialogs
+    return [f"kernel {event}" for event in page.evaluate("() => window.nbftKernelEvents")] + dialogs
 
 
 def run_all(page, lab: Lab, ready, timeout: float = 300) -> None:
     """Once the notebook's kernel has settled, Run All until every cell has run, then wait for
-    `ready()`. Cells left unrun (their kernel lost or changed meanwhile) get one more Run All
-    on a settled kernel; LabError naming them if they are left again, or if `ready()` never is."""
+    `ready()`. If a cell was left unrun or the kernel was lost meanwhile (see WATCH_KERNEL),
+    Run All once more on a settled kernel; LabError naming what happened if it happens again,
+    or if `ready()` never is."""
     deadline = time.monotonic() + timeout
     for attempt in (1, 2):
         kernel = wait_for_kernel(page, lab, deadline)
-        dialogs = run_cells(page, deadline)
+        events = run_cells(page, deadline)
         unrun = page.evaluate(UNRUN)
-        if not unrun:
+        if not unrun and not any(e.startswith("kernel") for e in events):
             break
         if attempt == 2 or time.monotonic() >= deadline:
-            raise LabError(f"cell(s) {unrun} did not run after Run All {attempt} time(s) (kernel {kernel},"
-                           f" dialogs: {dialogs or 'none'}); cells:\n{cells_state(page)}\nlab log:\n{lab.log()}")
+            raise LabError(f"Run All {attempt} time(s) on kernel {kernel}: cells {unrun} did not run; "
+                           f"meanwhile: {events or 'nothing'}; cells:\n{cells_state(page)}\nlab log:\n{lab.log()}")
     # Widgets are drawn a moment after their cell has run.
     if not wait_until(ready, 30, 0.5):
         raise LabError("the notebook did not get ready; cells:\n" + cells_state(page) + "\nlab log:\n" + lab.log())
