@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 tokenizer, a tiny random llama built from a config,
-and the real data sets in ../shared/data. Also what tests import by name (`from conftest
+the real data sets in ../shared/data, and the environment for child processes as a venv that is
+not on PATH has it (off_path_env). Also what tests import by name (`from conftest
 import ...`): the data sets' readers, a tiny run's config and session, PNG, and
 docs/browser_lab.py."""
 from __future__ import annotations
