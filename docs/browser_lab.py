@@ -1,8 +1,13 @@
 """JupyterLab on 127.0.0.1 driven by Playwright with Debian's Chromium (no browser download):
-start the server in a throw-away folder, open a notebook whose kernel is already running, and
-Run All until the page shows what the caller waits for; then the studio's SST-2 notebook cell,
-and what both sides do on the page: click a tab, choose in a dropdown, type into a box, find
-broken pictures and error boxes, wait for a condition.
+start the server in a throw-away folder, open a notebook whose kernel is already running, wait
+until that kernel is settled, Run All, check that every cell ran on that same kernel (once
+more if not) and wait for what the caller expects on the page; then the studio's SST-2 notebook cell, and what
+both sides do on the page: click a tab, choose in a dropdown, type into a box, find broken
+pictures and error boxes, wait for a condition.
+
+The server and its kernels run this interpreter (sys.executable), never `jupyter` or `python`
+from PATH, and read JupyterLab's extensions from this interpreter's data folders (JUPYTER_PATH:
+see data_paths), so a venv that is not on PATH works too.
 
 Shared by docs/screenshots.py and the tests in tests/ui. It sits here rather than under tests/
 because the screenshot script is run from docs/, where this folder is on sys.path; the tests get
@@ -87,12 +92,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def data_paths(env: dict) -> str:
+    """JUPYTER_PATH for the server: what `env` already names, then share/jupyter under this
+    interpreter's prefix and under the Python a venv was made from. Jupyter itself looks under
+    sys.prefix only, so in a venv made with --system-site-packages the packages of the base
+    Python import but their JupyterLab extensions (the widgets' manager among them) are not
+    found, and widgets show as text."""
+    found = [env.get("JUPYTER_PATH", ""), *(str(Path(p) / "share" / "jupyter") for p in (sys.prefix, sys.base_prefix))]
+    return os.pathsep.join(dict.fromkeys(p for p in found if p))
+
+
 def start_lab(root: Path, env: dict | None = None) -> Lab:
     """`jupyter lab` serving `root`, its settings and runtime files kept there too. `env`: the
     server's and its kernels' environment (default: this process's)."""
     port, token = free_port(), secrets.token_hex(16)
-    env = (os.environ if env is None else env) | {
-        "TOKENIZERS_PARALLELISM": "false",
+    env = os.environ if env is None else env
+    env = env | {
+        "TOKENIZERS_PARALLELISM": "false", "JUPYTER_PATH": data_paths(env),
         "JUPYTER_CONFIG_DIR": str(root / "jupyter-config"), "JUPYTER_RUNTIME_DIR": str(root / "jupyter-runtime"),
         "JUPYTERLAB_SETTINGS_DIR": str(root / "lab-settings"),
         "JUPYTERLAB_WORKSPACES_DIR": str(root / "lab-workspaces")}
@@ -131,28 +147,83 @@ def launch(playwright):
 
 
 def open_notebook(page, lab: Lab, name: str) -> None:
-    """Open `name` (a notebook under the lab's root) once its kernel is idle. The kernel is
+    """Open `name` (a notebook under the lab's root) once its kernel is settled. The kernel is
     started through the server's API first, so the page attaches to it instead of asking which
     kernel to start."""
     request = urllib.request.Request(
         f"{lab.url}/api/sessions?token={lab.token}", method="POST", headers={"Content-Type": "application/json"},
         data=json.dumps({"path": name, "type": "notebook", "name": name, "kernel": {"name": "python3"}}).encode())
-    urllib.request.urlopen(request, timeout=30)
+    urllib.request.urlopen(request, timeout=60)
     page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
     page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=60_000)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-    page.wait_for_function("document.querySelector('.jp-Notebook-ExecutionIndicator')"
-                           "?.getAttribute('data-status') === 'idle'", timeout=90_000)
+    wait_for_kernel(page, lab, time.monotonic() + 120)
 
 
 def open_page(playwright, lab: Lab, nb: dict, viewport=(1400, 1000)):
     """(browser, page): `nb` saved as notebook.ipynb under the lab's root and open in a page, its
-    kernel idle and nothing run yet."""
+    kernel settled and nothing run yet."""
     (lab.root / "notebook.ipynb").write_text(json.dumps(nb))
     browser = launch(playwright)
     page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
     open_notebook(page, lab, "notebook.ipynb")
     return browser, page
+
+
+# The open notebook's path and kernel as the page sees them; the kernel's id only while the page
+# is attached to it, it is connected and idle, and no start, restart, shutdown or change of
+# kernel is under way.
+PAGE_KERNEL = """() => {
+  const panel = window.jupyterapp?.shell.currentWidget, sc = panel?.sessionContext, kernel = sc?.session?.kernel;
+  const settled = !!(kernel && sc.isReady && !sc.hasNoKernel && !sc.isRestarting && !sc.isTerminating
+    && !sc.pendingInput && kernel.status === 'idle' && kernel.connectionStatus === 'connected');
+  return {path: panel?.context?.path || '', id: settled ? kernel.id : ''};
+}"""
+# Looks in a row (half a second apart) that must agree before a kernel counts as settled.
+SETTLED_LOOKS = 4
+
+
+def server_kernel(lab: Lab, path: str) -> str:
+    """The id of the kernel the server runs for the notebook at `path`, where there is one
+    session for it and its kernel is idle (not starting, restarting or dead); else ''."""
+    with urllib.request.urlopen(f"{lab.url}/api/sessions?token={lab.token}", timeout=10) as answer:
+        sessions = [s for s in json.load(answer) if s.get("path") == path]
+    kernel = (sessions[0].get("kernel") or {}) if len(sessions) == 1 else {}
+    return kernel.get("id", "") if kernel.get("execution_state") == "idle" else ""
+
+
+def wait_for_kernel(page, lab: Lab, deadline: float) -> str:
+    """Wait until the page and the server name the same idle kernel for the open notebook,
+    SETTLED_LOOKS times in a row; its id. Run All given earlier can drop cells: JupyterLab asks
+    which kernel to use for a cell run while the notebook has none, and choosing one there
+    shuts the running kernel down and starts another, so later cells run on a kernel that has
+    not seen the earlier ones. Such a question while nothing runs is answered with the default."""
+    looks: list[str] = []
+    while time.monotonic() < deadline:
+        answer_dialog(page, accept=True)
+        seen = page.evaluate(PAGE_KERNEL)
+        kernel = seen["id"] if seen["id"] and seen["id"] == server_kernel(lab, seen["path"]) else ""
+        looks = looks + [kernel] if kernel and looks[-1:] in ([], [kernel]) else [kernel] if kernel else []
+        if len(looks) >= SETTLED_LOOKS:
+            return kernel
+        time.sleep(0.5)
+    raise LabError(f"the notebook's kernel did not settle (the page sees {page.evaluate(PAGE_KERNEL)});"
+                   f" lab log:\n{lab.log()}")
+
+
+def answer_dialog(page, accept: bool) -> str:
+    """Close a dialog JupyterLab shows, with its default button or by dismissing it; its text
+    ('' when none is shown)."""
+    dialog = page.locator(".jp-Dialog")
+    if not dialog.count():
+        return ""
+    text = " ".join(dialog.first.inner_text().split())
+    if accept:
+        dialog.locator(".jp-mod-accept").first.click()
+    else:
+        page.keyboard.press("Escape")
+    time.sleep(1)
+    return text
 
 
 def cells_started(page) -> bool:
@@ -171,41 +242,79 @@ def cells_state(page) -> str:
 
 def all_ran(page) -> bool:
     """Whether Run All is over, every cell run or the rest dropped after an error: a cell has
-    run, none is queued or running, and the kernel is idle."""
+    run, none is queued or running, and the kernel is idle. The kernel's own status, not the
+    toolbar's indicator, which can stay on a kernel that restarted."""
     return page.evaluate(
         "(() => { const prompts = Array.from(document.querySelectorAll('.jp-Notebook .jp-InputPrompt'))"
         ".map(e => e.innerText);"
-        " const idle = document.querySelector('.jp-Notebook-ExecutionIndicator')?.getAttribute('data-status')"
-        " === 'idle';"
+        " const idle = window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.status === 'idle';"
         " return idle && prompts.some(p => /\\[\\d+\\]/.test(p)) && !prompts.some(p => p.includes('[*]')); })()")
 
 
-def run_all(page, lab: Lab, ready, timeout: float = 300) -> None:
-    """Run All, as a user would, until `ready()` is true; LabError if it never is."""
+# The code cells that have not run (no execution count), by index among all cells, up to the
+# first one left out after a cell that raised: JupyterLab stops Run All there, which is the
+# error's doing, not a lost cell.
+UNRUN = """() => {
+  const cells = window.jupyterapp.shell.currentWidget.content.widgets.map((c, i) => ({i, m: c.model}))
+    .filter(c => c.m.type === 'code');
+  const raised = cells.findIndex(c => c.m.outputs.toJSON().some(o => o.output_type === 'error'));
+  const unrun = cells.filter(c => c.m.executionCount === null);
+  return raised >= 0 && unrun.length && cells.indexOf(unrun[0]) > raised ? [] : unrun.map(c => c.i);
+}"""
+
+
+# From here on, what befalls the open notebook's kernel and loses its state: a restart (asked
+# for, or the server's after the kernel died), its death, another kernel in its place.
+WATCH_KERNEL = """() => {
+  const sc = window.jupyterapp.shell.currentWidget.sessionContext;
+  window.nbftKernelEvents = [];
+  if (sc.nbftWatched) return;
+  sc.nbftWatched = true;
+  sc.statusChanged.connect((_, status) => {
+    if (['starting', 'restarting', 'autorestarting', 'dead'].includes(status)) window.nbftKernelEvents.push(status);
+  });
+  sc.kernelChanged.connect(() => window.nbftKernelEvents.push('another kernel'));
+}"""
+
+
+def run_cells(page, deadline: float) -> list[str]:
+    """Run All, as a user would, until no cell is queued or running; what came up meanwhile:
+    the kernel's losses (see WATCH_KERNEL) and dialogs, each dismissed (choosing a kernel
+    there would change it mid-run)."""
+    page.evaluate(WATCH_KERNEL)
     # Not awaited: the command's promise ends only when every cell has run.
     command = "() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
     page.evaluate(command)
-    # JupyterLab may ask which kernel to use the first time, or drop a Run All given while the
-    # notebook is still attaching to its kernel; either way nothing runs. Answer the dialog with
-    # the default, and run again while no cell has been queued. The first cell's imports can
-    # take minutes on a machine busy with other work.
-    deadline, asked = time.monotonic() + timeout, time.monotonic()
-    while not ready() and time.monotonic() < deadline and not all_ran(page):
-        accept = page.locator(".jp-Dialog .jp-mod-accept")
-        if accept.count():
-            accept.first.click()
-            time.sleep(2)
-            page.evaluate(command)
-            asked = time.monotonic()
+    asked, dialogs = time.monotonic(), []
+    # The first cell's imports can take minutes on a machine busy with other work; a Run All
+    # that queued nothing is given again.
+    while not all_ran(page) and time.monotonic() < deadline:
+        if text := answer_dialog(page, accept=False):
+            dialogs.append(f"dialog: {text}")
         elif time.monotonic() - asked > 15 and not cells_started(page):
             page.evaluate(command)
             asked = time.monotonic()
         time.sleep(0.5)
+    return [f"kernel {event}" for event in page.evaluate("() => window.nbftKernelEvents")] + dialogs
+
+
+def run_all(page, lab: Lab, ready, timeout: float = 300) -> None:
+    """Once the notebook's kernel has settled, Run All until every cell has run, then wait for
+    `ready()`. If a cell was left unrun or the kernel was lost meanwhile (see WATCH_KERNEL),
+    Run All once more on a settled kernel; LabError naming what happened if it happens again,
+    or if `ready()` never is."""
+    deadline = time.monotonic() + timeout
+    for attempt in (1, 2):
+        kernel = wait_for_kernel(page, lab, deadline)
+        events = run_cells(page, deadline)
+        unrun = page.evaluate(UNRUN)
+        if not unrun and not any(e.startswith("kernel") for e in events):
+            break
+        if attempt == 2 or time.monotonic() >= deadline:
+            raise LabError(f"Run All {attempt} time(s) on kernel {kernel}: cells {unrun} did not run; "
+                           f"meanwhile: {events or 'nothing'}; cells:\n{cells_state(page)}\nlab log:\n{lab.log()}")
     # Widgets are drawn a moment after their cell has run.
-    drawn = min(deadline, time.monotonic() + 10)
-    while not ready() and time.monotonic() < drawn:
-        time.sleep(0.5)
-    if not ready():
+    if not wait_until(ready, 30, 0.5):
         raise LabError("the notebook did not get ready; cells:\n" + cells_state(page) + "\nlab log:\n" + lab.log())
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the real SmolLM2 tokenizer, a tiny random llama built from a config,
-and the real data sets in ../shared/data. Also what tests import by name (`from conftest
+the real data sets in ../shared/data, and the environment for child processes as a venv that is
+not on PATH has it (off_path_env). Also what tests import by name (`from conftest
 import ...`): the data sets' readers, a tiny run's config and session, PNG, and
 docs/browser_lab.py."""
 from __future__ import annotations
@@ -26,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                                "PYTHONUNBUFFERED": "1"}
 PNG = b"\x89PNG"  # how every PNG file starts
+# Commands a test must not take from PATH: the venv or kernel environment that runs the tests
+# (and holds the package) need not be on it, and the `python` there may lack torch.
+FROM_PATH = ("python", "python3", "torchrun", "accelerate", "nb-finetune", "jupyter", "jupyter-lab")
 
 
 def load_docs_module(name: str):
@@ -96,6 +100,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not here")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def off_path_env(tmp_path_factory) -> dict:
+    """SUBPROCESS_ENV as a venv's Python has it when the venv is not on PATH: this interpreter's
+    folder off PATH, and first on PATH a command of each FROM_PATH name that fails, naming itself."""
+    stubs = tmp_path_factory.mktemp("off-path")
+    for name in FROM_PATH:
+        (stubs / name).write_text(f'#!/bin/sh\necho "{name} was taken from PATH: $0 $*" >&2\nexit 97\n')
+        (stubs / name).chmod(0o755)
+    here = os.path.realpath(os.path.dirname(sys.executable))
+    kept = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and os.path.realpath(d) != here]
+    return SUBPROCESS_ENV | {"PATH": os.pathsep.join([str(stubs), *kept])}
 
 
 @pytest.fixture(scope="session")

@@ -3,32 +3,43 @@
 The folder holds the config and the scripts; the job itself is `nb-finetune run --config
 config.yaml` inside the launcher, so a run set up in a notebook moves to several processes,
 GPUs or machines unchanged. Processes per node, nodes, node rank and the main address are
-parameters of the scripts (environment variables with defaults).
+parameters of the scripts (environment variables with defaults). So is the Python they run:
+by default the one that wrote the folder, since the environment holding nb_finetune and torch
+(a venv, a notebook kernel's) need not be on PATH where the job starts.
 """
 from __future__ import annotations
 
+import shlex
 import stat
+import sys
 from pathlib import Path
 
 from ..config import RunConfig
 
 _TORCHRUN = """#!/usr/bin/env bash
-# Runs the job with torchrun. Parameters (environment, with defaults):
+# Runs the job with torchrun (torch.distributed.run). Parameters (environment, with defaults):
+#   PYTHON          the Python with nb_finetune and torch (default: the one that wrote this
+#                   folder, __PYTHON__, where it exists here; else python on PATH)
 #   NPROC_PER_NODE  processes on this machine (default: one per GPU, or 2 on a CPU-only machine)
 #   NNODES          machines in the job (default 1); NODE_RANK this machine's index (default 0)
 #   MASTER_ADDR     address of the machine with NODE_RANK 0 (default 127.0.0.1); MASTER_PORT (default 29500)
 # Extra arguments go to `nb-finetune run`, e.g. --set train.max_steps=100
 set -euo pipefail
 cd "$(dirname "$0")"
-GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
+WRITER=__PYTHON__
+PYTHON=${PYTHON:-$([ -x "$WRITER" ] && echo "$WRITER" || echo python)}
+GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
-exec torchrun --nproc_per_node "$NPROC_PER_NODE" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \\
+exec "$PYTHON" -m torch.distributed.run \\
+  --nproc_per_node "$NPROC_PER_NODE" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \\
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \\
   -m nb_finetune run --config config.yaml "$@"
 """
 
 _ACCELERATE = """#!/usr/bin/env bash
-# Runs the job with accelerate. Parameters (environment, with defaults):
+# Runs the job with accelerate (accelerate.commands.launch). Parameters (environment, with defaults):
+#   PYTHON             the Python with nb_finetune and torch (default: the one that wrote this
+#                      folder, __PYTHON__, where it exists here; else python on PATH)
 #   ACCELERATE_CONFIG  accelerate_ddp.yaml (default), accelerate_fsdp.yaml or accelerate_deepspeed.yaml
 #   NUM_PROCESSES      processes in all (default: one per GPU, or 2 on a CPU-only machine)
 #   NUM_MACHINES (default 1), MACHINE_RANK (default 0), MAIN_PROCESS_IP (default 127.0.0.1),
@@ -36,10 +47,12 @@ _ACCELERATE = """#!/usr/bin/env bash
 # Extra arguments go to `nb-finetune run`, e.g. --set train.max_steps=100
 set -euo pipefail
 cd "$(dirname "$0")"
-GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
+WRITER=__PYTHON__
+PYTHON=${PYTHON:-$([ -x "$WRITER" ] && echo "$WRITER" || echo python)}
+GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 NUM_MACHINES=${NUM_MACHINES:-1}
 NUM_PROCESSES=${NUM_PROCESSES:-$(( ($GPUS > 0 ? $GPUS : 2) * NUM_MACHINES ))}
-exec accelerate launch --config_file "${ACCELERATE_CONFIG:-accelerate_ddp.yaml}" \\
+exec "$PYTHON" -m accelerate.commands.launch --config_file "${ACCELERATE_CONFIG:-accelerate_ddp.yaml}" \\
   --num_processes "$NUM_PROCESSES" --num_machines "$NUM_MACHINES" --machine_rank "${MACHINE_RANK:-0}" \\
   --main_process_ip "${MAIN_PROCESS_IP:-127.0.0.1}" --main_process_port "${MAIN_PROCESS_PORT:-29500}" \\
   -m nb_finetune run --config config.yaml "$@"
@@ -114,6 +127,9 @@ with `nb-finetune run --config config.yaml`, or on several processes:
     ./launch_accelerate.sh                                 # accelerate, DDP
     ACCELERATE_CONFIG=accelerate_fsdp.yaml ./launch_accelerate.sh
 
+The scripts run the Python that wrote this folder; set PYTHON to use another one
+(`PYTHON=/path/to/venv/bin/python ./launch_torchrun.sh`), e.g. on another machine.
+
 Which engine: DDP (`accelerate_ddp.yaml`, or torchrun) whenever the model fits on one GPU;
 FSDP when it does not; DeepSpeed ZeRO-3 when even sharded it does not, with CPU offload.
 
@@ -127,12 +143,14 @@ Only the main process prints and writes files: one history, one adapter, one rep
 """
 
 
-def export_job(cfg: RunConfig, folder: str | Path) -> Path:
-    """Write the job folder; returns its path."""
+def export_job(cfg: RunConfig, folder: str | Path, python: str = sys.executable) -> Path:
+    """Write the job folder; returns its path. `python`: the scripts' default interpreter."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg.validate().save(folder / "config.yaml")
-    files = {"launch_torchrun.sh": _TORCHRUN, "launch_accelerate.sh": _ACCELERATE,
+    writer = shlex.quote(python)
+    files = {"launch_torchrun.sh": _TORCHRUN.replace("__PYTHON__", writer),
+             "launch_accelerate.sh": _ACCELERATE.replace("__PYTHON__", writer),
              "accelerate_ddp.yaml": _DDP, "accelerate_fsdp.yaml": _FSDP, "accelerate_deepspeed.yaml": _DEEPSPEED,
              "README.md": _README.format(name=folder.name)}
     for name, text in files.items():
