@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .models import CHECKED_DECODERS
+from .models import plain_head
 
 IGNORE_INDEX = -100  # transformers' label for a position without loss
 
@@ -89,8 +89,7 @@ def has_plain_head(lm) -> bool:
     a bias-free linear lm_head followed by transformers' causal-LM loss: what the loss here
     replaces exactly. Training and the memory estimate both ask this."""
     head = lm.get_output_embeddings()
-    return (getattr(lm.config, "model_type", None) in CHECKED_DECODERS and type(head) is torch.nn.Linear
-            and head.bias is None)
+    return plain_head(lm.config) and type(head) is torch.nn.Linear and head.bias is None
 
 
 class FusedCausalLMLoss:
