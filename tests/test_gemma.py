@@ -16,6 +16,7 @@ from nb_finetune.data.collator import token_table
 from nb_finetune.data.formatter import IGNORE, Formatter
 from nb_finetune.pipeline import Session, run
 from nb_finetune.render.tables import tokens_html
+from nb_finetune.training import Callback
 
 pytestmark = pytest.mark.slow
 
@@ -63,16 +64,19 @@ def test_token_preview_shows_sentencepiece_pieces_and_trains_the_label_word(gemm
 def lora_run(gemma_dir, tmp_path_factory):
     """The shipped Gemma preset, shrunk: 2 LoRA steps with the CPU kernels, the test split
     against the base, and CrowS-Pairs on both."""
-    said = []
+    class Said(Callback):
+        def on_train_begin(self, info):
+            self.kernels = info.get("kernels", "")
+
+    said = Said()
     cfg = load_preset("gemma3-sentiment").with_overrides(SMALL | {
         "train.output_dir": str(tmp_path_factory.mktemp("gemma") / "run"), "eval.max_test_rows": 6,
         "eval.num_samples": 1, "eval.max_new_tokens": 2, "probe.probes": ["crows-pairs"], "probe.pairs": 10})
-    return run(cfg, progress=said.append), said
+    return run(cfg, callbacks=[said], progress=lambda m: None), said.kernels
 
 
 def test_lora_run_with_kernels_evaluates_against_the_base(lora_run):
-    session, said = lora_run
-    kernels = next(m for m in said if m.startswith("training:"))
+    session, kernels = lora_run
     assert "fused loss" in kernels and "attention for rows up to" in kernels and "LoRA layers (" in kernels
     history = session.train_result.history
     assert session.train_result.global_step == 2 and history["train_loss"].dropna().map(float).gt(0).all()
