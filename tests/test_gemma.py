@@ -63,7 +63,7 @@ def test_token_preview_shows_sentencepiece_pieces_and_trains_the_label_word(gemm
 @pytest.fixture(scope="module")
 def lora_run(gemma_dir, tmp_path_factory):
     """The shipped Gemma preset, shrunk: 2 LoRA steps with the CPU kernels, the test split
-    against the base, and CrowS-Pairs on both."""
+    against the base."""
     class Said(Callback):
         def on_train_begin(self, info):
             self.kernels = info.get("kernels", "")
@@ -71,7 +71,7 @@ def lora_run(gemma_dir, tmp_path_factory):
     said = Said()
     cfg = load_preset("gemma3-sentiment").with_overrides(SMALL | {
         "train.output_dir": str(tmp_path_factory.mktemp("gemma") / "run"), "eval.max_test_rows": 6,
-        "eval.num_samples": 1, "eval.max_new_tokens": 2, "probe.probes": ["crows-pairs"], "probe.pairs": 10})
+        "eval.num_samples": 1, "eval.max_new_tokens": 2})
     return run(cfg, callbacks=[said], progress=lambda m: None), said.kernels
 
 
@@ -92,18 +92,31 @@ def plain_logprob(model, tokenizer, sentence: str) -> float:
     return float(torch.log_softmax(logits, -1)[torch.arange(len(body)), torch.tensor(body)].sum())
 
 
-def test_crows_pairs_scores_equal_an_independent_recomputation(lora_run):
-    """Four pairs' sentence log-likelihoods, recomputed one sentence at a time without padding
-    or batching, on the tuned model and on the base (adapter off)."""
-    session, _ = lora_run
-    result = session.gate_result.results["crows-pairs"]
-    model, tok = session.model.eval(), session.tokenizer
+def test_crows_pairs_scores_equal_an_independent_recomputation(gemma_dir, gemma_tokenizer):
+    """Three CrowS-Pairs pairs scored by the probe (batched, padded) on Gemma with a LoRA
+    adapter (B drawn at random, so it changes the scores) and on the base (adapter off), and
+    each sentence recomputed alone, without padding or batching, from the model's logits."""
+    from nb_finetune import modeling
+    from nb_finetune.probes import runner
+    from nb_finetune.probes.pairs import PairSet
+    mcfg = config.ModelConfig(name=str(gemma_dir), target_modules="q_proj,v_proj")
+    model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    model.eval()
+    pairs = runner.load_pair_set("crows-pairs-masked", limit=10, seed=0)
+    pairs = PairSet(pairs.name, pairs.items.head(3))
+    result = runner.pair_probe(model, gemma_tokenizer, pairs, progress=lambda m: None)
+    moved = result["tuned"].scores["more_logprob"] - result["base"].scores["more_logprob"]
+    assert moved.abs().min() > 1e-3  # the adapter changes the scores, so the base is told apart
     for which in ("tuned", "base"):
-        scores = result[which].scores.head(4)
-        with session.model.disable_adapter() if which == "base" else torch.no_grad():
-            for row in scores.itertuples():
-                assert row.more_logprob == pytest.approx(plain_logprob(model, tok, row.more), abs=2e-3)
-                assert row.less_logprob == pytest.approx(plain_logprob(model, tok, row.less), abs=2e-3)
+        with model.disable_adapter() if which == "base" else torch.no_grad():
+            for row in result[which].scores.itertuples():
+                assert row.more_logprob == pytest.approx(plain_logprob(model, gemma_tokenizer, row.more), abs=2e-3)
+                assert row.less_logprob == pytest.approx(plain_logprob(model, gemma_tokenizer, row.less), abs=2e-3)
 
 
 def test_qlora_trains_a_4bit_gemma_on_a_cpu(gemma_dir, shared_data, tmp_path):
