@@ -119,7 +119,7 @@ def test_crows_pairs_scores_equal_an_independent_recomputation(gemma_dir, gemma_
                 assert row.less_logprob == pytest.approx(plain_logprob(model, gemma_tokenizer, row.less), abs=2e-3)
 
 
-def test_qlora_trains_a_4bit_gemma_on_a_cpu(gemma_dir, shared_data, tmp_path):
+def test_qlora_trains_a_4bit_gemma_on_a_cpu(gemma_dir, sst2_frame, tmp_path):
     """bitsandbytes 4-bit nf4 base on the CPU, LoRA on top: a step trains, the adapter is saved."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
@@ -127,7 +127,7 @@ def test_qlora_trains_a_4bit_gemma_on_a_cpu(gemma_dir, shared_data, tmp_path):
         "data.text_column": "sentence", "model.quantization": "4bit", "train.max_steps": 1, "train.batch_size": 2,
         "train.max_length": 48, "train.output_dir": str(tmp_path / "q")})
     session = Session(cfg, progress=lambda m: None)
-    session.prepare_data(sst2_dev(shared_data).groupby("label").head(12).reset_index(drop=True))
+    session.prepare_data(sst2_frame)
     session.load_model()
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in session.model.modules()) >= 18 * 7
     result = session.train()
