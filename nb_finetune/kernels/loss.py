@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import torch
 
-from .models import CHECKED_DECODERS
+from .models import plain_head
 
 IGNORE_INDEX = -100  # transformers' label for a position without loss
 
-# Rows per chunk on a CPU, by compute dtype: a chunk's fp32 logits (128 x 49,152 on SmolLM2:
-# 25 MB) should stay near the cache.
+# Rows per chunk on a CPU, by compute dtype, for SmolLM2's vocabulary: a chunk's fp32 logits
+# (128 x 49,152: 25 MB) should stay near the cache. A larger vocabulary gets fewer rows, so a
+# chunk stays the same size (Gemma's 262,144 words: 24 rows in bf16).
 CPU_CHUNK_ROWS = {torch.bfloat16: 128, torch.float32: 256}
+CHUNK_VOCAB = 49_152
+MIN_CHUNK_ROWS = 16  # fewer rows make the projection's matmul thin and slow
 
 
-def chunk_rows_for(compute_dtype: torch.dtype) -> int:
-    return CPU_CHUNK_ROWS.get(compute_dtype, 64)
+def chunk_rows_for(compute_dtype: torch.dtype, vocab_size: int = CHUNK_VOCAB) -> int:
+    rows = CPU_CHUNK_ROWS.get(compute_dtype, 64) * CHUNK_VOCAB // max(vocab_size, 1)
+    return max(MIN_CHUNK_ROWS, min(rows, CPU_CHUNK_ROWS.get(compute_dtype, 64)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -79,7 +83,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError("linear_cross_entropy computes no gradient for the projection; it must be frozen")
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states for {targets.shape[0]} targets")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, float(scale), chunk_rows or chunk_rows_for(weight.dtype))
+    return _LinearCrossEntropy.apply(hidden, weight, targets, float(scale),
+                                     chunk_rows or chunk_rows_for(weight.dtype, weight.shape[0]))
 
 
 def has_plain_head(lm) -> bool:
@@ -87,8 +92,7 @@ def has_plain_head(lm) -> bool:
     a bias-free linear lm_head followed by transformers' causal-LM loss: what the loss here
     replaces exactly. Training and the memory estimate both ask this."""
     head = lm.get_output_embeddings()
-    return (getattr(lm.config, "model_type", None) in CHECKED_DECODERS and type(head) is torch.nn.Linear
-            and head.bias is None)
+    return plain_head(lm.config) and type(head) is torch.nn.Linear and head.bias is None
 
 
 class FusedCausalLMLoss:
@@ -108,7 +112,7 @@ class FusedCausalLMLoss:
         self.lm = lm
         self.head = lm.get_output_embeddings()
         self.weight = self.head.weight.detach().to(compute_dtype)
-        self.chunk_rows = chunk_rows or chunk_rows_for(compute_dtype)
+        self.chunk_rows = chunk_rows or chunk_rows_for(compute_dtype, self.weight.shape[0])
         self.predictions: torch.Tensor | None = None  # of the last pass without gradients
 
     @classmethod

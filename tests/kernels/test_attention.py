@@ -127,7 +127,7 @@ def test_for_training_registers_a_fresh_attention_and_takes_it_out_after(tiny_mo
     with pytest.raises(RuntimeError, match="step failed"), attention.for_training(model):
         raise RuntimeError("step failed")
     assert cfg._attn_implementation == "sdpa" and attention.NAME not in ALL_ATTENTION_FUNCTIONS
-    cfg.model_type = "gemma2"  # soft-caps its attention
+    cfg.model_type, cfg.attn_logit_softcapping = "gemma2", 50.0  # Gemma 2's soft-capped attention scores
     with attention.for_training(model) as applies:
         assert not applies and cfg._attn_implementation == "sdpa"
 

@@ -98,7 +98,12 @@ def test_loss_without_logits_is_used_only_where_it_replaces_the_head_exactly(tin
     assert FusedCausalLMLoss.for_model(model, torch.bfloat16) is not None
     adapted = lora_model(tiny_model_dir, target_modules="q_proj,lm_head")
     assert FusedCausalLMLoss.for_model(adapted, torch.bfloat16) is None
-    model.get_base_model().config.model_type = "gemma2"  # soft-caps its logits
+    cfg = model.get_base_model().config
+    cfg.model_type = "gemma2"
+    assert FusedCausalLMLoss.for_model(model, torch.bfloat16) is not None
+    cfg.final_logit_softcapping = 30.0  # Gemma 2's default: tanh on the logits before the loss
+    assert FusedCausalLMLoss.for_model(model, torch.bfloat16) is None
+    cfg.model_type, cfg.final_logit_softcapping = "gpt2", None  # a type not checked
     assert FusedCausalLMLoss.for_model(model, torch.bfloat16) is None
 
 

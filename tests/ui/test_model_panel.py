@@ -17,6 +17,12 @@ def test_controls_that_cannot_work_are_disabled_with_the_reason(ui_config, monke
     assert "bfloat16" not in dtype.options and "not supported" in panel.forms[0].notes["model.compute_dtype"].value
 
 
+def test_the_built_in_models_are_offered_gemma_among_them(ui_config):
+    from nb_finetune.ui import ModelPanel
+    name = ModelPanel(config=ui_config).forms[0].controls["model.name"]
+    assert {"smollm2-135m-instruct", "minilm-l6", "gemma3-270m"} <= set(name.options)
+
+
 def test_a_tracker_without_its_package_is_noted_with_the_install(ui_config, monkeypatch):
     import sys
 
