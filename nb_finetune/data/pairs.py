@@ -43,10 +43,11 @@ def pair_keys(frame: pd.DataFrame) -> pd.Series:
 
 
 def contradicting(frame: pd.DataFrame) -> int:
-    """Pairs whose reverse (same prompt, answers swapped) is also in the data."""
+    """Pairs whose reverse (same prompt, answers swapped) is also in the data; a pair of one
+    answer twice is its own reverse and is counted apart."""
     forward = set(pair_keys(frame))
     reverse = prompt_key(frame) + "\x00" + frame["rejected"] + "\x00" + frame["chosen"]
-    return int(reverse.isin(forward).sum())
+    return int((reverse.isin(forward) & (frame["chosen"] != frame["rejected"])).sum())
 
 
 def check_prompt_leakage(splits: dict[str, pd.DataFrame], report) -> None:
