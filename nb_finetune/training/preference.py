@@ -18,13 +18,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..data.collator import trained_positions
-
-# Rows of the vocabulary projection computed at a time: a chunk's fp32 logits (256 x 49,152 on
-# SmolLM2: 50 MB) are recomputed in the backward pass instead of kept.
-CHUNK_ROWS = 256
+from ..kernels.loss import linear_log_probs
 
 
 @dataclass
@@ -73,31 +69,13 @@ def chosen_nll(token_logps: torch.Tensor, rows: torch.Tensor, pairs: int) -> tor
     return -token_logps[chosen].sum() / chosen.sum().clamp(min=1)
 
 
-def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """log p(target) for each row of `hidden` [n, d] under the projection `weight` [V, d],
-    a chunk at a time; each chunk's logits are recomputed in the backward pass, not kept."""
-    parts = []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-        if h.requires_grad:
-            parts.append(checkpoint(_chunk_log_probs, h, weight, t, use_reentrant=False))
-        else:
-            parts.append(_chunk_log_probs(h, weight, t))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def _chunk_log_probs(h, weight, t):
-    logits = (h.to(weight.dtype) @ weight.T).float()
-    return logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
-
-
 def token_log_probs(model, batch: dict, fused=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each trained token's log-probability [n] and the row it belongs to [n].
 
     Only the positions that predict a trained token are projected (`logits_to_keep`). With
-    `fused` (kernels.loss.FusedCausalLMLoss), the model hands out those positions' hidden
-    states and the projection runs here, a chunk at a time, so the logits are never all kept."""
+    `fused` (kernels.loss.FusedCausalLMLoss, the CPU kernels), the model hands out those
+    positions' hidden states and kernels.loss.linear_log_probs projects them a chunk at a
+    time, so the logits are never all kept."""
     labels = batch["labels"]
     keep, targets = trained_positions(labels)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]

@@ -171,6 +171,27 @@ def test_reference_by_adapter_off_equals_the_base_loaded_alone(tiny_model_dir, t
     assert not torch.allclose(tuned, logps, atol=1e-3)  # the adapter is on again after the reference
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_the_fused_projection_gives_the_plain_loss_and_gradients(tiny_model_dir, tokenizer, pairs, method):
+    """The CPU kernels' path (kernels.loss.linear_log_probs: no logits kept, no second pass over
+    the vocabulary in the backward) against logits at the trained positions."""
+    model = lora_model(tiny_model_dir)
+    move_adapter(model)
+    model.train()
+    batch = our_batch(pairs, tokenizer.pad_token_id)
+    results = []
+    for fused in (None, FusedCausalLMLoss.for_model(model, torch.float32)):
+        model.zero_grad(set_to_none=True)
+        loss, _ = PreferenceLoss(method, 0.2)(model, batch, fused)
+        loss.backward()
+        results.append((loss.item(), adapter_grads(model)))
+    (plain, plain_grads), (fused_loss, fused_grads) = results
+    assert abs(plain - fused_loss) <= 1e-5
+    assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) > 0
+    for name, grad in fused_grads.items():
+        assert torch.allclose(grad, plain_grads[name], atol=1e-4, rtol=0), name
+
+
 def test_dpo_closed_forms():
     c, r = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
     rc, rr = torch.tensor([-11.0, -4.0]), torch.tensor([-11.0, -4.0])
