@@ -145,7 +145,7 @@ def test_a_jsonl_pair_missing_a_side_from_the_command_line(tmp_path, sst2_pairs,
     ({"train": {"method": "dpo"}}, "train.method", "data.task='preference'"),
     ({"data": {"task": "preference"}}, "train.method", "'dpo' or 'orpo'"),
     ({"data": {"task": "preference"}, "train": {"method": "dpo"}, "model": {"objective": "head"}},
-     "model.objective", "writes text"),
+     "model.objective", "data.task='classification'"),
     ({"data": {"task": "preference"}, "train": {"method": "orpo", "packing": True}}, "train.packing", "false"),
 ])
 def test_config_refuses_what_preference_tuning_cannot_do(settings, field, accepted):
