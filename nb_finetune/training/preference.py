@@ -111,7 +111,9 @@ class PreferenceLoss:
     beta: float = 0.1
     variant: str = "sigmoid"
 
-    def __call__(self, model, batch: dict, fused=None) -> tuple[torch.Tensor, dict]:
+    def __call__(self, model, batch: dict, fused=None, unwrapped=None) -> tuple[torch.Tensor, dict]:
+        """`unwrapped`: the peft model inside a wrapper (DDP) that `model` may be, for the
+        reference pass, which needs no gradient synchronisation."""
         token_logps, rows = token_log_probs(model, batch, fused)
         policy = side_log_probs(token_logps, rows, batch["labels"].shape[0])
         (chosen, rejected), (n_chosen, n_rejected) = policy.halves()
@@ -120,7 +122,7 @@ class PreferenceLoss:
             loss = chosen_nll(token_logps, rows, chosen.shape[0]) + orpo_odds_term(mean_c, mean_r, self.beta).mean()
             reward_c, reward_r = self.beta * mean_c.detach(), self.beta * mean_r.detach()
         else:
-            (ref_c, ref_r), _ = reference_log_probs(model, batch, fused).halves()
+            (ref_c, ref_r), _ = reference_log_probs(unwrapped or model, batch, fused).halves()
             loss = dpo_losses(chosen, rejected, ref_c, ref_r, self.beta, self.variant, n_chosen, n_rejected).mean()
             reward_c, reward_r = self.beta * (chosen - ref_c).detach(), self.beta * (rejected - ref_r).detach()
         return loss, pair_metrics(reward_c, reward_r, chosen.detach(), rejected.detach())

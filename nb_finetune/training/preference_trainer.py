@@ -26,7 +26,7 @@ class PreferenceTrainer(SafeTrainer):
         self.pair_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.preference(model, inputs, self.fused_loss)
+        loss, metrics = self.preference(model, inputs, self.fused_loss, self.accelerator.unwrap_model(model))
         mode = "train" if model.training else "eval"
         for key, value in metrics.items():
             self.pair_metrics[mode][key].append(value)
