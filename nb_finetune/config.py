@@ -43,9 +43,9 @@ def _switch_words(section_obj) -> None:
 class DataConfig:
     source: str = _f("imdb-sample", "Built-in data set name (see `nb-finetune assets list`), a file path "
                      "(.csv .tsv .json .jsonl .parquet) or a Hugging Face Hub data set id.")
-    task: str = _f("classification", "'classification' (text -> label) or 'completion' "
-                   "(prompt -> completion, Alpaca instruction/input/output, or chat messages).",
-                   choices=("classification", "completion"))
+    task: str = _f("classification", "'classification' (text -> label), 'completion' (prompt -> completion, Alpaca "
+                   "instruction/input/output, or chat messages) or 'preference' (prompt, chosen and rejected answers, "
+                   "for train.method dpo/orpo).", choices=("classification", "completion", "preference"))
     format: str = _f("auto", "File format; 'auto' guesses from the file suffix.",
                      choices=("auto", "csv", "tsv", "json", "jsonl", "parquet"))
     column_names: list = _f([], "Names for the columns of a file without a header row (empty: the file has one).")
@@ -58,6 +58,8 @@ class DataConfig:
     prompt_column: str = _f("", "Prompt column (completion). Empty: 'prompt', or Alpaca's instruction+input.")
     completion_column: str = _f("", "Completion column (completion). Empty: 'completion', or Alpaca's output.")
     messages_column: str = _f("", "Column of chat messages [{role, content}, ...] (completion). Empty: 'messages' if present.")
+    chosen_column: str = _f("", "Column of the preferred answer (preference): text or a chat ending in it. Empty: 'chosen'.")
+    rejected_column: str = _f("", "Column of the other answer (preference): text or a chat ending in it. Empty: 'rejected'.")
     instruction: str = _f("", "Instruction put before each text when a classification task is trained as "
                           "completion. Empty: one is written from the label names.")
     skip_bad_lines: bool = _f(False, "Skip rows that cannot be read (a broken JSONL line, a CSV row with too "
@@ -160,6 +162,12 @@ class TrainConfig:
     early_stopping_patience: int = _f(0, "Stop after this many validations without a lower validation loss (0: never).", min=0)
     resume_from: str = _f("", "Checkpoint folder to resume from, or 'last' for the newest in output_dir.")
     seed: int = _f(42, "Seed for initialisation, dropout and shuffling.", min=0)
+    method: str = _f("sft", "'sft' imitates the answers; 'dpo' and 'orpo' learn from pairs of a chosen and a rejected "
+                     "answer (data.task='preference'); DPO's reference: the base, adapter off.", choices=("sft", "dpo", "orpo"))
+    beta: float = _f(0.1, "Above 0. DPO: how far the model may move from the base (smaller: further); ORPO: the "
+                     "weight of the odds-ratio term beside the chosen answers' loss.", max=100.0)
+    dpo_loss: str = _f("sigmoid", "DPO's loss: 'sigmoid' (the DPO paper's) or 'ipo' (squared, on per-token "
+                       "log-ratios: does not push the margin without bound).", choices=("sigmoid", "ipo"))
 
 
 @dataclass
@@ -171,6 +179,7 @@ class EvalConfig:
     worst_errors: int = _f(10, "Rows in the worst-errors table.", min=0, max=10000)
 
 
+PREFERENCE_METHODS = ("dpo", "orpo")
 PROBES = ("counterfactual", "crows-pairs", "stereoset", "sentiment-parity")
 
 
@@ -308,7 +317,15 @@ class RunConfig:
             found.append(Problem("model.objective", "head", "a classification head needs data.task='classification'"))
         if t.resume_from and t.resume_from != "last" and not Path(t.resume_from).is_dir():
             found.append(Problem("train.resume_from", t.resume_from, "an existing checkpoint folder, or 'last'"))
-        return found + self.probe_problems()
+        return found + self.preference_problems() + self.probe_problems()
+
+    def preference_problems(self) -> list[Problem]:
+        t, pairs, pref = self.train, self.data.task == "preference", self.train.method in PREFERENCE_METHODS
+        checks = [(not (isinstance(t.beta, (int, float)) and t.beta > 0), "train.beta", t.beta, "a number above 0"),
+                  (pref and not pairs, "train.method", t.method, "pairs: data.task='preference'; or train.method='sft'"),
+                  (pairs and not pref, "train.method", t.method, "'dpo' or 'orpo' for data.task='preference'"),
+                  (pref and t.packing, "train.packing", True, "false: a pair trains as its two answers")]
+        return [Problem(field, value, accepted) for bad, field, value, accepted in checks if bad]
 
     def probe_problems(self) -> list[Problem]:
         p, found = self.probe, []

@@ -21,9 +21,9 @@ import pandas as pd
 from . import assets, distributed, evaluation, hardware, kernels, memory, modeling, training
 from . import data as data_mod
 from .config import RunConfig
-from .data.collator import CompletionOnlyCollator
+from .data.collator import CompletionOnlyCollator, PairCollator
 from .data.formatter import Formatter
-from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame
+from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame, tokenize_pairs
 from .errors import UserError
 from .probes import gate, likelihood, runner
 from .redact import redact
@@ -152,7 +152,10 @@ class Session:
             raise UserError(f"train.max_length={t.max_length} is longer than {m.name}'s context of {context} "
                             f"tokens; set it to at most {context} (longer prompts are cut in the middle)")
         if self.objective == "head" and self.prep.task != "classification":
-            raise UserError("a classification head needs data.task='classification'")
+            raise UserError(f"a classification head needs data.task='classification'; {m.name} is an encoder, "
+                            "which writes no text: for preference pairs use a decoder (e.g. smollm2-135m-instruct)"
+                            if self.prep.task == "preference" else
+                            "a classification head needs data.task='classification'")
         if self.objective == "head" and t.packing:
             raise UserError(PACKING_NEEDS_CAUSAL_LM)  # before loading the model, not when packing
         if self.objective == "head" and t.padding_free == "on":
@@ -164,6 +167,10 @@ class Session:
         for name in ("train", "validation"):
             def said(message, name=name):
                 self.progress(f"{name}: {message}")
+            if self.prep.task == "preference":
+                self.datasets[name], self.token_stats[name] = tokenize_pairs(self.prep.splits[name], self.formatter,
+                                                                             cache, said)
+                continue
             self.datasets[name], self.token_stats[name] = tokenize_frame(self.prep.splits[name], self.formatter,
                                                                          head_labels, cache, said)
         self.report_tokens()
@@ -208,7 +215,8 @@ class Session:
 
     @property
     def collator(self) -> CompletionOnlyCollator:
-        return CompletionOnlyCollator(self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of or None)
+        klass = PairCollator if self.prep is not None and self.prep.task == "preference" else CompletionOnlyCollator
+        return klass(self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of or None)
 
     def train(self, callbacks=(), stop: threading.Event | None = None) -> training.TrainResult:
         trackers.check(self.cfg.train)  # a missing tracker package, said before the model loads
@@ -254,11 +262,16 @@ class Session:
         f, test = self.formatter, self.prep.splits["test"]
         base_key = ("evaluation", self.base_identity, self.precision, self.cfg.train.batch_size, f.max_length,
                     f.use_chat, f.instruction, tuple(f.labels), data_mod.frame_digest(test))
+        kernels_on = kernels.wanted(self.cfg.train.cpu_kernels)
         with self.recording():
-            self.eval_result = evaluation.evaluate(self.model, self.formatter, self.prep, self.objective,
-                                                   self.cfg.eval, self.cfg.train.batch_size, self.precision,
-                                                   self.progress, self.base_results, base_key,
-                                                   kernels.wanted(self.cfg.train.cpu_kernels))
+            if self.prep.task == "preference":  # held-out pairs: preference accuracy and margins
+                self.eval_result = evaluation.evaluate_pairs(self.model, f, self.prep, self.cfg.eval,
+                                                             self.cfg.train.batch_size, self.precision, self.progress,
+                                                             self.base_results, base_key, kernels_on)
+            else:
+                self.eval_result = evaluation.evaluate(self.model, f, self.prep, self.objective, self.cfg.eval,
+                                                       self.cfg.train.batch_size, self.precision, self.progress,
+                                                       self.base_results, base_key, kernels_on)
         self.note(test_metrics=self.eval_result.metrics.reset_index().to_dict(orient="records"))
         return self.eval_result
 

@@ -151,7 +151,7 @@ def scan(frame: pd.DataFrame, groups: dict | None = None, confidence: float = 0.
 
 def row_words(frame: pd.DataFrame) -> pd.Series:
     """Each row's lower-case words, one row per (row position, word)."""
-    columns = [c for c in ("text", "prompt", "completion") if c in frame]
+    columns = [c for c in ("text", "prompt", "completion", "chosen", "rejected") if c in frame]
     if not columns:
         raise UserError("the bias scan needs a text column (text, or prompt and completion)")
     text = frame[columns].astype(str).agg(" ".join, axis=1).str.lower()

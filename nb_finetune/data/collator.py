@@ -112,6 +112,22 @@ class CompletionOnlyCollator:
                 "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
 
 
+@dataclass
+class PairCollator(CompletionOnlyCollator):
+    """Preference pairs as one batch of 2B rows, the B chosen answers then the B rejected ones,
+    padded together, so one forward pass scores both sides (training.preference). Pairs are
+    never flattened: each side is a row of its own."""
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        rows += [{"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"]} for f in features]
+        width = self.width(rows)
+        batch = self.padded(rows, width)
+        if self.tally is not None:
+            self.tally.add(sum(len(r["input_ids"]) for r in rows), width * len(rows), batch["input_ids"].numel())
+        return batch
+
+
 def per_token(features: list[dict]) -> bool:
     """Whether the rows carry a label per token (a causal LM), not one class index each (a head)."""
     return not isinstance(features[0]["labels"], (int, np.integer))

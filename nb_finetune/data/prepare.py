@@ -11,6 +11,7 @@ from .bias_scan import scan
 from .columns import key_text, normalize
 from .loading import read_table, resolve_source
 from .mitigation import mitigate
+from .pairs import check_prompt_leakage
 from .report import DataReport, add_bias_scan, build_report
 from .split import clean, split
 
@@ -42,6 +43,8 @@ def prepare(cfg: DataConfig, source=None) -> PreparedData:
     if cfg.counterfactual or cfg.reweight_groups:  # the scan again, on the rows that will be learned
         report.bias_scan_mitigated = scan(splits["train"], groups)
     _check_leakage(splits, report)
+    if cfg.task == "preference":
+        check_prompt_leakage(splits, report)
     report.split_sizes = {k: len(v) for k, v in splits.items()}
     labels = _label_order(cleaned, cfg) if stratify else []
     return PreparedData(splits, report, cfg.task, labels, cfg)

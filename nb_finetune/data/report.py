@@ -8,6 +8,7 @@ import pandas as pd
 from ..errors import UserError
 from .bias_scan import BiasScan
 from .columns import duplicated
+from .pairs import check_pairs
 
 
 @dataclass
@@ -20,6 +21,7 @@ class DataReport:
     split_sizes: dict = field(default_factory=dict)
     bias_scan: BiasScan | None = None            # the training rows as split
     bias_scan_mitigated: BiasScan | None = None  # after counterfactual copies or reweighting
+    pair_lengths: pd.DataFrame | None = None  # preference pairs: each answer's length in characters
 
     def add(self, check: str, count: int, total: int, severity: str, detail: str) -> None:
         row = {"check": check, "count": int(count), "share": (count / total) if total else 0.0,
@@ -61,7 +63,9 @@ class DataReport:
                 "split_sizes": self.split_sizes,
                 "bias_scan": None if self.bias_scan is None else self.bias_scan.to_dict(),
                 "bias_scan_mitigated": None if self.bias_scan_mitigated is None else
-                self.bias_scan_mitigated.to_dict()}
+                self.bias_scan_mitigated.to_dict(),
+                "chosen_longer": None if self.pair_lengths is None else
+                float((self.pair_lengths["chosen"] > self.pair_lengths["rejected"]).mean())}
 
 
 def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataReport:
@@ -76,6 +80,8 @@ def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataRepor
     report.add("exact duplicates", dup, n, "warning" if dup else "ok", "")
     if task == "classification":
         _check_labels(report, frame)
+    if task == "preference":
+        check_pairs(report, frame)
     return report
 
 

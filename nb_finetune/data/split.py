@@ -14,6 +14,8 @@ def clean(frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     for col in ("text", "prompt", "completion", "label"):
         if col in frame:
             keep &= frame[col].str.strip() != ""
+    if "chosen" in frame:  # a pair with one answer twice teaches nothing (its loss has no gradient)
+        keep &= frame["chosen"].str.strip() != frame["rejected"].str.strip()
     frame = frame[keep]
     if cfg.drop_duplicates:
         frame = frame[~duplicated(frame)]

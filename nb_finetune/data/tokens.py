@@ -133,3 +133,46 @@ def _keep_trained(encoded: list[dict], per_row: bool) -> tuple[TokenizedDataset,
         stats.trained_tokens += trained
         kept.append(f)
     return TokenizedDataset(kept), stats
+
+
+class PairDataset(TokenizedDataset):
+    """Preference pairs: each item's input_ids and labels are its chosen answer's row (what
+    length-grouped sampling measures), rejected_input_ids and rejected_labels the other's."""
+
+    def __getitem__(self, i):
+        f = self.features[i]
+        return {"input_ids": f["input_ids"], "labels": f["labels"], "rejected_input_ids": f["rejected_input_ids"],
+                "rejected_labels": f["rejected_labels"]}
+
+
+def side_rows(frame: pd.DataFrame, side: str) -> pd.DataFrame:
+    """One answer of each pair as a completion row: the prompt (or chat) and that answer."""
+    if "messages" in frame:
+        chats = [list(m) + [{"role": "assistant", "content": a}] for m, a in zip(frame["messages"], frame[side])]
+        return pd.DataFrame({"messages": chats})
+    return pd.DataFrame({"prompt": frame["prompt"].values, "completion": frame[side].values})
+
+
+def tokenize_pairs(frame: pd.DataFrame, fmt: Formatter, cache: Path | None = None,
+                   progress=None) -> tuple[PairDataset, TokenizationStats]:
+    """Encode both answers of every pair (each through the token cache); a pair where either
+    side keeps no trained token is dropped and counted. The stats measure each pair by its chosen
+    answer's row."""
+    sides = {}
+    for side in ("chosen", "rejected"):
+        rows = side_rows(frame, side)
+        records = rows.to_dict(orient="records")
+
+        def encode(records=records):
+            return fmt.encode_many(records, progress)
+
+        sides[side] = cached(cache, rows, fmt, None, encode, progress) if cache and records else encode()
+    pairs = []
+    for c, r in zip(sides["chosen"], sides["rejected"]):
+        pairs.append(c | {"rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"],
+                          "prompt_truncated": c["prompt_truncated"] or r["prompt_truncated"],
+                          "response_truncated": c["response_truncated"] or r["response_truncated"]})
+    kept, stats = _keep_trained(pairs, per_row=False)
+    whole = [f for f in kept.features if any(x != IGNORE for x in f["rejected_labels"])]
+    stats.dropped_no_trained += len(kept) - len(whole)
+    return PairDataset(whole), stats

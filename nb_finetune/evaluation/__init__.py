@@ -3,6 +3,7 @@ model against the base model and the majority class, and one cache of the base's
 from .base_cache import BaseResults, as_base
 from .chat import Sampling, stream_reply
 from .evaluate import EvalResult, compare_prompt, evaluate, label_candidates
+from .preference import evaluate_pairs
 
-__all__ = ["BaseResults", "EvalResult", "Sampling", "as_base", "compare_prompt", "evaluate", "label_candidates",
+__all__ = ["BaseResults", "EvalResult", "Sampling", "as_base", "compare_prompt", "evaluate", "evaluate_pairs", "label_candidates",
            "stream_reply"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -234,3 +235,17 @@ def generate(model, fmt: Formatter, frame: pd.DataFrame, max_new_tokens: int, pr
                                  do_sample=False, pad_token_id=tok.pad_token_id)
         outs.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return outs
+
+
+def bootstrap_ci(values, stat: Callable = np.mean, n: int = 1000, level: float = 0.95, seed: int = 0
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat` over resampled rows (rows resampled together
+    when `values` is 2-D)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n, len(values)))
+    stats = np.array([stat(values[i]) for i in idx])
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))

@@ -4,7 +4,8 @@ Each kernel computes what peft and transformers compute, to rounding, in less ti
 on a CPU, and each has an equivalence test in tests/kernels/:
 - lora.FastLoraLinear and dropout.FastDropout: peft's LoRA layer and its input dropout;
 - attention.ShortRowAttention: a shorter attention backward for short rows;
-- loss.FusedCausalLMLoss: the vocabulary projection and cross-entropy without the logits;
+- loss.FusedCausalLMLoss: the vocabulary projection and cross-entropy without the logits (and
+  loss.linear_log_probs: each token's log-probability the same way, for preference losses);
 - weights.frozen_weights_in: frozen weights cast once to the compute dtype;
 - allocator: freed memory kept between steps (and huge pages, set by the command line).
 

@@ -71,6 +71,55 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """Each row's log p(target) under `hidden @ weight.T`. The gradient of row i is
+    (onehot(target_i) - softmax_i) @ weight, known in the forward pass while the chunk's logits
+    are in cache; the backward pass scales it by the row's incoming gradient, with no second
+    pass over the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        with torch.autocast(hidden.device.type, enabled=False):
+            logps, grad_hidden = _LinearLogProbs.chunks(hidden, weight, targets, chunk_rows)
+        ctx.save_for_backward(grad_hidden)
+        return logps
+
+    @staticmethod
+    def chunks(hidden, weight, targets, chunk_rows):
+        compute_dtype = weight.dtype
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            t = targets[rows, None]
+            logits = (hidden[rows].to(compute_dtype) @ weight.T).float()
+            target_logit = logits.gather(1, t)
+            top = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(top).exp_()
+            total = exps.sum(dim=-1, keepdim=True)
+            logps[rows] = (target_logit - top - total.log()).squeeze(1)
+            if grad_hidden is not None:
+                grad = exps.div_(-total)  # -softmax
+                grad.scatter_add_(1, t, torch.ones_like(target_logit))
+                grad_hidden[rows] = (grad.to(compute_dtype) @ weight).to(hidden.dtype)
+        return logps, grad_hidden
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_logps[:, None].to(grad_hidden.dtype), None, None, None
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     chunk_rows: int | None = None) -> torch.Tensor:
+    """log p(target) [n], fp32, for each row of `hidden` [n, d] under the frozen projection
+    `weight` [V, d] (in the compute dtype), without keeping the logits: what preference losses
+    sum per answer (training.preference)."""
+    if weight.requires_grad:
+        raise ValueError("linear_log_probs computes no gradient for the projection; it must be frozen")
+    return _LinearLogProbs.apply(hidden, weight, targets, chunk_rows or chunk_rows_for(weight.dtype))
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
                          chunk_rows: int | None = None) -> torch.Tensor:
     """scale x the summed cross-entropy of `hidden @ weight.T` against `targets`, computed in

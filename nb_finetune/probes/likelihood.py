@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..data.collator import CompletionOnlyCollator
 from ..data.formatter import IGNORE
-from ..evaluation.scoring import sequence_logprobs
+from ..evaluation.scoring import bootstrap_ci, sequence_logprobs  # noqa: F401 (bootstrap_ci: used by the probes here)
 from .pairs import PairSet
 
 # Shown beside every pair-probe result: what the numbers do and do not say.
@@ -25,20 +25,6 @@ CAVEAT = ("The ideal is 50%: no preference either way, and neither side of it is
           "the more stereotypical sentence of a crowd-written, US-centric pair the more likely. They do not "
           "measure harm in generated text or in a downstream task, and both hold noisy and ill-posed pairs "
           "(Blodgett et al. 2021): read a change with its interval, as one signal among several.")
-
-
-def bootstrap_ci(values, stat: Callable = np.mean, n: int = 1000, level: float = 0.95, seed: int = 0
-                 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of `stat` over resampled rows (rows resampled together
-    when `values` is 2-D)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n, len(values)))
-    stats = np.array([stat(values[i]) for i in idx])
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
 
 
 def _stereoset_scores(rows: np.ndarray) -> np.ndarray:

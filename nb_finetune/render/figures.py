@@ -112,6 +112,19 @@ def token_length_figure(lengths: pd.Series, max_length: int | None) -> Figure:
     return fig
 
 
+def pair_lengths_figure(lengths: pd.DataFrame) -> Figure:
+    """Preference pairs' length bias: how much longer each chosen answer is than its rejected
+    one (characters), with the share of pairs where the chosen one is the longer; 0 is marked."""
+    import seaborn as sns
+    fig, (ax,) = _figure(4.5, 2.6)
+    diff = (lengths["chosen"] - lengths["rejected"]).to_numpy()
+    sns.histplot(x=diff, ax=ax, bins=min(40, max(5, len(diff) // 5)), color=COLORS["train"])
+    ax.axvline(0, color=COLORS["base"], linestyle="--")
+    ax.set(title=f"chosen longer in {np.mean(diff > 0):.0%} of pairs", xlabel="chosen - rejected (characters)",
+           ylabel="pairs")
+    return fig
+
+
 def confusion_figure(confusion: pd.DataFrame) -> Figure:
     import seaborn as sns
     n = len(confusion)

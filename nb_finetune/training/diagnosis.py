@@ -13,6 +13,9 @@ def diagnose(history: pd.DataFrame) -> str:
     above 80% of where it started and validation loss has not improved by 5%."""
     train = history["train_loss"].dropna() if len(history) else pd.Series(dtype=float)
     val = history.dropna(subset=["val_loss"]) if len(history) else history
+    preference = preference_failure(history)
+    if preference:
+        return preference
     if len(train) < 3 and len(val) < 2:
         return "too early to tell: waiting for more steps"
     first = float(train.iloc[0]) if len(train) else float("nan")
@@ -37,3 +40,26 @@ def diagnose(history: pd.DataFrame) -> str:
             text += f", validation loss {val['val_loss'].iloc[0]:.3f} -> {val['val_loss'].iloc[-1]:.3f}"
         return text
     return "too early to tell: waiting for more steps"
+
+
+def preference_failure(history: pd.DataFrame, window: int = 3) -> str:
+    """DPO's two failure modes, read from the rewards a preference run logs (training.preference):
+    - the margin grows while both rewards fall: the model lowers both answers, the rejected one
+      faster, and moves probability to text that is neither;
+    - the chosen answers' log-probability collapses: it fell far below where it started.
+    Each over the mean of the first and of the last `window` logged steps. '' when neither."""
+    if "reward_margin" not in history or history["reward_margin"].notna().sum() < 2 * window:
+        return ""
+    logged = history.dropna(subset=["reward_margin"])
+    head, tail = logged.head(window).mean(numeric_only=True), logged.tail(window).mean(numeric_only=True)
+    if tail["reward_margin"] > head["reward_margin"] and tail["reward_chosen"] < 0 and tail["reward_rejected"] < 0 \
+            and tail["reward_chosen"] < head["reward_chosen"]:
+        return (f"preference: the margin grew ({head['reward_margin']:.3f} -> {tail['reward_margin']:.3f}) while "
+                f"both rewards fell (chosen {tail['reward_chosen']:.3f}, rejected {tail['reward_rejected']:.3f}): "
+                "the model makes both answers less likely; raise train.beta, lower the learning rate, or try "
+                "train.method=orpo, whose loss keeps the chosen answers likely")
+    drop = head["logp_chosen"] - tail["logp_chosen"]
+    if drop > max(10.0, 0.5 * abs(head["logp_chosen"])):
+        return (f"preference: the chosen answers' log-probability collapsed ({head['logp_chosen']:.1f} -> "
+                f"{tail['logp_chosen']:.1f}); raise train.beta, lower the learning rate, or use train.method=orpo")
+    return ""

@@ -16,7 +16,7 @@ import pandas as pd
 from transformers.trainer_utils import get_last_checkpoint
 
 from .. import distributed, kernels
-from ..config import TrainConfig
+from ..config import PREFERENCE_METHODS, TrainConfig
 from ..data.collator import PaddingTally, per_token
 from ..errors import UserError
 from ..modeling import keeps_logits_selectively
@@ -34,6 +34,8 @@ from .policy import (
     use_liger,
     use_padding_free,
 )
+from .preference import PreferenceLoss
+from .preference_trainer import PreferenceTrainer
 from .trainer import EventBridge, SafeTrainer, predicted_ids, token_accuracy
 
 
@@ -91,6 +93,8 @@ def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), sto
 
 def decide_setup(model, train_ds, cfg: TrainConfig, precision: str, quantized: bool, say) -> Setup:
     """The speed-ups this run uses (Liger Kernel, padding-free batches), each said when used or refused."""
+    if cfg.method in PREFERENCE_METHODS:
+        return preference_setup(cfg, precision, quantized, say)
     liger, liger_note = use_liger(cfg, getattr(getattr(model, "config", None), "model_type", ""))
     causal_lm = len(train_ds) == 0 or per_token([train_ds[0]])
     padding_free, padding_note = use_padding_free(cfg, model, causal_lm)
@@ -98,6 +102,15 @@ def decide_setup(model, train_ds, cfg: TrainConfig, precision: str, quantized: b
         if note:
             say(note)
     return Setup(precision, quantized, liger, padding_free)
+
+
+def preference_setup(cfg: TrainConfig, precision: str, quantized: bool, say) -> Setup:
+    """Pairs train padded, with transformers' layers: each side is a row of its own, and the
+    log-probabilities need the positions Liger's fused loss does not hand out."""
+    for name in ("liger_kernel", "padding_free"):
+        if getattr(cfg, name) == "on":
+            say(f"train.{name}: on does not apply to train.method={cfg.method!r}; training without it")
+    return Setup(precision, quantized)
 
 
 def train_with_rescue(model, datasets, collator, cfg: TrainConfig, setup: Setup, bridge: EventBridge,
@@ -153,10 +166,12 @@ def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, setup: Set
                  bridge: EventBridge) -> SafeTrainer:
     args = training_arguments(cfg, setup.precision, has_eval=val_ds is not None and len(val_ds) > 0,
                               quantized=setup.quantized, liger=setup.liger)
-    trainer = SafeTrainer(model=model, args=args, train_dataset=train_ds,
-                          eval_dataset=val_ds if args.eval_strategy != "no" else None,
-                          data_collator=collator, callbacks=[bridge], compute_metrics=token_accuracy,
-                          preprocess_logits_for_metrics=predicted_ids)
+    common = dict(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[bridge],
+                  eval_dataset=val_ds if args.eval_strategy != "no" else None)
+    if cfg.method in PREFERENCE_METHODS:
+        trainer = PreferenceTrainer(**common, preference=PreferenceLoss(cfg.method, cfg.beta, cfg.dpo_loss))
+    else:
+        trainer = SafeTrainer(**common, compute_metrics=token_accuracy, preprocess_logits_for_metrics=predicted_ids)
     # Liger's fused linear + cross-entropy keeps no logits already, and its forward takes
     # `logits_to_keep` as a count or slice, not our mask of positions.
     trainer.trained_logits_only = keeps_logits_selectively(model) and not setup.liger

@@ -35,11 +35,19 @@ class EventBridge(TrainerCallback):
 
     @property
     def history(self) -> pd.DataFrame:
-        return pd.DataFrame(list(self.rows.values()), columns=HISTORY_COLUMNS)
+        extra = list(dict.fromkeys(k for row in self.rows.values() for k in row if k not in HISTORY_COLUMNS))
+        return pd.DataFrame(list(self.rows.values()), columns=HISTORY_COLUMNS + extra)
 
     def row(self, state) -> dict:
         return self.rows.setdefault(state.global_step, {c: np.nan for c in HISTORY_COLUMNS}
                                     | {"step": state.global_step})
+
+    @staticmethod
+    def extras(logs: dict, prefix: str, to: str) -> dict:
+        """A preference run's rewards and margins (training.preference_trainer) under their
+        history names: `prefix`+name in the logs becomes `to`+name."""
+        return {to + k[len(prefix):]: v for k, v in logs.items()
+                if k.startswith(prefix + "reward_") or k.startswith(prefix + "logp_")}
 
     def on_train_begin(self, args, state, control, **kw):
         self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -69,6 +77,7 @@ class EventBridge(TrainerCallback):
         row = self.row(state)
         row.update(epoch=state.epoch, train_loss=logs["loss"], learning_rate=logs.get("learning_rate", np.nan),
                    tokens_per_second=self.tokens_per_second(state.num_input_tokens_seen))
+        row.update(self.extras(logs, "", ""))
         for cb in self.callbacks:
             cb.on_log(dict(row), self.history)
         self.check_stop(control)  # a stop asked for while logging saves this very step
@@ -85,6 +94,7 @@ class EventBridge(TrainerCallback):
         row = self.row(state)
         row.update(epoch=state.epoch, val_loss=metrics.get("eval_loss", np.nan),
                    val_accuracy=metrics.get("eval_accuracy", np.nan))
+        row.update(self.extras(metrics, "eval_", "val_"))
         if self.patience and self.no_better(row["val_loss"]):
             self.early_stopped = True
             control.should_training_stop = True

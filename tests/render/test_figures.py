@@ -53,3 +53,13 @@ def test_the_runs_plot_has_a_colour_per_run_and_a_line_style_per_split():
     assert len(lines) == 3 and len({line.get_color() for line in lines}) == 2
     assert sorted(line.get_linestyle() for line in lines) == ["-", "-", "--"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (-)", "b (lora_r=8)", "training", "validation"]
+
+
+def test_pair_lengths_figure_titles_the_share_of_longer_chosen_answers():
+    import pandas as pd
+
+    from nb_finetune.render.figures import pair_lengths_figure, to_png
+    lengths = pd.DataFrame({"chosen": [10, 30, 50, 5], "rejected": [20, 10, 40, 5]})
+    fig = pair_lengths_figure(lengths)
+    assert fig.axes[0].get_title() == "chosen longer in 50% of pairs"  # 2 of 4; a tie is not longer
+    assert to_png(fig).startswith(PNG)
