@@ -15,7 +15,7 @@ from conftest import REPO, SUBPROCESS_ENV, load_docs_module
 PACKAGE = REPO / "nb_finetune"
 # Layers, lowest first: a module may import its own layer's modules or lower ones, never higher.
 LAYERS = [
-    {"errors", "redact", "distributed", "hardware", "quiet", "assets", "config", "render", "commands"},
+    {"errors", "redact", "distributed", "hardware", "quiet", "assets", "config", "config_rules", "render", "commands"},
     {"kernels"},
     {"data", "modeling"},
     {"training", "memory", "evaluation", "export"},
