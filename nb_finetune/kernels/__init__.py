@@ -38,6 +38,20 @@ class Applied:
         return "CPU kernels: " + (", ".join(self.parts) if self.parts else "off (train.cpu_kernels)")
 
 
+def applicable(model) -> dict[str, bool]:
+    """Which kernels `for_training` would switch on for `model` (a peft model, trained on a
+    CPU), asked of the checks the kernels themselves make: LoRA layer, dropout (none at
+    lora_dropout 0), attention and fused loss."""
+    import torch
+
+    from . import attention, dropout, lora, loss
+    dropouts = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+                for d in m.lora_dropout.values()]
+    return {"LoRA layer": any(lora.switchable(m) for m in model.modules()),
+            "dropout": any(dropout.replaceable(d) for d in dropouts),
+            "attention": attention.applies_to(model), "fused loss": loss.replaces_loss_of(model)}
+
+
 @contextmanager
 def for_training(model, precision: str, enabled: bool):
     """Every kernel, for one training run of `model` (a peft model) in `precision`."""

@@ -122,6 +122,15 @@ class ShortRowAttention:
         return out.transpose(1, 2).contiguous(), None
 
 
+def applies_to(model) -> bool:
+    """Whether training `model` (a peft model or a causal LM) uses this attention: a checked
+    model type, with sdpa, on the CPU."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    return (getattr(config, "model_type", None) in CHECKED_DECODERS and config._attn_implementation == "sdpa"
+            and base.device.type == "cpu")
+
+
 @contextmanager
 def for_training(model):
     """Use this attention while training `model` on a CPU, where it applies; sdpa again after.
@@ -129,12 +138,10 @@ def for_training(model):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    if not (getattr(config, "model_type", None) in CHECKED_DECODERS and config._attn_implementation == "sdpa"
-            and base.device.type == "cpu"):
+    if not applies_to(model):
         yield False
         return
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     AttentionInterface.register(NAME, ShortRowAttention())
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the same masks as sdpa
     config._attn_implementation = NAME
