@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import UserError
-from . import gguf_file, modelfile, roundtrip
+from . import gguf_file, gguf_vocab, modelfile, roundtrip
 from .adapter import adapter_mismatch, merge
 
 _README = """# {name}: the tuned model as GGUF ({quant})
@@ -43,15 +43,19 @@ def check_destination(out: Path, force: bool) -> None:
                         "or 'replace' in the Export panel)")
 
 
-def check_model(cfg: RunConfig, adapter_dir: Path, out: Path, quant: str) -> None:
-    """Before loading any weights: refuse a model the writer does not know, a merge that will not
-    fit in memory, a file that will not fit on disk and an adapter from another base."""
+def check_model(cfg: RunConfig, adapter_dir: Path, out: Path, quant: str, chat_template: bool | None = None) -> None:
+    """Before loading any weights: refuse a model the writer does not know, a chat template asked of
+    a tokenizer that has none, a merge that will not fit in memory, a file that will not fit on disk
+    and an adapter from another base."""
     from ..memory import meta_model
     if cfg.model.objective == "head":
         raise UserError("GGUF export needs a language model: a classification head (model.objective='head') "
                         "has no GGUF form")
     model, model_config = meta_model(cfg, "completion", 2)
     gguf_file.architecture(model_config)
+    if chat_template:
+        from ..modeling import load_tokenizer
+        gguf_vocab.check_chat_template(load_tokenizer(cfg.model, lambda m: None), chat_template)
     check_memory(model)
     check_disk(model, out, quant)
     mismatch = adapter_mismatch(adapter_dir, model)
@@ -78,15 +82,20 @@ def check_disk(model, out: Path, quant: str) -> None:
                         f"GiB is free under {where}: free space or choose another folder")
 
 
-def write_folder(model, tokenizer, staging: Path, quant: str, name: str, progress) -> roundtrip.RoundTrip:
+def write_folder(model, tokenizer, staging: Path, quant: str, name: str, progress,
+                 chat_template: bool | None = None) -> roundtrip.RoundTrip:
     """model.gguf, Modelfile and README.md in `staging`; returns the GGUF's passed round trip."""
     model_dir = staging / "tokenizer"
     tokenizer.save_pretrained(str(model_dir))  # SpecialVocab reads merges and ids from these files
-    gguf_path = gguf_file.write_gguf(model, tokenizer, model_dir, staging / "model.gguf", quant, name)
+    gguf_path = gguf_file.write_gguf(model, tokenizer, model_dir, staging / "model.gguf", quant, name,
+                                     chat_template)
     shutil.rmtree(model_dir)
+    if chat_template is False:
+        tokenizer.chat_template = None  # the file has none: the round trip and Modelfile go without
     mf = staging / "Modelfile"
     mf.write_text(modelfile.modelfile(tokenizer, context=min(4096, model.config.max_position_embeddings)))
-    progress(f"checking the GGUF: reading it back with {' and '.join(roundtrip.readers())} in other processes")
+    readers = roundtrip.readers(gguf_file.architecture(model.config))
+    progress(f"checking the GGUF: reading it back with {' and '.join(readers)} in other processes")
     check = roundtrip.verify(model, tokenizer, gguf_path, quant)
     if not check.ok:
         raise UserError(f"the GGUF does not match the merged model, nothing was written: {check.summary()}")
@@ -95,17 +104,20 @@ def write_folder(model, tokenizer, staging: Path, quant: str, name: str, progres
 
 
 def export_gguf(cfg: RunConfig, adapter_dir: str | Path, out: str | Path, quant: str = "f16",
-                force: bool = False, progress=print) -> GGUFExport:
-    """Merge `adapter_dir` into cfg's base and write `out`/model.gguf, Modelfile and README.md."""
+                force: bool = False, progress=print, chat_template: bool | None = None) -> GGUFExport:
+    """Merge `adapter_dir` into cfg's base and write `out`/model.gguf, Modelfile and README.md.
+    `chat_template`: None stores the tokenizer's template where it has one (a base model without
+    one is exported plain), True refuses a tokenizer without one, False leaves it out."""
     out = Path(out).expanduser().resolve()
     gguf_file.check_quant(quant)
     check_destination(out, force)
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise UserError(f"no trained adapter in {adapter_dir}: train first, or point to the adapter folder")
-    check_model(cfg, Path(adapter_dir), out, quant)
+    check_model(cfg, Path(adapter_dir), out, quant, chat_template)
     model, tokenizer = merge(cfg, adapter_dir, "completion", None, progress)
     progress(f"writing {quant} GGUF")
-    check = write_staged(out, lambda staging: write_folder(model, tokenizer, staging, quant, out.name, progress))
+    check = write_staged(out, lambda staging: write_folder(model, tokenizer, staging, quant, out.name, progress,
+                                                           chat_template))
     return GGUFExport(out, out / "model.gguf", out / "Modelfile", check)
 
 

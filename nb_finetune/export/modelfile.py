@@ -49,7 +49,19 @@ def stop_tokens(tokenizer, t: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def modelfile(tokenizer, gguf_name: str = "model.gguf", context: int = 4096) -> str:
+def plain_modelfile(tokenizer, gguf_name: str, context: int) -> str:
+    """A model without a chat template (a base model): Ollama passes the prompt as it is."""
+    lines = [f"FROM ./{gguf_name}", "", 'TEMPLATE """{{ .Prompt }}"""', ""]
+    lines += [f"PARAMETER stop {json.dumps(tokenizer.eos_token)}"] if tokenizer.eos_token else []
+    lines += ["PARAMETER temperature 0.7", "PARAMETER top_p 0.9", f"PARAMETER num_ctx {context}", ""]
+    return "\n".join(lines)
+
+
+def modelfile(tokenizer, gguf_name: str = "model.gguf", context: int = 4096, chat: bool = True) -> str:
+    """The Modelfile for the chat template (turns and stop tokens), or a plain one where the
+    tokenizer has none or `chat` is False."""
+    if not chat or not tokenizer.chat_template:
+        return plain_modelfile(tokenizer, gguf_name, context)
     try:
         t = turns(tokenizer)
     except (ValueError, TypeError) as err:

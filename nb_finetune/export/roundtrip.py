@@ -25,14 +25,18 @@ from ..errors import UserError
 
 PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.",
            "Name three colours.")
-# Largest |logit difference| / largest |logit| over the prompts, per quant type, for every
-# reader (llama.cpp rounds activations too; the same bounds are asked of it). f16 rounds each
-# weight to 11 significant bits; q8_0 to 8 bits per 32-value block; q4_0 to 4 bits, enough to
-# move a small model's logits by as much as the largest one, so its bound only catches a broken
-# file (wrong layout, lost tensors) and its answers may differ from the merged model's.
+# Largest |logit difference| / largest |logit| along the merged model's greedy continuation, per
+# quant type, for every reader (llama.cpp rounds activations too; the same bounds are asked of
+# it). f16 rounds each weight to 11 significant bits; q8_0 to 8 bits per 32-value block; q4_0 to
+# 4 bits, enough to move a small model's logits by as much as the largest one, so its bound only
+# catches a broken file (wrong layout, lost tensors).
 BOUNDS = {"f16": 0.01, "q8_0": 0.15, "q4_0": 1.0}
 MAX_NEW_TOKENS = 24
 LLAMA_CPP = "llama.cpp"
+TRANSFORMERS = "transformers"
+# The inverse of the writer's layout into a fresh model of the family (gguf_reader), for the
+# families transformers' GGUF loader does not know.
+GGUF_READER = "gguf-reader"
 
 
 @functools.cache
@@ -40,15 +44,23 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+@functools.cache
+def transformers_reads(arch: str) -> bool:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    return arch in GGUF_SUPPORTED_ARCHITECTURES
+
+
 @dataclass
 class RoundTrip:
     quant: str
     max_logit_diff: float = 0.0  # relative to the largest |logit|
     bound: float = 0.0
-    greedy_same: list[bool] = field(default_factory=list)
-    stops: list[bool] = field(default_factory=list)  # the GGUF's generation ended at end-of-turn
+    positions: int = 0  # positions compared, prompts and continuations together
+    clear: int = 0  # of them, where the merged model's top-two margin exceeds the bound
+    top1_same: int = 0  # of the clear ones, where the reader's top token is the merged model's
+    stops: list[bool] = field(default_factory=list)  # per prompt that ends at end-of-turn: the GGUF ends too
     problems: list[str] = field(default_factory=list)
-    reader: str = "transformers"
+    reader: str = TRANSFORMERS
     others: list[RoundTrip] = field(default_factory=list)  # the same check through other readers
 
     @property
@@ -57,75 +69,108 @@ class RoundTrip:
 
     def summary(self) -> str:
         own = (f"round trip ({self.quant}, read back by {self.reader}): largest logit difference "
-               f"{self.max_logit_diff:.2%} of the largest logit (bound {self.bound:.0%}); greedy answers "
-               f"identical on {sum(self.greedy_same)}/{len(self.greedy_same)} prompts; stopped at "
-               f"end-of-turn on {sum(self.stops)}/{len(self.stops)}"
+               f"{self.max_logit_diff:.2%} of the largest logit (bound {self.bound:.0%}) over {self.positions} "
+               f"positions of the merged model's greedy answers; same top token at {self.top1_same}/{self.clear} "
+               f"positions with a margin above the bound; stopped at end-of-turn on {sum(self.stops)}/"
+               f"{len(self.stops)} answers that end there"
                + ("" if not self.problems else "; FAILED: " + "; ".join(self.problems)))
         return "; ".join([own] + [o.summary() for o in self.others])
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> tuple[list[int], str, bool]:
+    """(ids, text, whether the tokenizer added its special tokens) of a prompt, chat-templated
+    where the tokenizer has a template."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"], text, False
+    return tokenizer(prompt)["input_ids"], prompt, True
+
+
 def run_prompts(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
-    """Per prompt: ids of the chat-templated prompt, its logits, the greedy continuation."""
+    """Per prompt: its ids, the greedy continuation, and the logits at every position of both."""
     import torch
-    out = []
+    chat, out = bool(tokenizer.chat_template), []
     for prompt in prompts:
-        chat = [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
+        ids, text, added = prompt_ids(tokenizer, prompt, chat)
         with torch.no_grad():
-            logits = model(ids).logits[0].float().numpy()
-            gen = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens,
+            gen = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        out.append({"ids": ids[0].tolist(), "logits": logits, "generated": gen[0, ids.shape[1]:].tolist(),
-                    "eos": tokenizer.eos_token_id,
-                    "text": tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)})
+            sequence = gen[0].tolist()
+            logits = model(torch.tensor([sequence])).logits[0].float().numpy()
+        out.append({"ids": ids, "sequence": sequence, "logits": logits, "eos": tokenizer.eos_token_id,
+                    "text": text, "added": added, "prompt": prompt, "chat": chat})
     return out
 
 
-def transformers_answers(gguf_path: str) -> list[dict]:
-    """transformers loads the GGUF, tokenizer and chat template included, and answers the prompts."""
+def teacher_forced(model, sequences: list[list[int]]) -> list:
+    import torch
+    with torch.no_grad():
+        return [model(torch.tensor([s])).logits[0].float().numpy() for s in sequences]
+
+
+def transformers_answers(gguf_path: str, requests: list[dict]) -> list[dict]:
+    """transformers loads the GGUF, tokenizer and chat template included: its ids for each prompt
+    and its logits along the merged model's sequences."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return run_prompts(model, tokenizer)
+    return tokenizer_answers(tokenizer, requests, teacher_forced(model, [r["sequence"] for r in requests]))
 
 
-def llama_cpp_answers(gguf_path: str, texts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
-    """llama.cpp loads the GGUF and answers the chat-templated prompt texts, tokenized by its own
-    tokenizer (the file's tokens, merges and pre-tokenizer name), greedily."""
+def tokenizer_answers(tokenizer, requests: list[dict], logits: list) -> list[dict]:
+    return [{"ids": prompt_ids(tokenizer, r["prompt"], r["chat"])[0], "logits": lg, "eos": tokenizer.eos_token_id}
+            for r, lg in zip(requests, logits)]
+
+
+def gguf_reader_answers(gguf_path: str, requests: list[dict], config_dir: str) -> list[dict]:
+    """The file mapped back by gguf.GGUFReader through the inverse layout into a fresh model."""
+    from .gguf_reader import load_model, load_tokenizer
+    model = load_model(gguf_path, config_dir)
+    return tokenizer_answers(load_tokenizer(gguf_path), requests,
+                             teacher_forced(model, [r["sequence"] for r in requests]))
+
+
+def llama_cpp_answers(gguf_path: str, requests: list[dict]) -> list[dict]:
+    """llama.cpp loads the GGUF: its own tokenizer's ids for each prompt text (the file's tokens,
+    merges or scores, pre-tokenizer name) and its logits along the merged model's sequences."""
     from llama_cpp import Llama
-    llm = Llama(model_path=gguf_path, n_ctx=512, logits_all=True, verbose=False, seed=0)
-    eos, out = llm.token_eos(), []
-    for text in texts:
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    n_ctx = max(len(r["sequence"]) for r in requests) + 8
+    llm = Llama(model_path=gguf_path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+    out = []
+    for r in requests:
+        ids = llm.tokenize(r["text"].encode("utf-8"), add_bos=r["added"], special=True)
         llm.reset()
-        llm.eval(ids)
-        logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
-        generated = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-            generated.append(int(token))
-            if token == eos or len(generated) == max_new_tokens:
-                break
-        out.append({"ids": list(ids), "logits": logits, "generated": generated, "eos": eos, "text": text})
+        llm.eval(r["sequence"])
+        logits = np.array(llm.scores[:len(r["sequence"])], dtype=np.float32)
+        out.append({"ids": list(ids), "logits": logits, "eos": llm.token_eos()})
     return out
 
 
-def gguf_side(gguf_path: str, out_path: str, reader: str = "transformers", texts: tuple[str, ...] = ()) -> None:
+def gguf_side(gguf_path: str, out_path: str, reader: str, requests_path: str, config_dir: str = "") -> None:
     """Runs in the child process: one reader's answers, saved for the parent."""
-    results = llama_cpp_answers(gguf_path, list(texts)) if reader == LLAMA_CPP else transformers_answers(gguf_path)
+    requests = json.loads(Path(requests_path).read_text())
+    if reader == LLAMA_CPP:
+        results = llama_cpp_answers(gguf_path, requests)
+    elif reader == GGUF_READER:
+        results = gguf_reader_answers(gguf_path, requests, config_dir)
+    else:
+        results = transformers_answers(gguf_path, requests)
     np.savez(out_path, logits=np.array([r.pop("logits") for r in results], dtype=object),
              meta=json.dumps(results))
 
 
-def read_back(gguf_path: Path, reader: str = "transformers", texts: tuple[str, ...] = ()) -> list[dict]:
+def read_back(gguf_path: Path, reader: str, ours: list[dict], config_dir: str = "") -> list[dict]:
     """A reader's answers, from a fresh Python process."""
     root = str(Path(__file__).resolve().parents[2])
+    keys = ("sequence", "text", "added", "prompt", "chat")
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "answers.npz")
+        out, requests = os.path.join(tmp, "answers.npz"), os.path.join(tmp, "requests.json")
+        Path(requests).write_text(json.dumps([{k: r[k] for k in keys} for r in ours]))
         code = (f"import sys; sys.path.insert(0, {root!r}); from nb_finetune.export.roundtrip import gguf_side; "
-                f"gguf_side({str(gguf_path)!r}, {out!r}, {reader!r}, {tuple(texts)!r})")
+                f"gguf_side({str(gguf_path)!r}, {out!r}, {reader!r}, {requests!r}, {config_dir!r})")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
@@ -137,36 +182,54 @@ def read_back(gguf_path: Path, reader: str = "transformers", texts: tuple[str, .
     return results
 
 
-def compare(ours: list[dict], theirs: list[dict], quant: str, reader: str = "transformers") -> RoundTrip:
+def compare_one(report: "RoundTrip", i: int, a: dict, b: dict) -> None:
+    """One prompt: ids, end-of-turn id, the logits at every position, the top token wherever the
+    merged model's margin between its first and second choice exceeds the bound."""
+    if a["ids"] != b["ids"]:
+        report.problems.append(f"prompt {i + 1} tokenizes differently (wrong vocabulary or chat template)")
+    if a["eos"] != b["eos"]:
+        report.problems.append(f"end-of-turn token {b['eos']} instead of {a['eos']}")
+    ours, theirs = a["logits"], b["logits"]
+    scale = float(np.abs(ours).max()) or 1.0
+    report.max_logit_diff = max(report.max_logit_diff, float(np.abs(ours - theirs).max()) / scale)
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) / scale > report.bound
+    same = ours.argmax(-1) == theirs.argmax(-1)
+    report.positions += len(ours)
+    report.clear += int(clear.sum())
+    report.top1_same += int((same & clear).sum())
+    if a["sequence"][-1] == a["eos"]:  # the merged model ended its answer: the GGUF must too
+        report.stops.append(bool(same[-2]) or not bool(clear[-2]))
+
+
+def compare(ours: list[dict], theirs: list[dict], quant: str, reader: str = TRANSFORMERS) -> RoundTrip:
     report = RoundTrip(quant=quant, bound=BOUNDS[quant], reader=reader)
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        if a["ids"] != b["ids"]:
-            report.problems.append(f"prompt {i + 1} tokenizes differently (tokenizer or chat template lost)")
-            continue
-        if a["eos"] != b["eos"]:
-            report.problems.append(f"end-of-turn token {b['eos']} instead of {a['eos']}")
-        scale = float(np.abs(a["logits"]).max()) or 1.0
-        report.max_logit_diff = max(report.max_logit_diff, float(np.abs(a["logits"] - b["logits"]).max()) / scale)
-        report.greedy_same.append(a["generated"] == b["generated"])
-        report.stops.append(b["eos"] in b["generated"])
-        if quant == "f16" and report.stops[-1] != (a["eos"] in a["generated"]):
-            report.problems.append(f"prompt {i + 1}: stops at end-of-turn in one model and not the other")
+        compare_one(report, i, a, b)
     if report.max_logit_diff > report.bound:
         report.problems.append(f"logits differ by {report.max_logit_diff:.2%} (bound {report.bound:.0%})")
-    if quant == "f16" and not all(report.greedy_same):
-        report.problems.append("greedy answers differ from the merged model's")
+    if report.top1_same < report.clear:
+        report.problems.append(f"a different top token at {report.clear - report.top1_same} positions where the "
+                               "merged model's margin exceeds the bound")
+    if not all(report.stops):
+        report.problems.append("does not stop at end-of-turn where the merged model stops")
     return report
 
 
-def readers() -> list[str]:
-    return ["transformers"] + ([LLAMA_CPP] if llama_cpp_available() else [])
+def readers(arch: str = "llama") -> list[str]:
+    """Who reads the file back: transformers where its GGUF loader knows the architecture, the
+    inverse-layout reader where not, and llama.cpp too when installed."""
+    return [TRANSFORMERS if transformers_reads(arch) else GGUF_READER] + ([LLAMA_CPP] if llama_cpp_available() else [])
 
 
 def verify(model, tokenizer, gguf_path: Path, quant: str) -> RoundTrip:
     """Compare the merged model with its GGUF as each reader reads it, each in another process."""
+    from .gguf_file import architecture
     ours = run_prompts(model.eval(), tokenizer)
-    report = compare(ours, read_back(Path(gguf_path)), quant)
-    if llama_cpp_available():
-        texts = tuple(r["text"] for r in ours)
-        report.others.append(compare(ours, read_back(Path(gguf_path), LLAMA_CPP, texts), quant, LLAMA_CPP))
+    first, *rest = readers(architecture(model.config))
+    with tempfile.TemporaryDirectory() as config_dir:
+        model.config.save_pretrained(config_dir)  # the family, for the inverse-layout reader
+        report = compare(ours, read_back(Path(gguf_path), first, ours, config_dir), quant, first)
+        for reader in rest:
+            report.others.append(compare(ours, read_back(Path(gguf_path), reader, ours, config_dir), quant, reader))
     return report
