@@ -11,6 +11,7 @@ families and the tiny models are defined here once; tests/test_families.py uses 
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,15 +22,21 @@ SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024, "tie_word_embeddings": True}
 # Mixture-of-experts families: 4 experts of 64, 2 per token (their defaults have up to 128).
 EXPERTS = {"num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+# Gemma scales attention by query_pre_attn_scalar (256 by default), llama.cpp by head_dim: the
+# real Gemmas have them equal, and so does the tiny one.
+GEMMA = {"query_pre_attn_scalar": SIZES["head_dim"]}
 # The families the engine is tested with, by transformers' model_type, with what each needs
 # beyond SIZES. Those after smollm3 are families the issue did not name, tried to find what
 # breaks in the engine (docs/models.md says what was found).
 FAMILIES = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma2": {}, "gemma3_text": {}, "phi3": {},
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma2": GEMMA, "gemma3_text": GEMMA, "phi3": {},
     "granite": {}, "olmo2": {}, "smollm3": {},
     "qwen3_moe": EXPERTS, "mixtral": EXPERTS, "olmoe": EXPERTS, "granitemoe": EXPERTS,
     "cohere": {}, "starcoder2": {}, "stablelm": {}, "glm": {}, "exaone4": {},
 }
+# What the engine needs set for a family, beyond run_config's defaults: peft adapts the experts of
+# these mixture-of-experts families as parameters (lora.ParamWrapper), which take no dropout.
+SETTINGS = {"qwen3_moe": {"lora_dropout": 0.0}, "mixtral": {"lora_dropout": 0.0}, "olmoe": {"lora_dropout": 0.0}}
 QUANTS = ("f16", "q8_0")
 
 
@@ -78,35 +85,89 @@ def sst2_rows(shared_data: Path = SHARED_DATA):
 
 def gguf_supported(model_type: str) -> bool:
     """Whether the GGUF writer takes this family: the writer's own list."""
-    from nb_finetune.export import gguf_file
-    return model_type in gguf_file.ARCHITECTURES
+    from nb_finetune.export import gguf_layout
+    return model_type in gguf_layout.FAMILIES
 
 
 def row(model_type: str, tokenizer_dir: Path, work: Path, frame) -> dict:
     """One family through the whole path; what worked and the round trip's figures."""
     import numpy as np
 
+    from nb_finetune import UserError
     from nb_finetune.export import export_gguf
     folder = build(model_type, tokenizer_dir, work / model_type)
     losses = {}
     for setting in ("off", "auto"):
         session = trained(run_config(folder, work / f"{model_type}-{setting}", setting, lora_dropout=0.0), frame)
         losses[setting] = session.train_result.history["train_loss"].to_numpy()
-    applies = kernels_for(folder, work)
-    qlora = trained(run_config(folder, work / f"{model_type}-qlora", quantization="4bit"), frame)
+    applies = kernels_for(folder, work, SETTINGS.get(model_type, {}))
+    qlora = trained(run_config(folder, work / f"{model_type}-qlora", quantization="4bit",
+                               **SETTINGS.get(model_type, {})), frame)
     result = {"family": model_type, "lora": bool(np.allclose(losses["auto"], losses["off"], rtol=1e-4)),
               "qlora": bool(np.isfinite(qlora.train_result.history["train_loss"]).all()), "kernels": applies,
               "gguf": gguf_supported(model_type), "round trip": {}}
     for quant in QUANTS if result["gguf"] else ():
-        export = export_gguf(qlora.cfg, qlora.train_result.adapter_dir, work / f"{model_type}-{quant}", quant,
-                             progress=lambda m: None)
+        try:
+            export = export_gguf(qlora.cfg, qlora.train_result.adapter_dir, work / f"{model_type}-{quant}", quant,
+                                 progress=lambda m: None)
+        except UserError as err:  # a round trip that failed: the table says so
+            print(f"{model_type} {quant}: {err}", flush=True)
+            result["gguf"] = False
+            continue
         result["round trip"][quant] = export.roundtrip
     return result
 
 
-def kernels_for(folder: Path, work: Path) -> dict:
+def kernels_for(folder: Path, work: Path, settings: dict) -> dict:
     """kernels.applicable for the family's model with adapters as the engine adds them."""
     from nb_finetune import kernels, modeling
-    cfg = run_config(folder, work / "unused").model
+    cfg = run_config(folder, work / "unused", **settings).model
     base = modeling.load_base(cfg, "completion", progress=lambda m: None)
     return kernels.applicable(modeling.add_lora(base, cfg, "completion"))
+
+
+def cells(result: dict) -> list[str]:
+    """A family's row of the table."""
+    yes = {True: "yes", False: "no"}
+    applies = ", ".join(name for name, on in result["kernels"].items() if on) or "none"
+    checks = result["round trip"]
+    figures = "; ".join(f"{q}: {c.max_logit_diff:.2%}, top token {c.top1_same}/{c.clear}, stop "
+                        f"{sum(c.stops)}/{len(c.stops)}" for q, c in checks.items()) or "not supported yet"
+    gguf = yes[result["gguf"] and all(c.ok for c in checks.values())]
+    return [f"`{result['family']}`", yes[result["lora"]], yes[result["qlora"]], applies, gguf, figures]
+
+
+def table(results: list[dict]) -> str:
+    head = ["family", "LoRA", "QLoRA", "CPU kernels that apply", "GGUF", "round trip (largest logit difference, "
+            "top token same where clear, stops at end-of-turn)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells(r)) + " |" for r in results])
+
+
+def page(results: list[dict]) -> str:
+    text = (Path(__file__).with_name("models.md").read_text(encoding="utf-8")
+            if Path(__file__).with_name("models.md").is_file() else "")
+    start, end = "<!-- table: python docs/models_table.py -->", "<!-- end of table -->"
+    if start not in text:
+        text = f"# Models\n\n{start}\n{end}\n"
+    before, rest = text.split(start)
+    return before + start + "\n" + table(results) + "\n" + end + rest.split(end, 1)[1]
+
+
+def main(families: list[str]) -> None:
+    import tempfile
+
+    from nb_finetune import assets
+    tokenizer_dir = assets.model_path("smollm2-135m-instruct", progress=lambda m: None)
+    frame, results = sst2_rows(), []
+    with tempfile.TemporaryDirectory() as work:
+        for model_type in families:
+            print(f"{model_type} ...", flush=True)
+            results.append(row(model_type, tokenizer_dir, Path(work), frame))
+            out = Path(__file__).with_name("models.md")
+            out.write_text(page(results), encoding="utf-8")  # after each family: a crash keeps the rows before it
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(FAMILIES))

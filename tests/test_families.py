@@ -12,7 +12,7 @@ import torch
 from conftest import load_docs_module
 
 from nb_finetune import UserError, hardware, kernels
-from nb_finetune.export import export_gguf, gguf_export, gguf_file, merge
+from nb_finetune.export import export_gguf, gguf_export, gguf_layout, merge
 from nb_finetune.training import Callback
 
 models_table = load_docs_module("models_table")
@@ -73,7 +73,8 @@ def test_qlora_merge_and_gguf(family, family_dir, sst2_frame, tmp_path, monkeypa
     model computes what base + adapter compute), then GGUF f16 and q8_0 with the round trip;
     a family the writer lacks is refused in one line before the merge."""
     import bitsandbytes as bnb
-    cfg = models_table.run_config(family_dir(family), tmp_path / "qlora", quantization="4bit")
+    cfg = models_table.run_config(family_dir(family), tmp_path / "qlora", quantization="4bit",
+                                  **models_table.SETTINGS.get(family, {}))
     session = models_table.trained(cfg, sst2_frame)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in session.model.modules())
     assert np.isfinite(session.train_result.history["train_loss"]).all()
@@ -90,7 +91,7 @@ def test_qlora_merge_and_gguf(family, family_dir, sst2_frame, tmp_path, monkeypa
         check = export_gguf(cfg, adapter, tmp_path / quant, quant, progress=lambda m: None).roundtrip
         assert check.ok, check.summary()
         if quant == "f16":
-            assert all(check.greedy_same), check.summary()
+            assert check.top1_same == check.clear > 0, check.summary()
 
 
 def assert_merge_adds_the_adapter(merged, cfg, adapter):
@@ -124,4 +125,15 @@ def test_a_family_the_writer_lacks_is_refused_in_one_line_naming_the_supported_o
         export_gguf(cfg, tmp_path / "adapter", tmp_path / "out", "f16", progress=lambda m: None)
     message = str(err.value)
     assert message.startswith("GGUF export: not supported yet: gpt2") and "\n" not in message
-    assert all(name in message for name in gguf_file.ARCHITECTURES)
+    assert all(name in message for name in gguf_layout.FAMILIES)
+
+
+def test_a_mixture_of_experts_with_lora_dropout_is_told_to_set_it_to_0(family_dir):
+    """peft adapts qwen3_moe's fused experts as parameters, which take no dropout: the default
+    lora_dropout is refused in one line naming the fix, and 0 trains (the matrix above)."""
+    from nb_finetune import modeling
+    from nb_finetune.config import ModelConfig
+    cfg = ModelConfig(name=str(family_dir("qwen3_moe")), lora_dropout=0.05)
+    base = modeling.load_base(cfg, "completion", progress=lambda m: None)
+    with pytest.raises(UserError, match=r"^model.lora_dropout=0.05: .*set model.lora_dropout: 0$"):
+        modeling.add_lora(base, cfg, "completion")
