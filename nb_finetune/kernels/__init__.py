@@ -9,7 +9,8 @@ on a CPU, and each has an equivalence test in tests/kernels/:
 - allocator: freed memory kept between steps (and huge pages, set by the command line).
 
 `for_training` applies them all for one training run and puts everything back after, so with
-the switch off (or on a GPU) peft's own layers and transformers' own loss run. Nothing here
+the switch off (or on a GPU) peft's own layers and transformers' own loss run; `applicable`
+says which of them would apply to a model, from the same checks (docs/models.md). Nothing here
 is imported by data/, config or ui/.
 """
 from __future__ import annotations
