@@ -137,21 +137,28 @@ def cells(result: dict) -> list[str]:
     return [f"`{result['family']}`", yes[result["lora"]], yes[result["qlora"]], applies, gguf, figures]
 
 
-def table(results: list[dict]) -> str:
+def table(rows: dict[str, list[str]]) -> str:
+    """The table, one row per family in FAMILIES' order; `rows` maps a family to its cells."""
     head = ["family", "LoRA", "QLoRA", "CPU kernels that apply", "GGUF", "round trip (largest logit difference, "
             "top token same where clear, stops at end-of-turn)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(cells(r)) + " |" for r in results])
+    order = [f"`{f}`" for f in FAMILIES]
+    ordered = sorted(rows, key=lambda f: order.index(f) if f in order else len(order))
+    return "\n".join(lines + ["| " + " | ".join(rows[f]) + " |" for f in ordered])
 
 
-def page(results: list[dict]) -> str:
-    text = (Path(__file__).with_name("models.md").read_text(encoding="utf-8")
-            if Path(__file__).with_name("models.md").is_file() else "")
-    start, end = "<!-- table: python docs/models_table.py -->", "<!-- end of table -->"
-    if start not in text:
-        text = f"# Models\n\n{start}\n{end}\n"
-    before, rest = text.split(start)
-    return before + start + "\n" + table(results) + "\n" + end + rest.split(end, 1)[1]
+START, END = "<!-- table: python docs/models_table.py -->", "<!-- end of table -->"
+
+
+def page(text: str, results: list[dict]) -> str:
+    """docs/models.md's `text` with the rows of `results` put in (a family's row replaced, the
+    others kept, so one family can be run again alone)."""
+    before, rest = text.split(START)
+    old, after = rest.split(END, 1)
+    rows = {line.split(" | ")[0].removeprefix("| "): line.strip("| \n").split(" | ")
+            for line in old.strip().splitlines()[2:]}
+    rows |= {f"`{r['family']}`": cells(r) for r in results}
+    return before + START + "\n" + table(rows) + "\n" + END + after
 
 
 def main(families: list[str]) -> None:
@@ -164,8 +171,8 @@ def main(families: list[str]) -> None:
         for model_type in families:
             print(f"{model_type} ...", flush=True)
             results.append(row(model_type, tokenizer_dir, Path(work), frame))
-            out = Path(__file__).with_name("models.md")
-            out.write_text(page(results), encoding="utf-8")  # after each family: a crash keeps the rows before it
+            out = Path(__file__).with_name("models.md")  # after each family: a crash keeps the rows before it
+            out.write_text(page(out.read_text(encoding="utf-8"), results[-1:]), encoding="utf-8")
     print(f"wrote {out}")
 
 
