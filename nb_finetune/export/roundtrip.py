@@ -116,8 +116,11 @@ def transformers_answers(gguf_path: str, requests: list[dict]) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return tokenizer_answers(tokenizer, requests, teacher_forced(model, [r["sequence"] for r in requests]))
+    model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                       output_loading_info=True)
+    answers = tokenizer_answers(tokenizer, requests, teacher_forced(model.eval(), [r["sequence"] for r in requests]))
+    answers[0]["missing"] = sorted(info["missing_keys"])  # the loader fills what the file lacks at random
+    return answers
 
 
 def tokenizer_answers(tokenizer, requests: list[dict], logits: list) -> list[dict]:
@@ -185,6 +188,8 @@ def read_back(gguf_path: Path, reader: str, ours: list[dict], config_dir: str = 
 def compare_one(report: "RoundTrip", i: int, a: dict, b: dict) -> None:
     """One prompt: ids, end-of-turn id, the logits at every position, the top token wherever the
     merged model's margin between its first and second choice exceeds the bound."""
+    if b.get("missing"):
+        report.problems.append(f"tensors missing from the file: {', '.join(b['missing'])}")
     if a["ids"] != b["ids"]:
         report.problems.append(f"prompt {i + 1} tokenizes differently (wrong vocabulary or chat template)")
     if a["eos"] != b["eos"]:

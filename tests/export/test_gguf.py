@@ -13,16 +13,16 @@ import torch
 from conftest import SUBPROCESS_ENV
 
 from nb_finetune import RunConfig, UserError
-from nb_finetune.export import export_gguf, gguf_export, gguf_file, merge, modelfile, roundtrip
+from nb_finetune.export import export_gguf, gguf_export, gguf_file, gguf_layout, merge, modelfile, roundtrip
 
 
-def make_adapter(base_dir, folder, seed=0):
+def make_adapter(base_dir, folder, seed=0, targets=("q_proj", "k_proj", "v_proj", "down_proj")):
     """A LoRA adapter with random (non-zero) weights, so the merge changes the model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets if isinstance(targets, str) else list(targets),
                       init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(folder)
     return folder
@@ -48,10 +48,9 @@ def test_smollm2_round_trip(quant, smollm2_dir, tokenizer, tmp_path):
     result = export_gguf(config_for(smollm2_dir), adapter, tmp_path / "out", quant, progress=lambda m: None)
     check = result.roundtrip
     assert check.ok and check.max_logit_diff <= roundtrip.BOUNDS[quant]
-    if quant == "f16":
-        assert all(check.greedy_same)
+    assert check.top1_same == check.clear > 0
     # An instruct model answering short questions ends its turn: the stop token survived.
-    assert any(check.stops)
+    assert check.stops and all(check.stops)
     fields = gguf.GGUFReader(result.gguf).fields
     assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
     assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
@@ -63,7 +62,7 @@ def test_smollm2_round_trip(quant, smollm2_dir, tokenizer, tmp_path):
 @pytest.mark.slow
 def test_tiny_f16_round_trip_and_folder(tiny_model_dir, tiny_adapter, tmp_path):
     result = export_gguf(config_for(tiny_model_dir), tiny_adapter, tmp_path / "out", "f16", progress=lambda m: None)
-    assert result.roundtrip.ok and all(result.roundtrip.greedy_same)
+    assert result.roundtrip.ok and result.roundtrip.top1_same == result.roundtrip.clear
     assert "ollama create out -f Modelfile" in (result.folder / "README.md").read_text()
     # A second export into the same folder is refused unless forced, and the first stays intact.
     size = result.gguf.stat().st_size
@@ -77,8 +76,8 @@ def test_tiny_f16_round_trip_and_folder(tiny_model_dir, tiny_adapter, tmp_path):
 
 def test_wrong_rotary_layout_fails_and_leaves_nothing(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
     """The round trip catches a writer that forgets llama.cpp's Q/K permutation."""
-    monkeypatch.setattr(gguf_file, "rotary_permute", lambda w, heads: w)
-    with pytest.raises(UserError, match="does not match the merged model"):
+    monkeypatch.setattr(gguf_layout, "rotary_permute", lambda w, heads: w)
+    with pytest.raises(UserError, match=r"does not match the merged model.*FAILED: logits differ by"):
         export_gguf(config_for(tiny_model_dir), tiny_adapter, tmp_path / "out", "f16", progress=lambda m: None)
     assert list(tmp_path.iterdir()) == []
 
@@ -116,7 +115,8 @@ def test_unknown_quant_and_unsupported_architecture(tiny_model_dir, tiny_adapter
         export_gguf(config_for(tiny_model_dir), tiny_adapter, tmp_path / "out", "q3_k")
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(UserError, match="not supported yet: gpt2"):
+    with pytest.raises(UserError, match=r"not supported yet: gpt2 \(supported: gemma2, gemma3_text, granite, llama, "
+                                        r"mistral, olmo2, phi3, qwen2, qwen3, smollm3\)"):
         export_gguf(config_for(tmp_path / "gpt2"), tiny_adapter, tmp_path / "out", "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 

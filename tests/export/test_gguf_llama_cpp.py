@@ -13,7 +13,8 @@ pytestmark = pytest.mark.llama_cpp
 
 def test_without_llama_cpp_only_transformers_reads(monkeypatch):
     monkeypatch.setattr(roundtrip, "llama_cpp_available", lambda: False)
-    assert roundtrip.readers() == ["transformers"]
+    assert roundtrip.readers("llama") == ["transformers"]
+    assert roundtrip.readers("olmo2") == ["gguf-reader"]
 
 
 @pytest.mark.slow
@@ -25,7 +26,6 @@ def test_smollm2_round_trip_through_llama_cpp(quant, smollm2_dir, tmp_path):
     [check] = result.roundtrip.others
     print(check.summary())
     assert check.reader == "llama.cpp" and check.ok and check.max_logit_diff <= roundtrip.BOUNDS[quant]
-    if quant == "f16":
-        assert all(check.greedy_same)
-    assert any(check.stops)
+    assert check.top1_same == check.clear > 0
+    assert check.stops and all(check.stops)
     assert "read back by llama.cpp" in result.roundtrip.summary()
