@@ -113,6 +113,7 @@ def row(model_type: str, tokenizer_dir: Path, work: Path, frame) -> dict:
         except UserError as err:  # a round trip that failed: the table says so
             print(f"{model_type} {quant}: {err}", flush=True)
             result["gguf"] = False
+            result["round trip"][quant] = str(err).split("FAILED: ")[-1]
             continue
         result["round trip"][quant] = export.roundtrip
     return result
@@ -131,9 +132,10 @@ def cells(result: dict) -> list[str]:
     yes = {True: "yes", False: "no"}
     applies = ", ".join(name for name, on in result["kernels"].items() if on) or "none"
     checks = result["round trip"]
-    figures = "; ".join(f"{q}: {c.max_logit_diff:.2%}, top token {c.top1_same}/{c.clear}, stop "
+    figures = "; ".join(f"{q}: failed, {c}" if isinstance(c, str) else
+                        f"{q}: {c.max_logit_diff:.2%}, top token {c.top1_same}/{c.clear}, stop "
                         f"{sum(c.stops)}/{len(c.stops)}" for q, c in checks.items()) or "not supported yet"
-    gguf = yes[result["gguf"] and all(c.ok for c in checks.values())]
+    gguf = yes[result["gguf"]]
     return [f"`{result['family']}`", yes[result["lora"]], yes[result["qlora"]], applies, gguf, figures]
 
 
