@@ -148,7 +148,8 @@ def cmd_export_gguf(cfg, args) -> int:
     adapter = Path(args.adapter or Path(cfg.train.output_dir) / "adapter")
     out = Path(args.out or args.output or Path(cfg.train.output_dir) / f"gguf-{args.gguf}")
     force = args.force or (out.exists() and sys.stdin.isatty() and ask(f"{out} exists: replace it? [y/N] "))
-    result = export_gguf(cfg, adapter, out, args.gguf, force=force, progress=print)
+    template = {"yes": True, "no": False}.get(args.chat_template)
+    result = export_gguf(cfg, adapter, out, args.gguf, force=force, progress=print, chat_template=template)
     print(result.roundtrip.summary())
     print(f"written: {result.gguf} and {result.modelfile}; run it with: "
           f"cd {result.folder} && ollama create {result.folder.name} -f Modelfile")
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="GGUF folder (default: <train.output_dir>/gguf-TYPE)")
     e.add_argument("--adapter", help="adapter folder (default: <train.output_dir>/adapter)")
     e.add_argument("--force", action="store_true", help="replace an existing output folder (asked at a terminal)")
+    e.add_argument("--chat-template", choices=("yes", "no"), help="GGUF: require the tokenizer's chat template "
+                   "(yes) or leave it out (no); default: stored where the tokenizer has one")
     e.set_defaults(func=cmd_export)
     pr = sub.add_parser("probe", help="run the bias probes (probe: settings) on a saved run's base and adapter; "
                                       "exit status 3 when the bias gate fails")

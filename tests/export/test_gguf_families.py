@@ -4,22 +4,26 @@ exported and read back; refusals come before the merge in one line; a broken fil
 layout, a lost tensor, a wrong vocabulary) fails its round trip with the failure named; a base
 model without a chat template exports plain; the run folder is left as it was."""
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV
 from test_gguf import config_for, leftovers, make_adapter, never_merged
 
 from nb_finetune import UserError
 from nb_finetune.export import export_gguf, gguf_export, gguf_file, gguf_layout, gguf_reader, gguf_vocab, roundtrip
 
-# Settings that make each family's tiny model one llama.cpp computes like transformers: Gemma's
-# attention scale is 1/sqrt(head_dim) there; SmolLM3 gets 4 layers so one goes without rotary;
-# Granite's multipliers away from 1 so a lost one shows.
-SETTINGS = {"gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16},
-            "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16},
+# Settings that make each family's tiny model one every reader computes like transformers: Gemma's
+# attention scale is 1/sqrt(head_dim) in llama.cpp, and transformers' GGUF loader assumes a
+# query_pre_attn_scalar of 256 (the real Gemmas' head size); SmolLM3 gets 4 layers so one goes
+# without rotary; Granite's multipliers away from 1 so a lost one shows.
+SETTINGS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
+            "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256},
             "qwen3": {"head_dim": 16}, "smollm3": {"num_hidden_layers": 4},
             "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 1 / 16,
                         "logits_scaling": 8.0}}
@@ -82,7 +86,7 @@ def test_every_tensor_has_a_gguf_name_and_the_layout_inverts(model_type, tokeniz
 
 
 @pytest.mark.parametrize("model_type, overrides, says", [
-    ("gemma3_text", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 other than head_dim 16 in gemma3_text"),
+    ("gemma3_text", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 other than head_dim 256 in gemma3_text"),
     ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers other than every 4th layer in smollm3"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
      "rope scaling 'linear' in llama"),
@@ -153,6 +157,12 @@ def test_chat_template_asked_of_a_base_model_is_refused_before_loading(base_with
     with pytest.raises(UserError, match=r"^GGUF export: a chat template was asked for, but the tokenizer has none"):
         export_gguf(config_for(base_without_template), tiny_adapter, tmp_path / "out", "f16", chat_template=True)
     assert list(tmp_path.iterdir()) == []
+    config_for(base_without_template).save(tmp_path / "config.yaml")
+    bad = subprocess.run([sys.executable, "-m", "nb_finetune", "export", "--config", str(tmp_path / "config.yaml"),
+                          "--adapter", str(tiny_adapter), "--out", str(tmp_path / "out"), "--gguf", "f16",
+                          "--chat-template", "yes"], capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "chat template was asked" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
 def test_base_model_exports_plain_and_the_run_folder_is_unchanged(base_without_template, tmp_path):
@@ -170,7 +180,7 @@ def test_base_model_exports_plain_and_the_run_folder_is_unchanged(base_without_t
     assert leftovers(tmp_path) == []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gemma_tokenizer():
     """Gemma 3's SentencePiece-style tokenizer (BPE with byte fallback), from the built-in
     gemma3-270m asset's cache folder."""

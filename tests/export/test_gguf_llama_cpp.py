@@ -4,11 +4,14 @@ within the same bounds as transformers', greedy f16 answers match the merged mod
 end-of-turn. Skipped when llama_cpp is not installed; without it the export checks through
 transformers alone."""
 import pytest
+import test_gguf_families
 from test_gguf import config_for, make_adapter
+from test_gguf_families import FAMILIES, tiny_family
 
 from nb_finetune.export import export_gguf, roundtrip
 
 pytestmark = pytest.mark.llama_cpp
+gemma_tokenizer = test_gguf_families.gemma_tokenizer  # a fixture
 
 
 def test_without_llama_cpp_only_transformers_reads(monkeypatch):
@@ -29,3 +32,29 @@ def test_smollm2_round_trip_through_llama_cpp(quant, smollm2_dir, tmp_path):
     assert check.top1_same == check.clear > 0
     assert check.stops and all(check.stops)
     assert "read back by llama.cpp" in result.roundtrip.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_family_through_llama_cpp(model_type, tokenizer, tmp_path):
+    """llama.cpp runs each family's file like transformers runs the merged model."""
+    pytest.importorskip("llama_cpp")
+    base = tiny_family(model_type, tokenizer, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", targets="all-linear")
+    result = export_gguf(config_for(base), adapter, tmp_path / "out", "f16", progress=lambda m: None)
+    [check] = result.roundtrip.others
+    print(model_type, check.summary())
+    assert check.reader == "llama.cpp" and check.ok and check.top1_same == check.clear > 0
+
+
+@pytest.mark.slow
+def test_sentencepiece_vocabulary_through_llama_cpp(gemma_tokenizer, tmp_path):
+    """Gemma's tokenizer written as a "llama" vocabulary: llama.cpp's SentencePiece tokenizer,
+    merging by the written scores, gives the prompts the ids transformers gives them."""
+    pytest.importorskip("llama_cpp")
+    base = tiny_family("gemma3_text", gemma_tokenizer, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", targets="all-linear")
+    result = export_gguf(config_for(base), adapter, tmp_path / "out", "f16", progress=lambda m: None)
+    [check] = result.roundtrip.others
+    print(check.summary())
+    assert check.reader == "llama.cpp" and check.ok
