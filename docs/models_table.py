@@ -22,9 +22,10 @@ SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024, "tie_word_embeddings": True}
 # Mixture-of-experts families: 4 experts of 64, 2 per token (their defaults have up to 128).
 EXPERTS = {"num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
-# Gemma scales attention by query_pre_attn_scalar (256 by default), llama.cpp by head_dim: the
-# real Gemmas have them equal, and so does the tiny one.
-GEMMA = {"query_pre_attn_scalar": SIZES["head_dim"]}
+# Gemma scales attention by query_pre_attn_scalar, llama.cpp by the head size: the real Gemmas
+# have both at 256, and transformers' GGUF loader (the round trip's reader) assumes a scalar of
+# 256 whatever the file says, so the tiny Gemmas have the real head size.
+GEMMA = {"head_dim": 256, "query_pre_attn_scalar": 256}
 # The families the engine is tested with, by transformers' model_type, with what each needs
 # beyond SIZES. Those after smollm3 are families the issue did not name, tried to find what
 # breaks in the engine (docs/models.md says what was found).
@@ -48,7 +49,7 @@ def build(model_type: str, tokenizer_dir: Path, folder: Path) -> Path:
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                                  **SIZES, **FAMILIES.get(model_type, {}))
+                                  **SIZES | FAMILIES.get(model_type, {}))
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
