@@ -20,11 +20,12 @@ from nb_finetune.export import export_gguf, gguf_export, gguf_file, gguf_layout,
 
 # Settings that make each family's tiny model one every reader computes like transformers: Gemma's
 # attention scale is 1/sqrt(head_dim) in llama.cpp, and transformers' GGUF loader assumes a
-# query_pre_attn_scalar of 256 (the real Gemmas' head size); SmolLM3 gets 4 layers so one goes
+# query_pre_attn_scalar of 256 (the real Gemmas' head size) and for Qwen3 the head size 128 (it
+# does not read the file's); SmolLM3 gets 4 layers so one goes
 # without rotary; Granite's multipliers away from 1 so a lost one shows.
 SETTINGS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
             "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256},
-            "qwen3": {"head_dim": 16}, "smollm3": {"num_hidden_layers": 4},
+            "qwen3": {"head_dim": 128}, "smollm3": {"num_hidden_layers": 4},
             "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 1 / 16,
                         "logits_scaling": 8.0}}
 FAMILIES = sorted(gguf_layout.FAMILIES)
