@@ -172,8 +172,18 @@ def add_lora(model, cfg: ModelConfig, objective: str):
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:  # peft names the modules it could not find
-        raise UserError(f"model.target_modules={cfg.target_modules!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(lora_refused(cfg, str(err).splitlines()[0])) from None
     return model
+
+
+def lora_refused(cfg: ModelConfig, why: str) -> str:
+    """The one line for a LoRA config peft refuses, with the setting that fixes it."""
+    if "ParamWrapper" in why and "lora_dropout" in why:
+        # peft adapts the fused expert weights of mixture-of-experts models (qwen3_moe, mixtral,
+        # olmoe) as parameters, and those adapters have no dropout.
+        return (f"model.lora_dropout={cfg.lora_dropout}: this mixture-of-experts model's experts are adapted as "
+                "weights, which take no dropout; set model.lora_dropout: 0")
+    return f"model.target_modules={cfg.target_modules!r}: {why}"
 
 
 def load_adapter(base, adapter_dir, base_name: str):

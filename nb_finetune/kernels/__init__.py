@@ -14,7 +14,8 @@ checks before each run that what they use is still there, and keeps them off, sa
 one line, where it is not.
 
 `for_training` applies them all for one training run and puts everything back after, so with
-the switch off (or on a GPU) peft's own layers and transformers' own loss run. Nothing here
+the switch off (or on a GPU) peft's own layers and transformers' own loss run; `applicable`
+says which of them would apply to a model, from the same checks (docs/models.md). Nothing here
 is imported by data/, config or ui/.
 """
 from __future__ import annotations
@@ -44,6 +45,20 @@ class Applied:
         if self.refused:
             return self.refused
         return "CPU kernels: " + (", ".join(self.parts) if self.parts else "off (train.cpu_kernels)")
+
+
+def applicable(model) -> dict[str, bool]:
+    """Which kernels `for_training` would switch on for `model` (a peft model, trained on a
+    CPU), asked of the checks the kernels themselves make: LoRA layer, dropout (none at
+    lora_dropout 0), attention and fused loss."""
+    import torch
+
+    from . import attention, dropout, lora, loss
+    dropouts = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+                for d in m.lora_dropout.values()]
+    return {"LoRA layer": any(lora.switchable(m) for m in model.modules()),
+            "dropout": any(dropout.replaceable(d) for d in dropouts),
+            "attention": attention.applies_to(model), "fused loss": loss.replaces_loss_of(model)}
 
 
 @contextmanager

@@ -122,6 +122,14 @@ class ShortRowAttention:
         return out.transpose(1, 2).contiguous(), None
 
 
+def applies_to(model) -> bool:
+    """Whether training `model` (a peft model or a causal LM) uses this attention: a checked
+    model type with plain attention scores, with sdpa, on the CPU."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    return plain_attention(config) and config._attn_implementation == "sdpa" and base.device.type == "cpu"
+
+
 @contextmanager
 def for_training(model):
     """Use this attention while training `model` on a CPU, where it applies; sdpa again after,
@@ -129,12 +137,10 @@ def for_training(model):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    if not (plain_attention(config) and config._attn_implementation == "sdpa"
-            and base.device.type == "cpu"):
+    if not applies_to(model):
         yield False
         return
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     # Registered class-wide: transformers builds a padding mask only for an attention name in the
     # mask table's class mapping (an instance's item is taken for a backend that needs no mask).
     ALL_ATTENTION_FUNCTIONS.register(NAME, ShortRowAttention())

@@ -95,6 +95,11 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
+def replaceable(layer) -> bool:
+    """Whether an adapter's dropout is one FastDropout replaces (peft uses nn.Identity for p = 0)."""
+    return type(layer) is torch.nn.Dropout and layer.p > 0
+
+
 @contextmanager
 def fast_dropout_in(model):
     """peft's adapter-input nn.Dropout modules replaced by FastDropout, and put back after;
@@ -104,7 +109,7 @@ def fast_dropout_in(model):
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
             for name, layer in dropouts.items():
-                if type(layer) is torch.nn.Dropout and layer.p > 0:
+                if replaceable(layer):
                     dropouts[name] = FastDropout(layer.p).train(layer.training)
                     replaced.append((dropouts, name, layer))
     try:

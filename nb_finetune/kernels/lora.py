@@ -125,6 +125,11 @@ class FastLoraLinear(Linear):
         return out.view(result.shape)
 
 
+def switchable(module) -> bool:
+    """Whether `module` is a layer FastLoraLinear takes over: peft's plain LoRA Linear on an nn.Linear."""
+    return type(module) is Linear and type(module.base_layer) is torch.nn.Linear and not module.fan_in_fan_out
+
+
 @contextmanager
 def fast_lora_in(model):
     """peft's plain LoRA Linear layers made FastLoraLinear (a subclass: isinstance checks,
@@ -134,7 +139,7 @@ def fast_lora_in(model):
     for parent in model.modules():
         children = dict(parent.named_children())
         for child in children.values():
-            if type(child) is Linear and type(child.base_layer) is torch.nn.Linear and not child.fan_in_fan_out:
+            if switchable(child):
                 child.__class__ = FastLoraLinear
                 switched.append(child)
         for names in SAME_INPUT:

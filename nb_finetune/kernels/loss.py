@@ -144,6 +144,13 @@ def has_plain_head(lm) -> bool:
     return plain_head(lm.config) and type(head) is torch.nn.Linear and head.bias is None
 
 
+def replaces_loss_of(model) -> bool:
+    """Whether the fused loss takes over `model`'s (a peft model or a causal LM): a plain head
+    that is frozen (an adapted or trained head keeps the model's own path)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return has_plain_head(lm) and not lm.get_output_embeddings().weight.requires_grad
+
+
 class FusedCausalLMLoss:
     """linear_cross_entropy in place of a causal LM's output projection and loss, called by the
     trainer's compute_loss (torchtune's SFTLoss takes the model's output the same way). The
@@ -168,10 +175,9 @@ class FusedCausalLMLoss:
     def for_model(cls, model, compute_dtype: torch.dtype) -> "FusedCausalLMLoss | None":
         """One for `model` (a peft model or a transformers causal LM) when its head and loss are
         the plain ones this replaces exactly, else None."""
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not has_plain_head(lm) or lm.get_output_embeddings().weight.requires_grad:
+        if not replaces_loss_of(model):
             return None  # another head or loss, or an adapted or trained head: keep the model's own path
-        return cls(lm, compute_dtype)
+        return cls(model.get_base_model() if hasattr(model, "get_base_model") else model, compute_dtype)
 
     def __call__(self, model, inputs: dict, keep: torch.Tensor, following: torch.Tensor,
                  num_items_in_batch=None) -> torch.Tensor:
