@@ -74,8 +74,9 @@ def test_a_real_epoch_in_both_orders_trains_the_same_rows_with_the_same_padding(
 
 
 def test_tokens_per_second_counts_tokens_over_time_across_a_window(monkeypatch):
-    clock = iter(range(1000))
-    monkeypatch.setattr("nb_finetune.training.trainer.time.perf_counter", lambda: float(next(clock)))
+    import types
+    clock = iter(range(1000))  # one second a reading
+    monkeypatch.setattr("nb_finetune.training.trainer.time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     bridge = EventBridge([], None, 0, {})
 
     class State:
