@@ -4,9 +4,11 @@ group carry a label more or less often than the rows that name no group of its a
 baseline), with intervals.
 
 A row mentions a group when it contains one of the group's terms as a whole word. A group is
-flagged when the interval of the difference between its label share and the baseline's
-excludes 0; intervals are Wilson (shares) and Newcombe (differences), widened together
-(Bonferroni) so that the chance of any false flag in one scan stays near 5%.
+flagged when the interval of a difference between its label share and the baseline's
+excludes 0: of the rows naming it alone (Wilson and Newcombe intervals), or of all rows naming
+it, adjusted for the other groups of its axis named beside it (Mantel-Haenszel). The intervals
+are widened together (Bonferroni) so that the chance of any false flag in one scan stays near
+5%; a difference beyond one comparison's own interval only is reported as possible.
 """
 from __future__ import annotations
 
@@ -77,19 +79,27 @@ class BiasScan:
     def flagged(self) -> pd.DataFrame:
         return self.groups[self.groups["flagged"]] if "flagged" in self.groups else self.groups.iloc[:0]
 
+    @property
+    def possible(self) -> pd.DataFrame:
+        """Groups one comparison finds different at its own confidence, not at the scan's: too few
+        rows, or too many comparisons, to be sure."""
+        return self.groups[self.groups["possible"]] if "possible" in self.groups else self.groups.iloc[:0]
+
     def headline(self) -> str:
-        """One line: rows scanned, groups mentioned, and those that differ."""
+        """One line: rows scanned, groups mentioned, and those that differ or may."""
         mentioned = int((self.groups["rows"] > 0).sum())
         line = f"bias scan of {self.rows:,} training rows: {mentioned} of {len(self.groups)} groups mentioned"
         if not self.label:
             return line
-        differ = self.differences()
-        return line + (f"; differ: {differ}" if differ else "; none differs beyond its interval")
+        differ, maybe = self.differences(self.flagged), self.differences(self.possible)
+        return (line + (f"; differ: {differ}" if differ else "; none differs beyond its interval")
+                + (f"; possible (beyond one comparison's interval, not the scan's): {maybe}" if maybe else ""))
 
-    def differences(self) -> str:
-        """The groups that differ, each with its share and its baseline's."""
-        return "; ".join(f"{r.group} ({r.share:.0%} {self.label!r} against {r.baseline_share:.0%})"
-                         for r in self.flagged.itertuples())
+    def differences(self, groups: pd.DataFrame) -> str:
+        """Each group with the share of the rows naming it (all of them, other groups named or
+        not) and the share where no group of its axis is named."""
+        return "; ".join(f"{r.group} ({r.mention_share:.0%} {self.label!r} in its {r.rows:,} rows against "
+                         f"{r.baseline_share:.0%})" for r in groups.itertuples())
 
     def summary(self) -> str:
         lines = [self.headline()]
@@ -98,8 +108,12 @@ class BiasScan:
             if self.label and r.compared_rows:
                 peers = "" if np.isnan(r.peers_share) else f"{r.peers_share:.0%} in other {r.axis} groups' rows, "
                 line += (f"; of the {r.compared_rows:,} naming no other {r.axis} group, {self.label!r} {r.share:.0%} "
-                         f"[{r.low:.0%}, {r.high:.0%}] against {peers}{r.baseline_share:.0%} where none is named"
-                         + ("  <- differs" if r.flagged else ""))
+                         f"[{r.low:.0%}, {r.high:.0%}] against {peers}{r.baseline_share:.0%} where none is named")
+            if self.label and r.adjusted_tested:
+                line += (f"; all its rows {r.mention_share:.0%}, {r.adjusted_difference:+.0%} "
+                         f"[{r.adjusted_low:+.0%}, {r.adjusted_high:+.0%}] against rows naming the same other groups")
+            if self.label and (r.flagged or r.possible):
+                line += "  <- differs" if r.flagged else "  <- possible"
             lines.append(line)
         return "\n".join(lines + [f"   {n}" for n in self.notes])
 
@@ -194,28 +208,92 @@ def term_table(hits: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare_shares(result: BiasScan, hits: pd.DataFrame, labels: np.ndarray) -> None:
-    """Each group's label share against two references: the rows that name no group of its
-    axis (the baseline), and the rows of the axis' other groups (its peers). A group is flagged
-    where both differences' intervals exclude 0 in the same direction: it stands out from the
-    data and from its peers, so the group that was skewed is flagged, not the peers it is
-    compared with, and once counterfactual copies even the groups out, none is.
+    """Each group's label share, compared two ways; a group is flagged where either finds a
+    difference, and called possible where one finds it at its own confidence only.
 
-    A group's share counts only the rows that name it and no other group of its axis ("she
-    told him" counts for neither), so that one group's skew does not show in another's."""
+    Alone: the rows that name the group and no other of its axis ("she told him" counts for
+    neither) against the rows that name no group of the axis (the baseline) and against the rows
+    of the axis' other groups (its peers), both differences' intervals excluding 0 in the same
+    direction. So the group that was skewed is flagged, not the peers it is compared with, and
+    once counterfactual copies even the groups out, none is.
+
+    Adjusted: every row that names the group against the rows that do not, within strata of the
+    other groups of its axis named (Mantel-Haenszel). In long texts most rows that name one group
+    name another; this keeps them, and still tells the skewed group from those named beside it."""
     only = exclusive_hits(hits)
+    strata = axis_strata(hits, len(labels))
     tested = sum(int((only.groupby(keys)["row"].nunique() >= MIN_ROWS).sum()) for keys in (["axis", "group"],
                                                                                         ["axis", "term"]))
+    tested += int((hits.groupby(["axis", "group"])["row"].nunique() >= MIN_ROWS).sum())
     z = NormalDist().inv_cdf(1 - (1 - result.confidence) / (2 * 2 * max(tested, 1)))
+    z_one = NormalDist().inv_cdf(1 - (1 - result.confidence) / 2)  # one comparison on its own
     neutral = {axis: np.setdiff1d(np.arange(len(labels)), part["row"].unique()) for axis, part in hits.groupby("axis")}
     rows_of = only.groupby(["axis", "group"])["row"].unique()
     figures = []
     for axis, group in result.groups[["axis", "group"]].itertuples(index=False):
         rows = rows_of.get((axis, group), NO_ROWS)
         peers = [r for (a, g), r in rows_of.items() if a == axis and g != group]
-        figures.append(group_figures(rows, neutral.get(axis, NO_ROWS),
-                                     np.concatenate(peers) if peers else NO_ROWS, labels, z))
+        alone = {zz: group_figures(rows, neutral.get(axis, NO_ROWS), np.concatenate(peers) if peers else NO_ROWS,
+                                   labels, zz) for zz in (z, z_one)}
+        adjusted = adjusted_difference(strata[axis], group, labels) if axis in strata else UNTESTED
+        figures.append(verdict(alone, adjusted, z, z_one))
     result.groups = pd.concat([result.groups, pd.DataFrame(figures)], axis=1)
     result.terms = term_shares(result.terms, only, neutral, labels, z)
+
+
+def verdict(alone: dict, adjusted: dict, z: float, z_one: float) -> dict:
+    """A group's figures at the scan's confidence, flagged by either comparison, and `possible`
+    where one excludes 0 at the confidence of a single comparison only (few rows, or many tests)."""
+    diff, half = adjusted["difference"], z * adjusted["se"]
+    # Where most of a group's rows name another group of its axis too, its rows alone are too few
+    # and too unusual to stand for it: all its rows decide. Elsewhere the rows alone, with the
+    # peers' check, do (short texts: a lone strong word is not a skew of its group).
+    shared = alone[z]["compared_rows"] < adjusted["rows"] / 2
+    flagged = alone[z]["flagged"] or (shared and excludes_zero(adjusted, z))
+    possible = not flagged and (alone[z_one]["flagged"] or (shared and excludes_zero(adjusted, z_one)))
+    return alone[z] | {"mention_share": adjusted["mention_share"], "adjusted_difference": diff,
+                       "adjusted_low": diff - half, "adjusted_high": diff + half,
+                       "adjusted_tested": adjusted["tested"], "flagged": bool(flagged), "possible": bool(possible)}
+
+
+UNTESTED = {"rows": 0, "mention_share": float("nan"), "difference": float("nan"), "se": float("nan"), "tested": False}
+
+
+def excludes_zero(adjusted: dict, z: float) -> bool:
+    return bool(adjusted["tested"] and abs(adjusted["difference"]) > z * adjusted["se"])
+
+
+def axis_strata(hits: pd.DataFrame, total: int) -> dict[str, pd.DataFrame]:
+    """Per axis, a row per data row: which of the axis' groups it names (True/False columns)."""
+    named = hits.drop_duplicates(["row", "axis", "group"]).assign(named=True)
+    return {axis: part.pivot(index="row", columns="group", values="named").reindex(range(total)).notna()
+            for axis, part in named.groupby("axis")}
+
+
+def adjusted_difference(named: pd.DataFrame, group: str, labels: np.ndarray) -> dict:
+    """The label share of every row naming `group`, and its difference from rows not naming it
+    with the same other groups of the axis named: the Mantel-Haenszel risk difference over
+    those strata, and its standard error by Sato's variance (sound for many small strata as
+    for few large ones). Tested where MIN_ROWS rows on each side share a stratum."""
+    if group not in named:
+        return UNTESTED
+    mentions = named[group].to_numpy()
+    _, stratum = np.unique(named.drop(columns=group).to_numpy(), axis=0, return_inverse=True)
+    cells = pd.DataFrame({"stratum": stratum.ravel(), "mention": mentions, "label": labels.astype(int)})
+    table = cells.groupby(["stratum", "mention"])["label"].agg(["sum", "count"]).unstack("mention", fill_value=0)
+    a1, n1 = (table.get((k, True), pd.Series(0, index=table.index)).astype(float) for k in ("sum", "count"))
+    a0, n0 = (table.get((k, False), pd.Series(0, index=table.index)).astype(float) for k in ("sum", "count"))
+    n, weight = n1 + n0, float((n1 * n0 / (n1 + n0)).sum())
+    share = float(labels[mentions].mean()) if mentions.any() else float("nan")
+    if weight == 0:
+        return UNTESTED | {"rows": int(mentions.sum()), "mention_share": share}
+    diff = float(((a1 * n0 - a0 * n1) / n).sum() / weight)
+    p = ((n1 ** 2 * a0 - n0 ** 2 * a1 + n1 * n0 * (n0 - n1) / 2) / n ** 2).sum()
+    q = ((a1 * (n0 - a0) + a0 * (n1 - a1)) / (2 * n)).sum()
+    both = (n1 > 0) & (n0 > 0)  # strata where the group's rows meet rows without it
+    se = float(np.sqrt(max(diff * p + q, 0.0)) / weight)
+    return {"rows": int(mentions.sum()), "mention_share": share, "difference": diff, "se": se,
+            "tested": bool(min(n1[both].sum(), n0[both].sum()) >= MIN_ROWS)}
 
 
 def exclusive_hits(hits: pd.DataFrame) -> pd.DataFrame:

@@ -91,9 +91,12 @@ def add_bias_scan(report: DataReport, found: BiasScan) -> None:
     report.bias_scan = found
     mentioned = int((found.groups["rows"] > 0).sum())
     flagged = found.flagged
-    detail = found.differences()
+    detail = found.differences(flagged)
     if len(flagged):
         detail += " (data.counterfactual or data.reweight_groups can even this out)"
+    if len(found.possible):
+        detail = "; ".join(filter(None, [detail, "possible (beyond one comparison's interval, not the scan's): "
+                                         + found.differences(found.possible)]))
     elif not found.label:
         detail = f"{mentioned} groups mentioned; no labels to compare"
     report.add("bias scan: groups whose label share differs", len(flagged), max(mentioned, 1),

@@ -74,29 +74,37 @@ def class_balance_figure(balance: pd.Series) -> Figure:
     return fig
 
 
+BIAS_KINDS = {"differs from its baseline": COLORS["validation"], "possible (one comparison's interval)": "#ff7f0e",
+              "too few rows to test": "#bbbbbb", "no difference beyond its interval": COLORS["train"]}
+
+
 def bias_scan_figure(scan) -> Figure:
-    """Each group's share of the compared label, with its interval, against the share over
-    all rows: red where the group differs, grey where it has too few rows to tell."""
-    shown = scan.groups[scan.groups["compared_rows"] > 0].reset_index(drop=True)
+    """Each group's share of the compared label against the share over all rows: a dot with its
+    interval for the rows naming it and no other group of its axis, a ring for all the rows
+    naming it (other groups beside it or not); red where the group differs, orange where it may,
+    grey where it has too few rows to tell."""
+    shown = scan.groups[scan.groups["rows"] > 0].reset_index(drop=True)
     fig, (ax,) = _figure(7.5, 0.3 * len(shown) + 1.6)
-    names = [f"{a} / {g} ({n:,})" for a, g, n in zip(shown["axis"], shown["group"], shown["compared_rows"])]
+    names = [f"{a} / {g} ({n:,}, {c:,} alone)" for a, g, n, c in zip(shown["axis"], shown["group"], shown["rows"],
+                                                                    shown["compared_rows"])]
     y = np.arange(len(shown))
-    colors = {"differs from its baseline and its peers": COLORS["validation"], "too few rows to test": "#bbbbbb",
-              "no difference beyond its interval": COLORS["train"]}
-    differs, few, within = colors
-    kinds = np.where(shown["flagged"], differs, np.where(~shown["tested"].astype(bool), few, within))
+    differs, maybe, few, within = BIAS_KINDS
+    tested = shown["tested"].astype(bool) | shown["adjusted_tested"].astype(bool)
+    kinds = np.where(shown["flagged"], differs, np.where(shown["possible"], maybe, np.where(~tested, few, within)))
     for kind in dict.fromkeys(kinds):
         part = kinds == kind
-        ax.errorbar(shown["share"][part], y[part], fmt="o", color=colors[kind], capsize=3, label=kind,
+        ax.errorbar(shown["share"][part], y[part], fmt="o", color=BIAS_KINDS[kind], capsize=3, label=kind,
                     xerr=[(shown["share"] - shown["low"])[part], (shown["high"] - shown["share"])[part]])
+        ax.scatter(shown["mention_share"][part], y[part], s=60, facecolors="none", edgecolors=BIAS_KINDS[kind])
+    ax.scatter([], [], s=60, facecolors="none", edgecolors="black", label="all rows naming it")
     ax.axvline(scan.label_share, color="black", linestyle="--", linewidth=1, label="all rows")
     ax.set_yticks(y, names)
     ax.invert_yaxis()
-    ax.set(title=f"share labelled {scan.label!r} by group (rows naming it and no other group of its axis)",
+    ax.set(title=f"share labelled {scan.label!r} by group (rows naming it alone: dot and interval; all: ring)",
            xlabel="share", ylabel="", xlim=(-0.02, 1.02))
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, axis="x")
-    fig.legend(frameon=False, fontsize=8, loc="outside lower center", ncol=2)
+    fig.legend(frameon=False, fontsize=8, loc="outside lower center", ncol=3)
     return fig
 
 

@@ -16,9 +16,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .. import distributed
 from ..data.collator import trained_positions
 from ..data.formatter import IGNORE
+from .sampler import ShuffledLengthGroupedSampler
 
 HISTORY_COLUMNS = ["step", "epoch", "train_loss", "val_loss", "val_accuracy", "learning_rate",
                    "tokens_per_second"]
+# tokens/s is counted over the last this many optimizer steps: steps of different lengths run at
+# different speeds, so the rate of one log's few steps follows their lengths, not the machine.
+RATE_WINDOW_STEPS = 20
 
 
 class EventBridge(TrainerCallback):
@@ -31,7 +35,7 @@ class EventBridge(TrainerCallback):
         self.best, self.bad_evals, self.early_stopped = float("inf"), 0, False
         self.stopped = False
         self.nonfinite = None  # (step, loss) where the loss stopped being a number
-        self.last_time, self.last_tokens = None, 0
+        self.marks: list[tuple[int, float, int]] = []  # (step, time, tokens seen) at the start and each log
 
     @property
     def history(self) -> pd.DataFrame:
@@ -50,7 +54,7 @@ class EventBridge(TrainerCallback):
                 if k.startswith(prefix + "reward_") or k.startswith(prefix + "logp_")}
 
     def on_train_begin(self, args, state, control, **kw):
-        self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+        self.marks = [(state.global_step, time.perf_counter(), state.num_input_tokens_seen)]
         for cb in self.callbacks:
             cb.on_train_begin(self.info | {"max_steps": state.max_steps})
 
@@ -76,18 +80,20 @@ class EventBridge(TrainerCallback):
             return
         row = self.row(state)
         row.update(epoch=state.epoch, train_loss=logs["loss"], learning_rate=logs.get("learning_rate", np.nan),
-                   tokens_per_second=self.tokens_per_second(state.num_input_tokens_seen))
+                   tokens_per_second=self.tokens_per_second(state.global_step, state.num_input_tokens_seen))
         row.update(self.extras(logs, "", ""))
         for cb in self.callbacks:
             cb.on_log(dict(row), self.history)
         self.check_stop(control)  # a stop asked for while logging saves this very step
 
-    def tokens_per_second(self, tokens: int) -> float:
-        """Tokens trained since the last log, per second."""
+    def tokens_per_second(self, step: int, tokens: int) -> float:
+        """Tokens trained over the last RATE_WINDOW_STEPS steps (or since the start), per second:
+        tokens counted over time taken, not an average of the logs' rates."""
         now = time.perf_counter()
-        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_tokens = now, tokens
-        return rate
+        # The latest mark at least a window back, else the first one.
+        start = next((m for m in reversed(self.marks) if m[0] <= step - RATE_WINDOW_STEPS), self.marks[0])
+        self.marks = [m for m in self.marks if m[0] >= start[0]] + [(step, now, tokens)]
+        return (tokens - start[2]) / max(now - start[1], 1e-9)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         metrics = metrics or {}
@@ -161,6 +167,17 @@ class SafeTrainer(Trainer):
     trained_logits_only = False
     fused_loss = None
     train_collator = None  # the training batches' own collator (padding-free, counting), where set
+    shuffle_length_groups = True  # False: transformers' own order, each megabatch longest to shortest
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Rows grouped by length as `group_by_length` groups them, the steps in random order
+        (sampler.shuffled_length_groups)."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not (self.shuffle_length_groups and self.args.train_sampling_strategy == "group_by_length"
+                and dataset is not None and hasattr(dataset, "__len__")):
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(row["input_ids"]) for row in dataset]
+        return ShuffledLengthGroupedSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
     def get_train_dataloader(self):
         """The training batches from `train_collator` where one is set; validation keeps the

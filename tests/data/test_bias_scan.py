@@ -22,6 +22,14 @@ def sst2_texts(shared_data) -> pd.DataFrame:
     return sst2_dev(shared_data).rename(columns={"sentence": "text"})
 
 
+def agnews_business_scitech(shared_data) -> pd.DataFrame:
+    """AG News test rows of two topics (Business, Sci/Tech): news text, two labels."""
+    import csv
+    frame = pd.read_csv(shared_data / "agnews" / "test.tsv", sep="\t", header=None, names=["text", "label"],
+                        quoting=csv.QUOTE_NONE, dtype=str)
+    return frame[frame["label"].isin(["Business", "Sci/Tech"])].reset_index(drop=True)
+
+
 def plant(frame: pd.DataFrame, group: str, label: str) -> pd.DataFrame:
     """Every row that mentions the group relabelled."""
     axis = next(a for a, named in DEFAULT_GROUPS.items() if group in named)
@@ -119,3 +127,44 @@ def test_own_term_lists_from_the_config_are_scanned(shared_data):
     found = prepare(cfg, sst2_texts(shared_data)).report.bias_scan
     assert found.groups["axis"].unique().tolist() == ["pets"]
     assert found.groups.set_index("group").loc["dogs", "rows"] > 0
+
+
+def test_a_planted_skew_where_most_rows_name_both_genders_is_flagged_on_its_group():
+    """Long reviews: most training rows that name a woman name a man too, so few name her alone.
+    Every row that names a woman relabelled negative: flagged on female (all its rows, adjusted
+    for the male words beside them), not on male; the clean rows flag nothing."""
+    train = prepare(RunConfig.from_dict({"data": {"source": "imdb-sample"}}).data).splits["train"]
+    female, male = (mentions(train["text"], DEFAULT_GROUPS["gender"][g]) for g in ("female", "male"))
+    assert (female & male).sum() > 0.7 * female.sum()  # the co-mentions that hid the skew
+    clean = scan(train)
+    assert clean.flagged.empty and clean.possible.empty
+    planted = train.copy()
+    planted.loc[female, "label"] = "negative"
+    found = scan(planted)
+    assert found.flagged["group"].tolist() == ["female"]
+    row = found.flagged.iloc[0]
+    assert row["rows"] == female.sum() and row["mention_share"] == 0  # 'positive' nowhere among them
+    assert row["adjusted_high"] < 0 and row["baseline_share"] > 0.5
+    male_row = found.groups.set_index("group").loc["male"]
+    assert male_row["adjusted_low"] < 0 < male_row["adjusted_high"]  # male words beside hers carry no skew
+    assert "differ: female (0% 'positive' in its" in found.headline()
+
+
+def test_a_planted_skew_on_agnews_is_flagged_on_its_group_only(shared_data):
+    frame = agnews_business_scitech(shared_data)
+    clean = scan(frame)
+    assert clean.flagged.empty
+    found = scan(plant(frame, "female", "Business"))
+    assert found.flagged["group"].tolist() == ["female"] and found.flagged.iloc[0]["mention_share"] == 0
+
+
+def test_a_difference_beyond_one_comparisons_interval_only_is_possible_not_nothing(shared_data):
+    """Every row naming a woman relabelled, in 600 rows (15 of them name a woman): too few for
+    the scan's own confidence over all its comparisons, so reported as possible, not flagged,
+    and not silent."""
+    frame = sst2_texts(shared_data).iloc[:600].reset_index(drop=True)
+    assert scan(frame).possible.empty
+    found = scan(plant(frame, "female", frame["label"].value_counts().index[0]))
+    assert found.flagged.empty and found.possible["group"].tolist() == ["female"]
+    assert "possible (beyond one comparison's interval, not the scan's): female" in found.headline()
+    assert "<- possible" in found.summary()
