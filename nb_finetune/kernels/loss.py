@@ -183,15 +183,20 @@ class FusedCausalLMLoss:
                  num_items_in_batch=None) -> torch.Tensor:
         """The loss of `model` (what the trainer calls, wrappers included) on `inputs`: the
         hidden states at `keep` (bool, batch x length) against the tokens `following` them."""
+        self.predictions = None
+        hidden = self.hidden_states(model, inputs, keep)
+        return self.loss(hidden, None, num_items_in_batch=num_items_in_batch, shift_labels=following)
+
+    def hidden_states(self, model, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+        """`model`'s final hidden states at `keep` [n, hidden], its head and own loss left unrun."""
         captured = []
         hook = self.lm.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
-        self.predictions = None
         plain = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "logits_to_keep")}
         try:
             model(**plain, logits_to_keep=torch.zeros_like(keep))  # no position for the head
         finally:
             hook.remove()
-        return self.loss(captured[-1][keep], None, num_items_in_batch=num_items_in_batch, shift_labels=following)
+        return captured[-1][keep]
 
     def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
              shift_labels=None, **kwargs):

@@ -82,9 +82,8 @@ def token_log_probs(model, batch: dict, fused=None) -> tuple[torch.Tensor, torch
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "logits_to_keep": keep, "use_cache": False}
     if fused is not None:
-        with fused.swapped_in():
-            hidden = model(**inputs).logits
-        return linear_log_probs(hidden.reshape(-1, hidden.shape[-1]), fused.weight, targets), rows
+        hidden = fused.hidden_states(model, inputs, keep)
+        return linear_log_probs(hidden, fused.weight, targets), rows
     logits = model(**inputs).logits  # [n, V]: a boolean logits_to_keep flattens the kept positions
     logits = logits.reshape(-1, logits.shape[-1]).float()
     return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1), rows

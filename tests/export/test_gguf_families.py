@@ -82,13 +82,12 @@ def test_every_tensor_has_a_gguf_name_and_the_layout_inverts(model_type, tokeniz
                            atol=1e-6)
     if model_type == "phi3":  # fused QKV and gate_up stay fused, as llama.cpp's phi3 graph splits them
         assert "blk.0.attn_qkv.weight" in names and "blk.0.ffn_up.weight" in names
-    if model_type in ("qwen3", "olmo2", "gemma3_text"):
+    if model_type in ("qwen3", "gemma3_text"):
         assert "blk.0.attn_q_norm.weight" in names and "blk.0.attn_k_norm.weight" in names
 
 
 @pytest.mark.parametrize("model_type, overrides, says", [
     ("gemma3_text", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 other than head_dim 256 in gemma3_text"),
-    ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers other than every 4th layer in smollm3"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
      "rope scaling 'linear' in llama"),
 ])

@@ -17,7 +17,7 @@ gemma_tokenizer = test_gguf_families.gemma_tokenizer  # a fixture
 def test_without_llama_cpp_only_transformers_reads(monkeypatch):
     monkeypatch.setattr(roundtrip, "llama_cpp_available", lambda: False)
     assert roundtrip.readers("llama") == ["transformers"]
-    assert roundtrip.readers("olmo2") == ["gguf-reader"]
+    assert roundtrip.readers("granite") == ["gguf-reader"]
 
 
 @pytest.mark.slow

@@ -56,8 +56,9 @@ def _loss_and_grads(model, batch, tmp_path, fused=None, short=False):
     with attention.for_training(model) if short else torch.enable_grad():
         used = model.get_base_model().config._attn_implementation
         loss = trainer.compute_loss(model, dict(batch))
+        built = getattr(ALL_ATTENTION_FUNCTIONS.get(attention.NAME), "masks_built", 0)  # gone once training ends
     loss.backward()
-    return used, loss.item(), torch.cat([g.flatten() for g in adapter_grads(model).values()])
+    return used, loss.item(), torch.cat([g.flatten() for g in adapter_grads(model).values()]), built
 
 
 @pytest.mark.parametrize("model_type, extra, attention_kernel", [
@@ -73,14 +74,14 @@ def test_gemma_kernels_keep_the_loss_and_gradients(tmp_path, tokenizer, sst2_bat
     model.train()
     fused = FusedCausalLMLoss.for_model(model, torch.float32)
     assert fused is not None
-    own_attention, own_loss, own = _loss_and_grads(model, sst2_batch, tmp_path)
+    own_attention, own_loss, own, _ = _loss_and_grads(model, sst2_batch, tmp_path)
     for kernels in ({"fused": fused}, {"short": True}, {"fused": fused, "short": True}):
-        used, loss, grads = _loss_and_grads(model, sst2_batch, tmp_path, **kernels)
+        used, loss, grads, built = _loss_and_grads(model, sst2_batch, tmp_path, **kernels)
         assert used == (attention.NAME if kernels.get("short") and attention_kernel else own_attention)
         assert loss == pytest.approx(own_loss, rel=1e-5)
         assert float((grads - own).norm()) < 1e-4 * float(own.norm())
     if attention_kernel:  # the sliding layer's mask and the full layer's mask: one each per pass
-        assert ALL_ATTENTION_FUNCTIONS[attention.NAME].masks_built == 2
+        assert built == 2
 
 
 def test_gemma2_soft_capping_keeps_the_models_own_loss_and_attention(tmp_path, tokenizer):
@@ -112,8 +113,8 @@ def test_gemma3_270m_kernels_keep_the_loss_and_gradients(gemma_dir, sst2_frame, 
     model = lora_model(gemma_dir, lora_dropout=0.0, target_modules="q_proj,v_proj")
     randomize_lora_b(model)
     model.train()
-    _, own_loss, own = _loss_and_grads(model, batch, tmp_path)
-    used, loss, grads = _loss_and_grads(model, batch, tmp_path, FusedCausalLMLoss.for_model(model, torch.float32),
+    _, own_loss, own, _ = _loss_and_grads(model, batch, tmp_path)
+    used, loss, grads, _ = _loss_and_grads(model, batch, tmp_path, FusedCausalLMLoss.for_model(model, torch.float32),
                                         short=True)
     assert used == attention.NAME
     assert loss == pytest.approx(own_loss, rel=1e-5)
