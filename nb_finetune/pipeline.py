@@ -26,8 +26,10 @@ from .data.formatter import Formatter
 from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame, tokenize_pairs
 from .errors import UserError
 from .probes import gate, likelihood, runner
+from .probes.pairs import PairSet, preference_pairs
 from .redact import redact
 from .runs.record import RunRecord, new_folder, training_summary
+from .runs.report import report_files, run_report
 from .training import trackers
 from .training.policy import PADDING_FREE_NEEDS_CAUSAL_LM
 
@@ -49,7 +51,7 @@ class Session:
     def __init__(self, cfg: RunConfig, progress=print):
         self.cfg = cfg.validate()
         self.progress = progress  # the sink for work that names none
-        self.prep = self.tokenizer = self.formatter = self.model = self.source = None
+        self.prep = self.tokenizer = self.formatter = self.model = self.source = self.general_rows = None
         self.objective = None
         self.datasets: dict = {}
         self.token_stats: dict = {}
@@ -138,6 +140,16 @@ class Session:
         self.progress(f"loading data: {self.cfg.data.source if source is None else type(source).__name__}")
         self.prep = data_mod.prepare(self.cfg.data, source)
         return self.prep
+
+    def general_set(self) -> pd.DataFrame | None:
+        """eval.general_source's sampled rows, kept while those settings stand; None when unset."""
+        e = self.cfg.eval
+        key = (e.general_source, e.general_rows, self.cfg.data.seed)
+        if not e.general_source:
+            return None
+        if self.general_rows is None or self.general_rows[0] != key:
+            self.general_rows = (key, data_mod.sample_completions(*key))
+        return self.general_rows[1]
 
     def tokenize(self) -> dict:
         if self.prep is None:
@@ -262,16 +274,16 @@ class Session:
         f, test = self.formatter, self.prep.splits["test"]
         base_key = ("evaluation", self.base_identity, self.precision, self.cfg.train.batch_size, f.max_length,
                     f.use_chat, f.instruction, tuple(f.labels), data_mod.frame_digest(test))
-        kernels_on = kernels.wanted(self.cfg.train.cpu_kernels)
+        target = evaluation.EvalTarget(self.model, f, self.cfg.train.batch_size, self.precision, self.progress,
+                                       self.base_results, base_key, kernels.wanted(self.cfg.train.cpu_kernels))
         with self.recording():
             if self.prep.task == "preference":  # held-out pairs: preference accuracy and margins
-                self.eval_result = evaluation.evaluate_pairs(self.model, f, self.prep, self.cfg.eval,
-                                                             self.cfg.train.batch_size, self.precision, self.progress,
-                                                             self.base_results, base_key, kernels_on)
+                self.eval_result = evaluation.evaluate_pairs(target, self.prep, self.cfg.eval)
             else:
-                self.eval_result = evaluation.evaluate(self.model, f, self.prep, self.objective, self.cfg.eval,
-                                                       self.cfg.train.batch_size, self.precision, self.progress,
-                                                       self.base_results, base_key, kernels_on)
+                self.eval_result = evaluation.evaluate(target, self.prep, self.objective, self.cfg.eval)
+            if self.general_set() is not None:  # the cost in general ability, beside the test's figures
+                general = evaluation.general_loss(target, self.general_set(), self.cfg.data.seed)
+                self.eval_result.metrics = self.eval_result.metrics.join(general)
         self.note(test_metrics=self.eval_result.metrics.reset_index().to_dict(orient="records"))
         return self.eval_result
 
@@ -304,18 +316,29 @@ class Session:
         for name in names:
             if name in gate.PAIR_SETS:
                 assets.data_path(gate.PAIR_SETS[name].split(":")[0], self.progress)
+        if gate.HELD_OUT in names:
+            self.held_out_pairs()
 
     def probe_bias(self) -> gate.GateResult:
         """The chosen probes on base and tuned, checked against the gate's thresholds."""
         names = self.probe_names()
         if self.model is None:
             self.load_model()
+        target = gate.ProbeTarget(self.model, self.tokenizer, self.formatter, list(self.prep.labels), self.objective,
+                                  self.precision, self.base_results, self.base_identity,
+                                  self.held_out_pairs() if gate.HELD_OUT in names else None)
         with self.recording():
-            self.gate_result = gate.run_gate(self.cfg.probe, names, self.model, self.tokenizer, self.formatter,
-                                             list(self.prep.labels), self.objective, self.precision,
-                                             self.progress, self.base_results, self.base_identity)
+            self.gate_result = gate.run_gate(self.cfg.probe, names, target, self.progress)
         self.note(bias_gate=self.gate_result.to_dict())
         return self.gate_result
+
+    def held_out_pairs(self) -> PairSet:
+        """The test split's preference pairs, for the 'held-out-pairs' probe."""
+        test = self.prep.splits["test"]
+        if self.prep.task != "preference" or not len(test):
+            raise UserError(f"probe.probes has '{gate.HELD_OUT}', which scores the test split's preference pairs; "
+                            "it needs data.task 'preference' and data.test_fraction > 0")
+        return preference_pairs(test)
 
     def write_gate(self) -> Path:
         """The bias gate's result into output_dir's report.json, the rest of a saved run's report
@@ -378,37 +401,13 @@ class Session:
             return out
         out.mkdir(parents=True, exist_ok=True)
         self.cfg.save(out / "config.yaml")
-        files = {"report.json": json.dumps(self.report(), indent=2, default=str)}
-        if self.prep is not None:
-            files["data_report.csv"] = self.prep.report.checks.to_csv(index=False)
-        ev = self.eval_result
-        if ev is not None:
-            files |= {"test_metrics.csv": ev.metrics.to_csv(), "worst_errors.csv": ev.errors.to_csv(index=False),
-                      "samples.csv": ev.samples.to_csv(index=False)}
-            if ev.confusion is not None:
-                files["confusion_matrix.csv"] = ev.confusion.to_csv()
-        for name, text in files.items():
+        for name, text in report_files(self).items():
             (out / name).write_text(redact(text), encoding="utf-8")
         return out
 
     def report(self) -> dict:
         """Everything known about the run, for report.json."""
-        tr, ev = self.train_result, self.eval_result
-        counts = ("rows", "tokens", "trained_tokens", "prompt_truncated", "response_truncated", "dropped_no_trained")
-        return {
-            "config": self.cfg.to_dict(),
-            "hardware": hardware.describe(),
-            "data_report": self.prep.report.to_dict() if self.prep else None,
-            "tokenization": {k: {f: getattr(v, f) for f in counts} for k, v in self.token_stats.items()},
-            "training": None if tr is None else {
-                "steps": tr.global_step, "seconds": round(tr.seconds, 1), "stopped": tr.stopped,
-                "early_stopped": tr.early_stopped, "adapter": str(tr.adapter_dir),
-                "padding_share": tr.padding.shares()},
-            "memory": {"estimate_bytes": None if self.memory_estimate is None else self.memory_estimate.parts,
-                       "peak_bytes": self.peak_memory, "device": hardware.device()},
-            "test_metrics": None if ev is None else ev.metrics.reset_index().to_dict(orient="records"),
-            "bias_gate": None if self.gate_result is None else self.gate_result.to_dict(),
-        }
+        return run_report(self)
 
 
 def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progress=print, source=None) -> Session:
@@ -416,6 +415,7 @@ def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progr
     session = Session(cfg, progress)
     trackers.check(cfg.train)  # before the data and the model, not after them
     session.prepare_data(source)
+    session.general_set()  # a general set that cannot be read stops the run before training
     session.tokenize()
     if cfg.probe.probes:
         session.check_probes()

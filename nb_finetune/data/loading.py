@@ -39,7 +39,7 @@ def read_table(source, cfg: DataConfig | None = None) -> pd.DataFrame:
                         "a built-in name, a pandas DataFrame or a datasets.Dataset")
     text = str(source)
     if text in assets.BUILTIN:
-        return _read_file(assets.data_path(text), cfg)
+        return builtin_rows(text, _read_file(assets.data_path(text), cfg))
     path = Path(text).expanduser()
     if path.is_file():
         return _read_file(path, cfg)
@@ -49,6 +49,13 @@ def read_table(source, cfg: DataConfig | None = None) -> pd.DataFrame:
         raise UserError(f"data file not found: {path} (check the path; built-in data sets: "
                         + ", ".join(n for n, a in assets.BUILTIN.items() if a.kind == "data") + ")")
     return _read_hub(text)
+
+
+def builtin_rows(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a shared file that make up the built-in data set `name`."""
+    for column, value in assets.get(name).rows_where.items():
+        frame = frame[frame[column] == value]
+    return frame.reset_index(drop=True)
 
 
 def _read_hub(name: str) -> pd.DataFrame:

@@ -87,3 +87,16 @@ def _label_order(cleaned: pd.DataFrame, cfg: DataConfig) -> list[str]:
         order = list(dict.fromkeys(cfg.label_names.values()))
         labels = [lab for lab in order if lab in labels] + [lab for lab in labels if lab not in order]
     return labels
+
+
+def sample_completions(source: str, rows: int, seed: int = 0, field: str = "eval.general_source") -> pd.DataFrame:
+    """A seeded sample of `rows` prompt/completion rows from a completion data set (a built-in
+    name, a file or a Hub id); `field` names the setting in an error."""
+    cfg = resolve_source(DataConfig(source=source, task="completion"))
+    try:
+        frame = clean(normalize(read_table(source, cfg), cfg), cfg)
+    except UserError as err:
+        raise UserError(f"{field}={source!r}: {err}") from None
+    if frame.empty:
+        raise UserError(f"{field}={source!r} has no prompt/completion rows left after cleaning")
+    return frame.sample(n=min(rows, len(frame)), random_state=seed).reset_index(drop=True)

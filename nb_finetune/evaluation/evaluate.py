@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -59,15 +59,28 @@ def label_candidates(prep) -> list[str]:
     return []
 
 
-def evaluate(model, fmt: Formatter, prep, objective: str, cfg: EvalConfig, batch_size: int = 8,
-             precision: str = "float32", progress=print, base_results: BaseResults | None = None,
-             base_key: tuple = (), kernels_on: bool = False) -> EvalResult:
+@dataclass
+class EvalTarget:
+    """The model under test and how it is run: what every evaluation step shares. `base_key`
+    names the base, its settings and the test rows; the base's results are kept under it in
+    `base_results`, plus what each result depends on."""
+    model: object
+    fmt: Formatter
+    batch_size: int = 8
+    precision: str = "float32"
+    progress: object = print
+    base_results: BaseResults = field(default_factory=BaseResults)
+    base_key: tuple = ()
+    kernels_on: bool = False
+
+
+def evaluate(target: EvalTarget, prep, objective: str, cfg: EvalConfig) -> EvalResult:
     """The tuned model, and with cfg.baselines the base model (adapter off) and the majority
-    class, on the test split. The base's results are kept in `base_results` under `base_key`
-    plus what each result depends on; `base_key` names the base, its settings and the test rows."""
-    with kernels.for_inference(kernels_on):
-        run = Run(model, fmt, prep, objective, cfg, batch_size, precision, progress,
-                  base_results if base_results is not None else BaseResults(), base_key)
+    class, on the test split."""
+    t = target
+    with kernels.for_inference(t.kernels_on):
+        run = Run(t.model, t.fmt, prep, objective, cfg, t.batch_size, t.precision, t.progress, t.base_results,
+                  t.base_key)
         return run.evaluate()
 
 

@@ -18,29 +18,27 @@ from ..data.collator import CompletionOnlyCollator
 from ..data.formatter import Formatter
 from ..data.tokens import side_rows
 from ..render.tables import shorten
-from .base_cache import BaseResults
-from .evaluate import EvalResult
+from .evaluate import EvalResult, EvalTarget
 from .scoring import bootstrap_ci, generate, sequence_logprobs
 
 
-def evaluate_pairs(model, fmt: Formatter, prep, cfg: EvalConfig, batch_size: int = 8, precision: str = "float32",
-                   progress=print, base_results: BaseResults | None = None, base_key: tuple = (),
-                   kernels_on: bool = False) -> EvalResult:
+def evaluate_pairs(target: EvalTarget, prep, cfg: EvalConfig) -> EvalResult:
     """Tuned and (with cfg.baselines) base on the test split's pairs; the base's log-probs are
-    kept in `base_results` under `base_key`."""
-    test = prep.splits["test"]
+    kept in the target's `base_results`."""
+    t, test = target, prep.splits["test"]
     if cfg.max_test_rows and len(test) > cfg.max_test_rows:
         test = test.sample(n=cfg.max_test_rows, random_state=0).reset_index(drop=True)
-    base_results = base_results if base_results is not None else BaseResults()
-    model.eval()
-    with kernels.for_inference(kernels_on):
-        scores = {"tuned": pair_logprobs(model, fmt, test, batch_size, precision, progress, "tuned")}
+    t.model.eval()
+
+    def scored(name):
+        return lambda: pair_logprobs(t.model, t.fmt, test, t.batch_size, t.precision, t.progress, name)
+
+    with kernels.for_inference(t.kernels_on):
+        scores = {"tuned": scored("tuned")()}
         if cfg.baselines:
-            scores["base"] = base_results.on_base(
-                model, base_key + ("pair log-probs", cfg.max_test_rows),
-                lambda: pair_logprobs(model, fmt, test, batch_size, precision, progress, "base"), progress,
-                "test pair scores")
-        samples = pair_samples(model, fmt, test, cfg, precision, base_results, base_key, progress)
+            scores["base"] = t.base_results.on_base(t.model, t.base_key + ("pair log-probs", cfg.max_test_rows),
+                                                    scored("base"), t.progress, "test pair scores")
+        samples = pair_samples(t, test, cfg)
     preds = predictions(test, scores)
     errors = preds[preds["tuned_margin"] < 0].sort_values("tuned_margin").head(cfg.worst_errors)
     return EvalResult(metrics_table(scores), None, errors.reset_index(drop=True), samples, preds)
@@ -83,17 +81,19 @@ def predictions(test: pd.DataFrame, scores: dict) -> pd.DataFrame:
     return out
 
 
-def pair_samples(model, fmt: Formatter, test: pd.DataFrame, cfg: EvalConfig, precision: str,
-                 base_results: BaseResults, base_key: tuple, progress) -> pd.DataFrame:
+def pair_samples(t: EvalTarget, test: pd.DataFrame, cfg: EvalConfig) -> pd.DataFrame:
     """Base and tuned answers to the first test prompts, beside the chosen answer."""
     if not cfg.num_samples or not len(test):
         return pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
     rows = side_rows(test.head(cfg.num_samples), "chosen")
-    progress(f"generating {len(rows)} samples from the base and the tuned model")
-    tuned = generate(model, fmt, rows, cfg.max_new_tokens, precision)
-    base = base_results.on_base(model, base_key + ("pair samples", cfg.max_test_rows, cfg.num_samples,
-                                                   cfg.max_new_tokens),
-                                lambda: generate(model, fmt, rows, cfg.max_new_tokens, precision), progress, "samples")
+    t.progress(f"generating {len(rows)} samples from the base and the tuned model")
+
+    def answers():
+        return generate(t.model, t.fmt, rows, cfg.max_new_tokens, t.precision)
+
+    tuned = answers()
+    base = t.base_results.on_base(t.model, t.base_key + ("pair samples", cfg.max_test_rows, cfg.num_samples,
+                                                         cfg.max_new_tokens), answers, t.progress, "samples")
     shown = predictions(test.head(cfg.num_samples), {})
     return pd.DataFrame({"prompt": shown["prompt"], "reference": test["chosen"].head(cfg.num_samples).values,
                          "base": base, "tuned": tuned})

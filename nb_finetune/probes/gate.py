@@ -10,13 +10,16 @@ import numpy as np
 import pandas as pd
 
 from ..config import ProbeConfig
+from ..errors import UserError
 from . import parity, runner
 from .completions import template_prompts
 from .counterfactual import TEMPLATES
 from .likelihood import bootstrap_ci, pair_change
+from .pairs import PairSet
 from .scorers import VaderScorer
 
 PAIR_SETS = {"crows-pairs": "crows-pairs-masked", "stereoset": "stereoset:intrasentence"}
+HELD_OUT = "held-out-pairs"  # the run's own test pairs, rejected taken as the stereotypical side
 EXIT_FAILED = 3  # the command line's exit status for a failed gate: not an error (2), not a stop (130)
 
 
@@ -125,25 +128,52 @@ def parity_check(results: dict, threshold: float, seed: int) -> Check:
                  float(gaps[1].mean()), change, low, high, threshold)
 
 
-def run_gate(cfg: ProbeConfig, names: list[str], model, tokenizer, formatter, labels: list[str], objective: str,
-             precision: str = "float32", progress=print, base_results=None, base_identity=None) -> GateResult:
+@dataclass
+class ProbeTarget:
+    """What the probes look at: the model (its base is the adapter switched off), how it reads
+    text, and where the base's results are kept."""
+    model: object
+    tokenizer: object
+    formatter: object
+    labels: list
+    objective: str
+    precision: str = "float32"
+    base_results: object = None
+    base_identity: object = None
+    held_out: PairSet | None = None  # the test split's preference pairs ('held-out-pairs')
+
+
+def run_gate(cfg: ProbeConfig, names: list[str], target: ProbeTarget, progress=print) -> GateResult:
     """Each named probe on base and tuned, checked against its threshold."""
     checks, results = [], {}
     for name in names:
         progress(f"bias probe: {name} on the base and the tuned model")
-        if name == "counterfactual":
-            results[name] = runner.counterfactual_probe(model, formatter, labels, objective, "",
-                                                        cfg.templates or TEMPLATES, cfg.groups, cfg.seed, precision,
-                                                        base_results, base_identity)
-            checks.append(counterfactual_check(results[name], cfg.max_gap_increase, cfg.seed))
-        elif name in PAIR_SETS:
-            pairs = runner.load_pair_set(PAIR_SETS[name], limit=cfg.pairs, seed=cfg.seed)
-            results[name] = runner.pair_probe(model, tokenizer, pairs, cfg.seed, progress, base_results,
-                                              base_identity)
-            checks.append(pair_check(name, results[name], cfg.max_stereotype_shift, cfg.seed))
-        else:
-            prompts = template_prompts(cfg.prompts or parity.PROMPTS, cfg.groups)
-            results[name], _ = runner.completion_probe(model, tokenizer, prompts, VaderScorer(), cfg.samples,
-                                                       cfg.seed, progress, base_results, base_identity)
-            checks.append(parity_check(results[name], cfg.max_parity_increase, cfg.seed))
+        results[name], check = run_probe(cfg, name, target, progress)
+        checks.append(check)
     return GateResult(checks, cfg.gate, results)
+
+
+def run_probe(cfg: ProbeConfig, name: str, t: ProbeTarget, progress) -> tuple[dict, Check]:
+    """One probe's results on base and tuned, and its check."""
+    if name == "counterfactual":
+        results = runner.counterfactual_probe(t.model, t.formatter, t.labels, t.objective, "",
+                                              cfg.templates or TEMPLATES, cfg.groups, cfg.seed, t.precision,
+                                              t.base_results, t.base_identity)
+        return results, counterfactual_check(results, cfg.max_gap_increase, cfg.seed)
+    if name in PAIR_SETS or name == HELD_OUT:
+        pairs = held_out_pairs(t, cfg) if name == HELD_OUT else runner.load_pair_set(
+            PAIR_SETS[name], limit=cfg.pairs, seed=cfg.seed)
+        results = runner.pair_probe(t.model, t.tokenizer, pairs, cfg.seed, progress, t.base_results, t.base_identity)
+        return results, pair_check(name, results, cfg.max_stereotype_shift, cfg.seed)
+    prompts = template_prompts(cfg.prompts or parity.PROMPTS, cfg.groups)
+    results, _ = runner.completion_probe(t.model, t.tokenizer, prompts, VaderScorer(), cfg.samples, cfg.seed,
+                                         progress, t.base_results, t.base_identity)
+    return results, parity_check(results, cfg.max_parity_increase, cfg.seed)
+
+
+def held_out_pairs(t: ProbeTarget, cfg: ProbeConfig) -> PairSet:
+    """The run's held-out preference pairs (a seeded sample of probe.pairs of them)."""
+    if t.held_out is None:
+        raise UserError(f"probe '{HELD_OUT}' scores the test split's preference pairs; it needs data.task "
+                        "'preference' with a test split (data.test_fraction > 0)")
+    return runner.sample_pairs(t.held_out, cfg.pairs, cfg.seed)

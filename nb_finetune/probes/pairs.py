@@ -66,6 +66,18 @@ def stereoset(path: str | Path, kind: str = "intrasentence") -> PairSet:
     return _pairs(f"stereoset-{kind}", items)
 
 
+def preference_pairs(frame: pd.DataFrame, name: str = "held-out pairs") -> PairSet:
+    """Preference pairs (prompt, chosen, rejected) as likelihood pairs: each answer scored after
+    its prompt, the rejected one taken as the stereotypical side (pairs built from a probe set,
+    as the debias-dpo preset's are)."""
+    if "prompt" not in frame:
+        raise UserError(f"{name}: the pairs' prompts are chats; a likelihood probe needs text prompts "
+                        "(data.prompt_column)")
+    items = pd.DataFrame({"more": frame["rejected"].values, "less": frame["chosen"].values, "bias_type": "all",
+                          "context": frame["prompt"].values})
+    return _pairs(name, items)
+
+
 def winobias(folder: str | Path, split: str = "dev") -> PairSet:
     """WinoBias: line i of pro_stereotyped_typeN.txt.SPLIT against line i of anti_stereotyped_typeN."""
     folder = Path(folder)

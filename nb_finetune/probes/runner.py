@@ -32,8 +32,13 @@ def load_pair_set(choice: str, path: str = "", limit: int = 0, seed: int = 0) ->
         pairs = pair_sets.crows_pairs(Path(path).expanduser())
     else:
         pairs = pair_sets.winobias(Path(path).expanduser())
+    return sample_pairs(pairs, limit, seed)
+
+
+def sample_pairs(pairs: pair_sets.PairSet, limit: int, seed: int = 0) -> pair_sets.PairSet:
+    """A seeded sample of `limit` pairs (all of them when there are no more)."""
     if limit and len(pairs.items) > limit:
-        pairs = pair_sets.PairSet(pairs.name, pairs.items.sample(n=limit, random_state=seed).reset_index(drop=True))
+        return pair_sets.PairSet(pairs.name, pairs.items.sample(n=limit, random_state=seed).reset_index(drop=True))
     return pairs
 
 
