@@ -18,6 +18,7 @@ PAIR_SETS = {
     "CrowS-Pairs (built-in masked subset)": "crows-pairs-masked",
     "StereoSet intrasentence (built-in)": "stereoset:intrasentence",
     "StereoSet intersentence (built-in)": "stereoset:intersentence",
+    "this run's held-out preference pairs (rejected as stereotypical)": "held-out-pairs",
     "CrowS-Pairs CSV file (path below)": "crows-file",
     "WinoBias folder (path below)": "winobias-folder",
     "completions from templates": "templates",
@@ -195,7 +196,9 @@ class ProbePanel(Panel):
         return ""
 
     def run_pairs(self, session, choice: str) -> str:
-        pairs = runner.load_pair_set(choice, self.path.value, self.limit.value, self.seed.value)
+        pairs = runner.sample_pairs(session.held_out_pairs(), self.limit.value, self.seed.value) \
+            if choice == "held-out-pairs" else runner.load_pair_set(choice, self.path.value, self.limit.value,
+                                                                    self.seed.value)
         self.results = runner.pair_probe(session.model, session.tokenizer, pairs, self.seed.value, self.say,
                                          session.base_results, session.base_identity)
         self._keep_previous(session)

@@ -214,30 +214,32 @@ def test_orpo_odds_term_closed_form():
     assert term.item() == pytest.approx(-math.log(odds_ratio / (1 + odds_ratio)))
 
 
-@pytest.mark.xfail(reason="open: tuned and base give the same held-out preference accuracy (0.5625 on 16 "
-                          "pairs, after 1 or 3 epochs); the evaluation's tuned pass is to be checked")
 @pytest.mark.slow
 def test_smollm2_dpo_raises_held_out_preference_accuracy(shared_data, tmp_path):
-    """SmolLM2-135M-Instruct, DPO on 40 pairs of real SST-2 sentences (a positive one chosen, a
-    negative one rejected, after a prompt asking for a positive review): on 16 held-out pairs
-    the tuned model prefers the chosen sentence more often than the base, by a wider margin."""
+    """SmolLM2-135M-Instruct, DPO on 80 pairs built from real SST-2 sentences (the review and a
+    question as the prompt, the right sentiment word chosen, the wrong one rejected): on 40
+    held-out pairs the tuned model prefers the right word more often than the base, by a wider
+    margin. (Pairs of two unrelated sentences would not show it: their summed log-probabilities
+    differ by tens of nats, far more than a few DPO steps move, so accuracy on them barely
+    changes while the reward accuracy rises.)"""
     from conftest import sst2_dev
 
     from nb_finetune import RunConfig, run
     dev = sst2_dev(shared_data)
-    dev = dev[dev.sentence.str.len().between(40, 140)]
-    pos = dev[dev.label == "1"].sentence.sample(56, random_state=1).tolist()
-    neg = dev[dev.label == "0"].sentence.sample(56, random_state=1).tolist()
-    pairs = pd.DataFrame({"prompt": ["Write one sentence from a positive movie review."] * 56, "chosen": pos,
-                          "rejected": neg})
+    dev = dev[dev.sentence.str.len().between(40, 160)].sample(120, random_state=1)
+    words = {"1": "positive", "0": "negative"}
+    pairs = pd.DataFrame({"prompt": [f"Review: {s}\nIs this review positive or negative? Answer with one word."
+                                     for s in dev.sentence],
+                          "chosen": [words[label] for label in dev.label],
+                          "rejected": [words["1" if label == "0" else "0"] for label in dev.label]})
     cfg = RunConfig.from_dict({
-        "data": {"task": "preference", "val_fraction": 0.0, "test_fraction": 16 / 56},
+        "data": {"task": "preference", "val_fraction": 0.0, "test_fraction": 40 / 120},
         "train": {"output_dir": str(tmp_path / "dpo"), "method": "dpo", "beta": 0.1, "epochs": 1,
-                  "batch_size": 4, "learning_rate": 5e-4, "max_length": 96, "logging_steps": 2},
+                  "batch_size": 8, "learning_rate": 5e-4, "max_length": 96, "logging_steps": 2},
         "eval": {"num_samples": 1, "max_new_tokens": 12}})
     session = run(cfg, progress=lambda m: None, source=pairs)
     metrics = session.eval_result.metrics
-    assert metrics.loc["tuned", "pairs"] == 16
+    assert metrics.loc["tuned", "pairs"] == 40
     assert metrics.loc["tuned", "preference_accuracy"] > metrics.loc["base", "preference_accuracy"]
     assert metrics.loc["tuned", "mean_margin"] > metrics.loc["base", "mean_margin"]
     assert metrics.loc["tuned", "reward_accuracy"] > 0.5
