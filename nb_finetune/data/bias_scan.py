@@ -325,7 +325,8 @@ def term_shares(terms: pd.DataFrame, only: pd.DataFrame, neutral: dict, labels: 
         d = difference(rows, neutral.get(axis, NO_ROWS), labels, z)
         found.append({"compared_rows": len(rows), "share": d["share"], "baseline_share": d["other"],
                       "difference_low": d["low"], "difference_high": d["high"], "flagged": apart(d)})
-    terms = pd.concat([terms.reset_index(drop=True), pd.DataFrame(found)], axis=1)
+    columns = ["compared_rows", "share", "baseline_share", "difference_low", "difference_high", "flagged"]
+    terms = pd.concat([terms.reset_index(drop=True), pd.DataFrame(found, columns=columns)], axis=1)
     terms["skew"] = np.maximum(terms["difference_low"], -terms["difference_high"])
     return terms.sort_values(["skew", "rows"], ascending=False, ignore_index=True).drop(columns="skew")
 

@@ -168,3 +168,11 @@ def test_a_difference_beyond_one_comparisons_interval_only_is_possible_not_nothi
     assert found.flagged.empty and found.possible["group"].tolist() == ["female"]
     assert "possible (beyond one comparison's interval, not the scan's): female" in found.headline()
     assert "<- possible" in found.summary()
+
+
+def test_a_set_too_small_to_mention_any_group_is_scanned_not_refused(shared_data):
+    """20 real SST-2 rows name no group term; the scan says so instead of failing."""
+    rows = sst2_dev(shared_data).head(20).rename(columns={"sentence": "text"})
+    result = scan(rows)
+    assert result.terms.empty or not result.terms["flagged"].any()
+    assert "20 training rows" in result.summary() and "none differs" in result.summary()
