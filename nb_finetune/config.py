@@ -85,12 +85,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("smollm2-135m-instruct", "Built-in model name, a local folder, or a Hugging Face Hub id.")
+    name: str = _f("smollm2-135m-instruct", "Built-in model name, a local folder, or a Hugging Face Hub id.",
+                   stale="tokens")
     objective: str = _f("auto", "'completion': the model writes the answer and is trained on its tokens only; "
                         "'head': a classification head on top (encoders need this). 'auto': head for "
-                        "encoders, completion for decoders.", choices=("auto", "completion", "head"))
+                        "encoders, completion for decoders.", choices=("auto", "completion", "head"), stale="tokens")
     chat_template: str = _f("auto", "Wrap prompts in the tokenizer's chat template: 'auto' (if it has one), "
-                            "'yes' or 'no'.", choices=("auto", "yes", "no"))
+                            "'yes' or 'no'.", choices=("auto", "yes", "no"), stale="tokens")
     lora_r: int = _f(16, "LoRA rank: the adapter's inner size; higher learns more and costs more memory.", min=1, max=1024)
     lora_alpha: int = _f(32, "LoRA alpha: the adapter's output is scaled by alpha / r.", min=1, max=4096)
     lora_dropout: float = _f(0.05, "Dropout on the adapter's input. Training on a CPU, layers that read one "
@@ -103,7 +104,8 @@ class ModelConfig:
     double_quant: bool = _f(True, "Quantize the 4-bit scales too (saves ~0.4 bit per weight).")
     compute_dtype: str = _f("auto", "Precision of the arithmetic: 'auto' picks bf16 where the hardware has it.",
                             choices=("auto", "bfloat16", "float16", "float32"))
-    trust_remote_code: bool = _f(False, "Run Python code shipped with this model. Only for models you trust.")
+    trust_remote_code: bool = _f(False, "Run Python code shipped with this model. Only for models you trust.",
+                                 stale="tokens")
     allow_pickle: bool = _f(False, "Load pickle weight files (.bin/.pt), which can run code when loaded. "
                             "Off: safetensors only. Only for models you trust.")
     __post_init__ = _switch_words
@@ -130,7 +132,7 @@ class TrainConfig:
     gradient_checkpointing: str = _f("auto", "Recompute activations in the backward pass to save memory; "
                                      "'auto': on for a quantized base on a GPU.", choices=("auto", "yes", "no"))
     max_length: int = _f(256, "Tokens per row at most; longer prompts are cut in the middle, the response is kept.",
-                         min=8, max=131072)
+                         min=8, max=131072, stale="tokens")
     pad_to_multiple_of: int = _f(8, "Pad each batch to a multiple of this many tokens (0: no rounding).", min=0, max=512)
     packing: bool = _f(False, "Pack several short training rows into each row of up to max_length tokens, each "
                        "attending only to itself: less padding, more rows per step, fewer steps per epoch. "
@@ -162,7 +164,7 @@ class TrainConfig:
     save_steps: int = _f(0, "Checkpoint every this many steps (0: at each validation).", min=0)
     early_stopping_patience: int = _f(0, "Stop after this many validations without a lower validation loss (0: never).", min=0)
     resume_from: str = _f("", "Checkpoint folder to resume from, or 'last' for the newest in output_dir.")
-    seed: int = _f(42, "Seed for initialisation, dropout and shuffling.", min=0)
+    seed: int = _f(42, "Seed for initialisation, dropout and shuffling.", min=0, stale="model")
     method: str = _f("sft", "'sft' imitates the answers; 'dpo' and 'orpo' learn from pairs of a chosen and a rejected "
                      "answer (data.task='preference'); DPO's reference: the base, adapter off.", choices=("sft", "dpo", "orpo"))
     beta: float = _f(0.1, "Above 0. DPO: how far the model may move from the base (smaller: further); ORPO: the "
@@ -310,6 +312,22 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
              "probe": ProbeConfig}
+# What a changed setting makes stale, earliest first; each level drops the later levels' results
+# too. A field names its level in its metadata (`stale=`), or takes its section's; others make
+# nothing stale (a trained model is dropped before the next training run anyway).
+STALE = ("data", "tokens", "model")
+SECTION_STALE = {"data": "data", "model": "model"}
+
+
+def stale_level(section: str, f: dataclasses.Field) -> str | None:
+    return f.metadata.get("stale", SECTION_STALE.get(section))
+
+
+def first_stale(old: RunConfig, new: RunConfig) -> str | None:
+    """The earliest stage whose result the change from `old` to `new` makes stale, or None."""
+    levels = [stale_level(name, f) for name, klass in SECTIONS.items() for f in dataclasses.fields(klass)
+              if getattr(getattr(old, name), f.name) != getattr(getattr(new, name), f.name)]
+    return min((level for level in levels if level), key=STALE.index, default=None)
 
 
 def _section_from_dict(klass, section: str, raw: Any, problems: list[Problem]):

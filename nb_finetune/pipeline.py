@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import assets, distributed, evaluation, hardware, kernels, memory, modeling, training
 from . import data as data_mod
-from .config import RunConfig
+from .config import RunConfig, first_stale
 from .data.collator import CompletionOnlyCollator, PairCollator
 from .data.formatter import Formatter
 from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame, tokenize_pairs
@@ -65,21 +65,18 @@ class Session:
 
     def reconfigure(self, cfg: RunConfig, source_changed: bool = False) -> None:
         """Take new settings and drop only the results they make stale, so a panel can re-run
-        one stage without redoing the others: new data settings drop everything; a new model,
-        chat template or max_length drops the tokens and the model; other model settings (LoRA,
-        quantization, precision) drop the model only; a trained model is dropped before the
-        next training run by `discard_training`."""
+        one stage without redoing the others. What each field makes stale (the data, the tokens,
+        the model) is declared in its metadata (config.first_stale); a trained model is dropped
+        before the next training run by `discard_training`."""
         cfg = cfg.validate()
-        old, self.cfg = self.cfg, cfg
-        if source_changed or cfg.data != old.data:
+        stale = "data" if source_changed else first_stale(self.cfg, cfg)
+        self.cfg = cfg
+        if stale == "data":
             self.prep = None
-        tokenizing = ("name", "objective", "chat_template", "trust_remote_code")  # what the tokens depend on
-        tokens_stale = (self.prep is None or cfg.train.max_length != old.train.max_length
-                        or any(getattr(cfg.model, f) != getattr(old.model, f) for f in tokenizing))
-        if tokens_stale:
+        if stale in ("data", "tokens") or self.prep is None:
             self.tokenizer = self.formatter = self.objective = None
             self.datasets, self.token_stats = {}, {}
-        if tokens_stale or cfg.model != old.model:  # LoRA or quantization settings: the same tokens, a new model
+        if stale is not None or self.formatter is None:
             self.discard_training()
 
     def discard_training(self) -> None:
