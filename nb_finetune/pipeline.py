@@ -145,7 +145,7 @@ class Session:
         if not e.general_source:
             return None
         if self.general_rows is None or self.general_rows[0] != key:
-            self.general_rows = (key, data_mod.sample_completions(*key))
+            self.general_rows = (key, data_mod.completion_sample(*key))
         return self.general_rows[1]
 
     def tokenize(self) -> dict:
@@ -321,13 +321,17 @@ class Session:
         names = self.probe_names()
         if self.model is None:
             self.load_model()
-        target = gate.ProbeTarget(self.model, self.tokenizer, self.formatter, list(self.prep.labels), self.objective,
-                                  self.precision, self.base_results, self.base_identity,
-                                  self.held_out_pairs() if gate.HELD_OUT in names else None)
+        target = self.probe_target(self.held_out_pairs() if gate.HELD_OUT in names else None)
         with self.recording():
             self.gate_result = gate.run_gate(self.cfg.probe, names, target, self.progress)
         self.note(bias_gate=self.gate_result.to_dict())
         return self.gate_result
+
+    def probe_target(self, held_out: PairSet | None = None) -> runner.ProbeTarget:
+        """The loaded model as the probes see it, the base's results kept in this session."""
+        labels = list(self.prep.labels) if self.prep is not None else []
+        return runner.ProbeTarget(self.model, self.tokenizer, self.formatter, labels, self.objective, self.precision,
+                                  self.base_results, self.base_identity, held_out)
 
     def held_out_pairs(self) -> PairSet:
         """The test split's preference pairs, for the 'held-out-pairs' probe."""
@@ -352,8 +356,7 @@ class Session:
         if self.model is None:
             self.load_model()
         pairs = runner.load_pair_set(name, limit=limit)
-        runs = runner.pair_probe(self.model, self.tokenizer, pairs, base_results=self.base_results,
-                                 base_identity=self.base_identity)
+        runs = runner.pair_probe(self.probe_target(), pairs)
         return likelihood.pair_change(runs["base"], runs["tuned"])
 
     # -- the run record ----------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_crows_pairs_scores_equal_an_independent_recomputation(gemma_dir, gemma_
     model.eval()
     pairs = runner.load_pair_set("crows-pairs-masked", limit=10, seed=0)
     pairs = PairSet(pairs.name, pairs.items.head(3))
-    result = runner.pair_probe(model, gemma_tokenizer, pairs, progress=lambda m: None)
+    result = runner.pair_probe(runner.ProbeTarget(model, gemma_tokenizer), pairs, progress=lambda m: None)
     moved = result["tuned"].scores["more_logprob"] - result["base"].scores["more_logprob"]
     assert moved.abs().min() > 1e-3  # the adapter changes the scores, so the base is told apart
     for which in ("tuned", "base"):

@@ -6,9 +6,9 @@ worth knowing before training. It imports no torch.
 """
 from .columns import frame_digest, key_text, normalize
 from .loading import read_table, resolve_source
-from .prepare import PreparedData, prepare, sample_completions
+from .prepare import PreparedData, completion_sample, prepare
 from .report import DataReport, build_report
 from .split import clean, split
 
-__all__ = ["DataReport", "PreparedData", "build_report", "clean", "frame_digest", "key_text", "normalize",
-           "prepare", "read_table", "resolve_source", "sample_completions", "split"]
+__all__ = ["DataReport", "PreparedData", "build_report", "clean", "completion_sample", "frame_digest", "key_text", "normalize",
+           "prepare", "read_table", "resolve_source", "split"]

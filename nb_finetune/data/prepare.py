@@ -89,7 +89,7 @@ def _label_order(cleaned: pd.DataFrame, cfg: DataConfig) -> list[str]:
     return labels
 
 
-def sample_completions(source: str, rows: int, seed: int = 0, field: str = "eval.general_source") -> pd.DataFrame:
+def completion_sample(source: str, rows: int, seed: int = 0, field: str = "eval.general_source") -> pd.DataFrame:
     """A seeded sample of `rows` prompt/completion rows from a completion data set (a built-in
     name, a file or a Hub id); `field` names the setting in an error."""
     cfg = resolve_source(DataConfig(source=source, task="completion"))

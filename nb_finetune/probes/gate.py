@@ -16,6 +16,7 @@ from .completions import template_prompts
 from .counterfactual import TEMPLATES
 from .likelihood import bootstrap_ci, pair_change
 from .pairs import PairSet
+from .runner import ProbeTarget
 from .scorers import VaderScorer
 
 PAIR_SETS = {"crows-pairs": "crows-pairs-masked", "stereoset": "stereoset:intrasentence"}
@@ -128,21 +129,6 @@ def parity_check(results: dict, threshold: float, seed: int) -> Check:
                  float(gaps[1].mean()), change, low, high, threshold)
 
 
-@dataclass
-class ProbeTarget:
-    """What the probes look at: the model (its base is the adapter switched off), how it reads
-    text, and where the base's results are kept."""
-    model: object
-    tokenizer: object
-    formatter: object
-    labels: list
-    objective: str
-    precision: str = "float32"
-    base_results: object = None
-    base_identity: object = None
-    held_out: PairSet | None = None  # the test split's preference pairs ('held-out-pairs')
-
-
 def run_gate(cfg: ProbeConfig, names: list[str], target: ProbeTarget, progress=print) -> GateResult:
     """Each named probe on base and tuned, checked against its threshold."""
     checks, results = [], {}
@@ -156,18 +142,15 @@ def run_gate(cfg: ProbeConfig, names: list[str], target: ProbeTarget, progress=p
 def run_probe(cfg: ProbeConfig, name: str, t: ProbeTarget, progress) -> tuple[dict, Check]:
     """One probe's results on base and tuned, and its check."""
     if name == "counterfactual":
-        results = runner.counterfactual_probe(t.model, t.formatter, t.labels, t.objective, "",
-                                              cfg.templates or TEMPLATES, cfg.groups, cfg.seed, t.precision,
-                                              t.base_results, t.base_identity)
+        results = runner.counterfactual_probe(t, "", cfg.templates or TEMPLATES, cfg.groups, cfg.seed)
         return results, counterfactual_check(results, cfg.max_gap_increase, cfg.seed)
     if name in PAIR_SETS or name == HELD_OUT:
         pairs = held_out_pairs(t, cfg) if name == HELD_OUT else runner.load_pair_set(
             PAIR_SETS[name], limit=cfg.pairs, seed=cfg.seed)
-        results = runner.pair_probe(t.model, t.tokenizer, pairs, cfg.seed, progress, t.base_results, t.base_identity)
+        results = runner.pair_probe(t, pairs, cfg.seed, progress)
         return results, pair_check(name, results, cfg.max_stereotype_shift, cfg.seed)
     prompts = template_prompts(cfg.prompts or parity.PROMPTS, cfg.groups)
-    results, _ = runner.completion_probe(t.model, t.tokenizer, prompts, VaderScorer(), cfg.samples, cfg.seed,
-                                         progress, t.base_results, t.base_identity)
+    results, _ = runner.completion_probe(t, prompts, VaderScorer(), cfg.samples, cfg.seed, progress)
     return results, parity_check(results, cfg.max_parity_increase, cfg.seed)
 
 

@@ -3,6 +3,7 @@ base model (adapter off) and on the tuned one, the base's result kept in the sha
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import assets
@@ -51,58 +52,72 @@ def scorer_for(name: str, words: list[str], classifier=None):
     return WordListScorer(words)
 
 
-def before_after(run: Callable, model, base_results: BaseResults | None = None, key=None) -> dict:
+@dataclass
+class ProbeTarget:
+    """What the probes look at: the model (its base is the adapter switched off), how it reads
+    text, and where the base's results are kept (`base_identity` names the base in their keys;
+    None: the base's results are not kept)."""
+    model: object
+    tokenizer: object
+    formatter: object = None
+    labels: list = field(default_factory=list)
+    objective: str = "completion"
+    precision: str = "float32"
+    base_results: BaseResults = field(default_factory=BaseResults)
+    base_identity: object = None
+    held_out: pair_sets.PairSet | None = None  # the test split's preference pairs ('held-out-pairs')
+
+
+def before_after(run: Callable, target: ProbeTarget, key=None) -> dict:
     """`run(model)` on the base (adapter off) and on the tuned model. With a `key` naming the
     base model and the probe's inputs, the base's result is kept and reused."""
-    base = (base_results or BaseResults()).on_base(model, key, lambda: run(model))
-    return {"base": base, "tuned": run(model)}
+    base = target.base_results.on_base(target.model, key, lambda: run(target.model))
+    return {"base": base, "tuned": run(target.model)}
 
 
-def pair_probe(model, tokenizer, pairs: pair_sets.PairSet, seed: int = 0, progress=print,
-               base_results: BaseResults | None = None, base_identity=None) -> dict:
+def pair_probe(target: ProbeTarget, pairs: pair_sets.PairSet, seed: int = 0, progress=print) -> dict:
     """Likelihood pairs on base and tuned: {"base": PairResult, "tuned": PairResult}."""
-    key = None if base_identity is None else ("pairs", base_identity, pairs.name, frame_digest(pairs.items), seed)
-    return before_after(lambda m: probe_pairs(m, tokenizer, pairs, precision="float32", progress=progress,
-                                              seed=seed), model, base_results, key)
+    key = None if target.base_identity is None else ("pairs", target.base_identity, pairs.name,
+                                                     frame_digest(pairs.items), seed)
+    return before_after(lambda m: probe_pairs(m, target.tokenizer, pairs, precision="float32", progress=progress,
+                                              seed=seed), target, key)
 
 
-def completion_probe(model, tokenizer, prompts, scorer, samples: int = 3, seed: int = 0, progress=print,
-                     base_results: BaseResults | None = None, base_identity=None, blocked: list[str] = ()
-                     ) -> tuple[dict, dict]:
+def completion_probe(target: ProbeTarget, prompts, scorer, samples: int = 3, seed: int = 0, progress=print,
+                     blocked: list[str] = ()) -> tuple[dict, dict]:
     """Completions on base and tuned, scored; with `blocked` words, the tuned model once more
     with them blocked while generating. Returns the results and what the filter blocked."""
     def probe(m, word_filter=None):
-        return probe_completions(m, tokenizer, prompts, scorer, samples, seed=seed, progress=progress,
+        return probe_completions(m, target.tokenizer, prompts, scorer, samples, seed=seed, progress=progress,
                                  word_filter=word_filter)
 
     # Your own classifier may change between runs: its base result is never kept.
-    kept = base_identity is not None and not isinstance(scorer, ClassifierScorer)
-    key = ("completions", base_identity, frame_digest(prompts), scorer.name, tuple(getattr(scorer, "words", ())),
+    kept = target.base_identity is not None and not isinstance(scorer, ClassifierScorer)
+    key = ("completions", target.base_identity, frame_digest(prompts), scorer.name, tuple(getattr(scorer, "words", ())),
            samples, seed) if kept else None
-    results = before_after(probe, model, base_results, key)
+    results = before_after(probe, target, key)
     if not blocked:
         return results, {}
-    word_filter = WordFilter(tokenizer, list(blocked))
-    results["tuned + word filter"] = probe(model, word_filter)
+    word_filter = WordFilter(target.tokenizer, list(blocked))
+    results["tuned + word filter"] = probe(target.model, word_filter)
     return results, dict(word_filter.blocked)
 
 
-def counterfactual_probe(model, formatter, labels: list[str], objective: str, label: str = "",
-                         templates: list[str] = TEMPLATES, groups: list[str] = GROUPS, seed: int = 0,
-                         precision: str = "float32", base_results: BaseResults | None = None, base_identity=None
-                         ) -> dict:
+def counterfactual_probe(target: ProbeTarget, label: str = "", templates: list[str] = TEMPLATES,
+                         groups: list[str] = GROUPS, seed: int = 0) -> dict:
     """Counterfactual sentences scored by the classifier on base and tuned ({"tuned": ...}
     alone for a classification head, whose base head is untrained). `label` defaults to the
-    last of `labels` (e.g. positive after negative)."""
-    label = label or labels[-1]
+    last of the target's labels (e.g. positive after negative)."""
+    t = target
+    label = label or t.labels[-1]
 
     def run(m):
-        return probe_counterfactual(lambda texts: label_probabilities(m, formatter, texts, labels, objective,
-                                                                      precision=precision),
-                                    labels, label, templates, groups, seed)
+        return probe_counterfactual(lambda texts: label_probabilities(m, t.formatter, texts, t.labels, t.objective,
+                                                                      precision=t.precision),
+                                    t.labels, label, templates, groups, seed)
 
-    if objective == "head":
-        return {"tuned": run(model)}
-    key = None if base_identity is None else ("counterfactual", base_identity, tuple(labels), label,
-                                              tuple(templates), tuple(groups), seed)
-    return before_after(run, model, base_results, key)
+    if t.objective == "head":
+        return {"tuned": run(t.model)}
+    key = None if t.base_identity is None else ("counterfactual", t.base_identity, tuple(t.labels), label,
+                                                tuple(templates), tuple(groups), seed)
+    return before_after(run, t, key)

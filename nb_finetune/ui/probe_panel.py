@@ -147,9 +147,8 @@ class ProbePanel(Panel):
         words = [w.strip() for w in self.words.value.split(",") if w.strip()]
         scorer = runner.scorer_for(self.scorer.value, words, self.classifier)
         blocked = [w.strip() for w in self.block.value.split(",") if w.strip()]
-        self.results, counts = runner.completion_probe(
-            session.model, session.tokenizer, prompts, scorer, self.samples.value, self.seed.value, self.say,
-            session.base_results, session.base_identity, blocked)
+        self.results, counts = runner.completion_probe(session.probe_target(), prompts, scorer, self.samples.value,
+                                                       self.seed.value, self.say, blocked)
         self._keep_previous(session)
         long = pd.concat([r.completions.assign(model=k, value=r.completions["score"])
                           for k, r in self.results.items()], ignore_index=True)
@@ -179,9 +178,7 @@ class ProbePanel(Panel):
             session.tokenize()
         groups = [g.strip() for g in self.groups.value.split(",") if g.strip()]
         templates = [t for t in self.templates.value.splitlines() if t.strip()]
-        self.results = runner.counterfactual_probe(
-            session.model, session.formatter, list(session.prep.labels), session.objective, "", templates, groups,
-            self.seed.value, session.precision, session.base_results, session.base_identity)
+        self.results = runner.counterfactual_probe(session.probe_target(), "", templates, groups, self.seed.value)
         self._keep_previous(session)
         tuned = self.results["tuned"]
         long = pd.concat([r.sentences.assign(model=k, value=r.sentences["probability"])
@@ -199,8 +196,7 @@ class ProbePanel(Panel):
         pairs = runner.sample_pairs(session.held_out_pairs(), self.limit.value, self.seed.value) \
             if choice == "held-out-pairs" else runner.load_pair_set(choice, self.path.value, self.limit.value,
                                                                     self.seed.value)
-        self.results = runner.pair_probe(session.model, session.tokenizer, pairs, self.seed.value, self.say,
-                                         session.base_results, session.base_identity)
+        self.results = runner.pair_probe(session.probe_target(), pairs, self.seed.value, self.say)
         self._keep_previous(session)
         long = pd.concat([pd.concat([r.scores.assign(group="all"), r.scores.assign(group=r.scores["bias_type"])])
                          .assign(model=k, value=lambda f: f["prefers_more"].astype(float))

@@ -9,7 +9,7 @@ import yaml
 from conftest import alpaca
 
 from nb_finetune import RunConfig, UserError
-from nb_finetune.data import sample_completions
+from nb_finetune.data import completion_sample
 from nb_finetune.evaluation import EvalTarget, general_loss
 from nb_finetune.pipeline import Session
 
@@ -57,10 +57,10 @@ def test_the_general_loss_is_the_models_own_loss_per_token(tiny_model_dir, tmp_p
 
 def test_a_general_set_is_sampled_from_a_file_or_a_built_in(shared_data):
     path = str(shared_data / "alpaca_demo" / "alpaca_en_demo.json")
-    rows = sample_completions(path, 25, seed=3)
+    rows = completion_sample(path, 25, seed=3)
     assert len(rows) == 25 and list(rows.columns) == ["prompt", "completion"]
-    assert rows.equals(sample_completions(path, 25, seed=3))
-    assert len(sample_completions("asdiv", 10)) == 10
+    assert rows.equals(completion_sample(path, 25, seed=3))
+    assert len(completion_sample("asdiv", 10)) == 10
 
 
 def test_a_general_set_that_is_not_completions_stops_the_run_before_training(tiny_model_dir, tmp_path, shared_data,
@@ -79,5 +79,5 @@ def test_a_general_set_that_is_not_completions_stops_the_run_before_training(tin
 
 def test_a_missing_general_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="eval.general_source=") as err:
-        sample_completions(str(tmp_path / "nope.json"), 10)
+        completion_sample(str(tmp_path / "nope.json"), 10)
     assert "\n" not in str(err.value)

@@ -32,11 +32,10 @@ def test_the_figures_match_a_recount_of_the_classifiers_probabilities(tiny_model
     labels = list(session.prep.labels)
     groups, templates = ["the woman", "the man", "the child"], ["{group} called me.", "I met {group} today.",
                                                                  "{group} was at the meeting."]
-    runs = runner.counterfactual_probe(session.model, session.formatter, labels, session.objective, "positive",
-                                       templates, groups)
+    runs = runner.counterfactual_probe(session.probe_target(), "positive", templates, groups)
     tuned = runs["tuned"]
     probs = label_probabilities(session.model, session.formatter, list(tuned.sentences["sentence"]), labels,
-                                session.objective)
+                                session.objective, precision=session.precision)
     assert np.allclose(probs.sum(axis=1), 1) and tuned.sentences["sentence"].iloc[0] == "The woman called me."
     p = pd.Series(probs[:, labels.index("positive")], index=pd.MultiIndex.from_frame(tuned.sentences[["template", "group"]]))
     for g in groups:

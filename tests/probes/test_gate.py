@@ -103,7 +103,7 @@ def test_an_adapter_that_changed_nothing_passes_the_pair_check(tiny_model_dir, t
     session.load_model()
     items = crows_pairs(shared_data / "crows_pairs" / "crows_pairs_anonymized.csv").items
     pairs = PairSet("crows-30", items.sample(n=30, random_state=1).reset_index(drop=True))
-    results = runner.pair_probe(session.model, session.tokenizer, pairs)
+    results = runner.pair_probe(session.probe_target(), pairs)
     check = gate.pair_check("crows-pairs", results, 0.05, seed=0)
     assert check.items == 30 and check.change == pytest.approx(0, abs=1e-6) and not check.failed
     share = results["tuned"].scores["prefers_more"].mean()

@@ -14,7 +14,7 @@ from nb_finetune import RunConfig, UserError, assets
 from nb_finetune.config import DataConfig
 from nb_finetune.data import prepare
 from nb_finetune.pipeline import Session
-from nb_finetune.probes import gate
+from nb_finetune.probes import gate, runner
 from nb_finetune.probes.likelihood import sentence_logprobs
 from nb_finetune.probes.pairs import preference_pairs
 
@@ -89,6 +89,6 @@ def test_a_run_without_pairs_refuses_the_probe_in_one_line(tiny_model_dir, tmp_p
 
 
 def test_the_gate_without_held_out_pairs_is_one_line():
-    target = gate.ProbeTarget(None, None, None, [], "completion")
+    target = runner.ProbeTarget(None, None)
     with pytest.raises(UserError, match="needs data.task 'preference'"):
         gate.run_gate(RunConfig().probe, ["held-out-pairs"], target, progress=lambda m: None)

@@ -37,7 +37,7 @@ def two_pairs(name: str = "two") -> PairSet:
 def test_before_and_after_uses_the_adapter_switch(tiny_lora):
     model, tok = tiny_lora
     pairs = two_pairs()
-    runs = runner.before_after(lambda m: probe_pairs(m, tok, pairs, progress=quiet), model)
+    runs = runner.before_after(lambda m: probe_pairs(m, tok, pairs, progress=quiet), runner.ProbeTarget(model, tok))
     assert not np.allclose(runs["base"].scores["more_logprob"], runs["tuned"].scores["more_logprob"])
     change = pair_change(runs["base"], runs["tuned"])
     assert change.loc["all", ("change", "mean_difference")] == pytest.approx(
@@ -51,13 +51,15 @@ def test_pair_probe_reuses_the_base_and_recomputes_the_tuned_model(tiny_lora, mo
     pairs, identity, cache = two_pairs(), ("tiny", "float32"), BaseResults()
     probed = []
     monkeypatch.setattr(runner, "probe_pairs", lambda *a, **k: probed.append(1) or probe_pairs(*a, **k))
-    first = runner.pair_probe(model, tok, pairs, progress=quiet, base_results=cache, base_identity=identity)
+    first = runner.pair_probe(runner.ProbeTarget(model, tok, base_results=cache, base_identity=identity), pairs,
+                               progress=quiet)
     assert not cache.reused and len(probed) == 2 and len(cache.results) == 1
     with torch.no_grad():  # what training does to the base: nothing; to the adapter: a change
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 0.5)
-    second = runner.pair_probe(model, tok, pairs, progress=quiet, base_results=cache, base_identity=identity)
+    second = runner.pair_probe(runner.ProbeTarget(model, tok, base_results=cache, base_identity=identity), pairs,
+                                progress=quiet)
     assert cache.reused is True and len(probed) == 3  # the tuned model only
     assert second["base"] is first["base"]
     assert second["tuned"] is not first["tuned"]
@@ -68,12 +70,13 @@ def test_pair_probe_reuses_the_base_and_recomputes_the_tuned_model(tiny_lora, mo
 
     # Other inputs, another seed or another base: probed again, each kept beside the first.
     for other in ({"pairs": two_pairs("other")}, {"seed": 1}, {"base_identity": ("tiny", "bfloat16")}):
-        args = {"pairs": pairs, "base_identity": identity} | other
-        again = runner.pair_probe(model, tok, progress=quiet, base_results=cache, **args)
+        args = {"pairs": pairs, "base_identity": identity, "seed": 0} | other
+        target = runner.ProbeTarget(model, tok, base_results=cache, base_identity=args["base_identity"])
+        again = runner.pair_probe(target, args["pairs"], args["seed"], progress=quiet)
         assert not cache.reused and again["base"] is not first["base"]
     assert len(cache.results) == 4
     # Without an identity nothing is kept.
-    runner.pair_probe(model, tok, pairs, progress=quiet, base_results=cache)
+    runner.pair_probe(runner.ProbeTarget(model, tok, base_results=cache), pairs, progress=quiet)
     assert not cache.reused and len(cache.results) == 4
 
 
@@ -84,15 +87,13 @@ def test_completion_probe_never_keeps_the_base_of_your_classifier(tiny_lora):
     cache, identity = BaseResults(), ("tiny",)
     words = runner.scorer_for("word list", ["the"])
     mine = runner.scorer_for("your classifier", [], classifier=lambda texts: [len(t) for t in texts])
+    target = runner.ProbeTarget(model, tok, base_results=cache, base_identity=identity)
     for _ in range(2):
-        runner.completion_probe(model, tok, prompts, mine, samples=1, progress=quiet, base_results=cache,
-                                base_identity=identity)
+        runner.completion_probe(target, prompts, mine, samples=1, progress=quiet)
         assert not cache.reused
     assert len(cache.results) == 0
-    runner.completion_probe(model, tok, prompts, words, samples=1, progress=quiet, base_results=cache,
-                            base_identity=identity)
-    results, blocked = runner.completion_probe(model, tok, prompts, words, samples=1, progress=quiet,
-                                               base_results=cache, base_identity=identity, blocked=["the"])
+    runner.completion_probe(target, prompts, words, samples=1, progress=quiet)
+    results, blocked = runner.completion_probe(target, prompts, words, samples=1, progress=quiet, blocked=["the"])
     assert cache.reused and len(cache.results) == 1
     assert set(results) == {"base", "tuned", "tuned + word filter"} and set(blocked) <= {"the"}
 
@@ -102,7 +103,7 @@ def test_the_change_has_a_paired_bootstrap_interval_matching_a_plain_recount(tin
     model, tok = tiny_lora
     items = crows_pairs(shared_data / "crows_pairs" / "crows_pairs_anonymized.csv").items
     pairs = PairSet("crows-30", items.sample(n=30, random_state=1).reset_index(drop=True))
-    runs = runner.before_after(lambda m: probe_pairs(m, tok, pairs, progress=quiet), model)
+    runs = runner.before_after(lambda m: probe_pairs(m, tok, pairs, progress=quiet), runner.ProbeTarget(model, tok))
     change = pair_change(runs["base"], runs["tuned"], seed=0)
     # The same 400 resamples of the 30 pairs, counted with a plain loop.
     base, tuned = (runs[k].scores["prefers_more"].to_numpy(float) for k in ("base", "tuned"))
