@@ -61,6 +61,29 @@ def history(margins, chosen, rejected, logp_chosen):
                          "logp_chosen": logp_chosen})
 
 
+@pytest.mark.slow
+def test_the_debias_preset_probes_its_held_out_pairs_beside_the_general_loss(tmp_path):
+    """`nb-finetune run --preset debias-dpo`, shortened: StereoSet pairs, DPO, the probe on the
+    held-out pairs only, the gate's verdict, and the general-set loss of base and tuned."""
+    out = tmp_path / "debias"
+    sets = {"data.max_rows": 80, "train.max_steps": 3, "train.eval_steps": 3, "train.output_dir": str(out),
+            "eval.general_rows": 6, "eval.num_samples": 1, "eval.max_new_tokens": 4, "train.max_length": 64}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    done = subprocess.run([sys.executable, "-m", "nb_finetune.cli", "run", "--preset", "debias-dpo", *args],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert done.returncode in (0, 3), done.stderr[-2000:]  # 3: the gate failed, a verdict, not an error
+    report = json.loads((out / "report.json").read_text())
+    test_pairs = report["data_report"]["split_sizes"]["test"]
+    check = report["bias_gate"]["checks"][0]
+    assert check["probe"] == "held-out-pairs" and check["items"] == test_pairs == 20
+    assert ("bias gate failed" if done.returncode == 3 else "bias gate passed") in done.stdout
+    metrics = {row["model"]: row for row in report["test_metrics"]}
+    for name in ("tuned", "base"):
+        assert metrics[name]["pairs"] == test_pairs
+        assert metrics[name]["general_loss_low"] <= metrics[name]["general_loss"] <= metrics[name]["general_loss_high"]
+    assert metrics["tuned"]["general_loss"] != metrics["base"]["general_loss"]
+
+
 def test_diagnosis_names_margins_that_grow_while_both_rewards_fall():
     h = history(np.linspace(0, 2, 8), np.linspace(0, -3, 8), np.linspace(0, -5, 8), np.full(8, -40.0))
     assert diagnose(h).startswith("preference: the margin grew")
