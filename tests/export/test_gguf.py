@@ -16,15 +16,21 @@ from nb_finetune import RunConfig, UserError
 from nb_finetune.export import export_gguf, gguf_export, gguf_file, gguf_layout, merge, modelfile, roundtrip
 
 
-def make_adapter(base_dir, folder, seed=0, targets=("q_proj", "k_proj", "v_proj", "down_proj")):
-    """A LoRA adapter with random (non-zero) weights, so the merge changes the model."""
+def make_adapter(base_dir, folder, seed=0, targets=("q_proj", "k_proj", "v_proj", "down_proj"), b_scale=1.0):
+    """A LoRA adapter with random (non-zero) weights, so the merge changes the model; `b_scale`
+    shrinks peft's random B (see test_gguf_families.ADAPTER_B_SCALE)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets if isinstance(targets, str) else list(targets),
                       init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(folder)
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(b_scale)
+    peft_model.save_pretrained(folder)
     return folder
 
 
