@@ -43,7 +43,7 @@ def test_every_family_through_llama_cpp(model_type, tokenizer, tmp_path):
     adapter = make_adapter(base, tmp_path / "adapter", targets="all-linear", b_scale=ADAPTER_B_SCALE)
     result = export_gguf(config_for(base), adapter, tmp_path / "out", "f16", progress=lambda m: None)
     [check] = result.roundtrip.others
-    print(model_type, check.summary())
+    print(model_type, result.roundtrip.summary())
     assert check.reader == "llama.cpp" and check.ok and check.top1_same == check.clear > 0
 
 
