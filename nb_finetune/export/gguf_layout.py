@@ -1,8 +1,8 @@
 """How each transformers family is laid out in a GGUF file, after llama.cpp's convert_hf_to_gguf.py:
 the GGUF architecture, tensor names (the `gguf` package's own name map), which families get Q/K
-rows permuted to llama.cpp's rotary layout, Gemma's norm offset, and the hyperparameters each
-family's llama.cpp graph reads. One table both ways: the writer applies it, the round trip's
-GGUF reader undoes it.
+rows permuted to llama.cpp's rotary layout, Gemma's norm offset, where a tied output layer must
+be written anyway, and the settings llama.cpp cannot run. One table both ways: the writer applies
+it, the round trip's GGUF reader undoes it.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from ..errors import UserError
 class Family:
     arch: str  # the GGUF architecture (general.architecture)
     # HF keeps each head's rotary halves apart (rotate_half); llama.cpp's "normal" rope wants them
-    # interleaved in pairs. Families llama.cpp runs with NEOX rope (Qwen, Phi-3, Gemma, OLMo2) stay;
-    # OLMo2's Q/K norms span all heads, so they would have to follow a permutation: none is made.
+    # interleaved in pairs. Families llama.cpp runs with NEOX rope (Qwen, Phi-3, Gemma, OLMo2) stay
+    # (OLMo2's Q/K norms span all heads, so they too stay as they are).
     permute_qk: bool = False
     # Gemma's RMSNorm scales by (1 + weight); llama.cpp multiplies by the stored weight.
     norm_shift: float = 0.0
@@ -125,9 +125,9 @@ def prepared_tensors(model, names=None):
     """(GGUF name, float32 array) for every tensor of `model`, in llama.cpp's layout."""
     cfg = model.config
     fam, names = family(cfg), names or name_map(cfg)
-    tied = output_left_out(cfg)
+    leave_output = output_left_out(cfg)
     for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
+        if leave_output and name == "lm_head.weight":
             continue
         w = tensor.detach().float().cpu().numpy()
         yield tensor_name(name, names), to_gguf(name, w, cfg, fam)
