@@ -122,7 +122,7 @@ def test_unknown_quant_and_unsupported_architecture(tiny_model_dir, tiny_adapter
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UserError, match=r"not supported yet: gpt2 \(supported: gemma2, gemma3_text, granite, llama, "
-                                        r"mistral, phi3, qwen2, qwen3\)"):
+                                        r"mistral, olmo2, phi3, qwen2, qwen3, smollm3\)"):
         export_gguf(config_for(tmp_path / "gpt2"), tiny_adapter, tmp_path / "out", "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
