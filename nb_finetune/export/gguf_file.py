@@ -65,10 +65,10 @@ def estimated_bytes(model, quant: str) -> int:
     values in 34 bytes, Q4_0 in 18)."""
     per_value = {"F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
     total = 0.0
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    leave_output = gguf_layout.output_left_out(model.config)
     names = name_map(model.config)
     for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
+        if leave_output and name == "lm_head.weight":
             continue
         gname = gguf_layout.tensor_name(name, names)
         total += tensor.numel() * per_value[storage_type(gname, tuple(tensor.shape), quant).name]

@@ -1,8 +1,8 @@
 """How each transformers family is laid out in a GGUF file, after llama.cpp's convert_hf_to_gguf.py:
 the GGUF architecture, tensor names (the `gguf` package's own name map), which families get Q/K
-rows permuted to llama.cpp's rotary layout, Gemma's norm offset, and the hyperparameters each
-family's llama.cpp graph reads. One table both ways: the writer applies it, the round trip's
-GGUF reader undoes it.
+rows permuted to llama.cpp's rotary layout, Gemma's norm offset, where a tied output layer must
+be written anyway, and the settings llama.cpp cannot run. One table both ways: the writer applies
+it, the round trip's GGUF reader undoes it.
 """
 from __future__ import annotations
 
@@ -17,10 +17,14 @@ from ..errors import UserError
 class Family:
     arch: str  # the GGUF architecture (general.architecture)
     # HF keeps each head's rotary halves apart (rotate_half); llama.cpp's "normal" rope wants them
-    # interleaved in pairs. Families llama.cpp runs with NEOX rope (Qwen, Phi-3, Gemma) stay.
+    # interleaved in pairs. Families llama.cpp runs with NEOX rope (Qwen, Phi-3, Gemma, OLMo2) stay
+    # (OLMo2's Q/K norms span all heads, so they too stay as they are).
     permute_qk: bool = False
     # Gemma's RMSNorm scales by (1 + weight); llama.cpp multiplies by the stored weight.
     norm_shift: float = 0.0
+    # llama.cpp's graph has no fallback to the embedding for a missing output layer (OLMo2), so a
+    # tied one is written out as well.
+    output_required: bool = False
 
 
 FAMILIES = {
@@ -30,11 +34,13 @@ FAMILIES = {
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3"),
     "phi3": Family("phi3"),
+    "olmo2": Family("olmo2", output_required=True),
+    "smollm3": Family("smollm3", permute_qk=True),
     "gemma2": Family("gemma2", norm_shift=1.0),
     "gemma3_text": Family("gemma3", norm_shift=1.0),
 }
-# Written once and left out: llama.cpp refused our SmolLM3 files, and OLMo2's logits came back
-# just past the f16 bound, which points at a layout detail still wrong.
+# llama.cpp's SmolLM3 graph leaves rotary out of every 4th layer, whatever the file says.
+SMOLLM3_NOPE_STEP = 4
 
 
 def family(config) -> Family:
@@ -43,7 +49,7 @@ def family(config) -> Family:
     if fam is None:
         raise UserError(f"GGUF export: not supported yet: {config.model_type} "
                         f"(supported: {', '.join(sorted(FAMILIES))})")
-    for problem in (rope_problem(config), gemma_problem(config)):
+    for problem in (rope_problem(config), gemma_problem(config), smollm3_problem(config)):
         if problem:
             raise UserError(f"GGUF export: not supported yet: {problem} in {config.model_type}")
     return fam
@@ -68,6 +74,15 @@ def gemma_problem(config) -> str:
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if config.model_type.startswith("gemma") and scalar is not None and scalar != config.head_dim:
         return f"query_pre_attn_scalar {scalar} other than head_dim {config.head_dim}"
+    return ""
+
+
+def smollm3_problem(config) -> str:
+    if config.model_type != "smollm3":
+        return ""
+    expected = [int((i + 1) % SMOLLM3_NOPE_STEP != 0) for i in range(config.num_hidden_layers)]
+    if list(config.no_rope_layers) != expected:
+        return f"no_rope_layers other than every {SMOLLM3_NOPE_STEP}th layer"
     return ""
 
 
@@ -101,13 +116,18 @@ def to_gguf(name: str, w: np.ndarray, config, fam: Family) -> np.ndarray:
     return w
 
 
+def output_left_out(config) -> bool:
+    """A tied output layer is left out where llama.cpp reuses the embedding for it."""
+    return bool(getattr(config, "tie_word_embeddings", False)) and not family(config).output_required
+
+
 def prepared_tensors(model, names=None):
     """(GGUF name, float32 array) for every tensor of `model`, in llama.cpp's layout."""
     cfg = model.config
     fam, names = family(cfg), names or name_map(cfg)
-    tied = getattr(cfg, "tie_word_embeddings", False)
+    leave_output = output_left_out(cfg)
     for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output.weight is absent
+        if leave_output and name == "lm_head.weight":
+            continue
         w = tensor.detach().float().cpu().numpy()
         yield tensor_name(name, names), to_gguf(name, w, cfg, fam)

@@ -16,15 +16,21 @@ from nb_finetune import RunConfig, UserError
 from nb_finetune.export import export_gguf, gguf_export, gguf_file, gguf_layout, merge, modelfile, roundtrip
 
 
-def make_adapter(base_dir, folder, seed=0, targets=("q_proj", "k_proj", "v_proj", "down_proj")):
-    """A LoRA adapter with random (non-zero) weights, so the merge changes the model."""
+def make_adapter(base_dir, folder, seed=0, targets=("q_proj", "k_proj", "v_proj", "down_proj"), b_scale=1.0):
+    """A LoRA adapter with random (non-zero) weights, so the merge changes the model; `b_scale`
+    shrinks peft's random B (see test_gguf_families.ADAPTER_B_SCALE)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets if isinstance(targets, str) else list(targets),
                       init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(folder)
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(b_scale)
+    peft_model.save_pretrained(folder)
     return folder
 
 
@@ -116,7 +122,7 @@ def test_unknown_quant_and_unsupported_architecture(tiny_model_dir, tiny_adapter
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UserError, match=r"not supported yet: gpt2 \(supported: gemma2, gemma3_text, granite, llama, "
-                                        r"mistral, phi3, qwen2, qwen3\)"):
+                                        r"mistral, olmo2, phi3, qwen2, qwen3, smollm3\)"):
         export_gguf(config_for(tmp_path / "gpt2"), tiny_adapter, tmp_path / "out", "f16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 

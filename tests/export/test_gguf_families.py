@@ -22,13 +22,19 @@ from nb_finetune.export import export_gguf, gguf_export, gguf_file, gguf_layout,
 # attention scale is 1/sqrt(head_dim) in llama.cpp, and transformers' GGUF loader assumes a
 # query_pre_attn_scalar of 256 (the real Gemmas' head size) and for Qwen3 the head size 128 (it
 # does not read the file's); SmolLM3 gets 4 layers so one goes
-# without rotary; Granite's multipliers away from 1 so a lost one shows.
+# without rotary, as llama.cpp leaves it out of every 4th; Granite's multipliers away from 1 so a
+# lost one shows.
 SETTINGS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
             "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256},
             "qwen3": {"head_dim": 128}, "smollm3": {"num_hidden_layers": 4},
             "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 1 / 16,
                         "logits_scaling": 8.0}}
 FAMILIES = sorted(gguf_layout.FAMILIES)
+# peft's random B (init_lora_weights=False) is as large as A, which makes an all-linear adapter's
+# change about 4 times the tiny model's own weights: the model is then so sensitive that rounding
+# its weights to f16 alone moves OLMo2's logits past the 1% bound (in transformers, on the file's
+# own weights). A quarter of it changes the model about as much as its weights are large.
+ADAPTER_B_SCALE = 0.25
 GEMMA_TOKENIZER = Path.home() / ".cache" / "nb_finetune" / "models" / "gemma3-270m"
 
 
@@ -74,7 +80,9 @@ def test_every_tensor_has_a_gguf_name_and_the_layout_inverts(model_type, tokeniz
     config = tiny_config(model_type, tokenizer)
     model = AutoModelForCausalLM.from_config(config)
     names = [n for n, _ in gguf_layout.prepared_tensors(model)]
-    assert len(names) == len(set(names)) and "token_embd.weight" in names and "output.weight" not in names
+    assert len(names) == len(set(names)) and "token_embd.weight" in names
+    # A tied output layer is left out, but llama.cpp's OLMo2 graph has no fallback to the embedding.
+    assert ("output.weight" in names) == (model_type == "olmo2")
     fam = gguf_layout.family(config)
     for name, tensor in model.state_dict().items():
         w = torch.randn(tensor.shape).numpy()
@@ -90,6 +98,7 @@ def test_every_tensor_has_a_gguf_name_and_the_layout_inverts(model_type, tokeniz
     ("gemma3_text", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 other than head_dim 256 in gemma3_text"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
      "rope scaling 'linear' in llama"),
+    ("smollm3", {"no_rope_layers": [1, 1, 1, 1]}, "no_rope_layers other than every 4th layer in smollm3"),
 ])
 def test_settings_llama_cpp_cannot_run_are_refused(model_type, overrides, says, tokenizer):
     with pytest.raises(UserError, match=f"^GGUF export: not supported yet: {says}$"):
@@ -100,7 +109,7 @@ def test_settings_llama_cpp_cannot_run_are_refused(model_type, overrides, says, 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_family_round_trip(model_type, tokenizer, tmp_path):
     base = tiny_family(model_type, tokenizer, tmp_path / "base")
-    adapter = make_adapter(base, tmp_path / "adapter", targets="all-linear")
+    adapter = make_adapter(base, tmp_path / "adapter", targets="all-linear", b_scale=ADAPTER_B_SCALE)
     result = export_gguf(config_for(base), adapter, tmp_path / "out", "f16", progress=lambda m: None)
     check = result.roundtrip
     print(model_type, check.summary())

@@ -6,7 +6,7 @@ transformers alone."""
 import pytest
 import test_gguf_families
 from test_gguf import config_for, make_adapter
-from test_gguf_families import FAMILIES, tiny_family
+from test_gguf_families import ADAPTER_B_SCALE, FAMILIES, tiny_family
 
 from nb_finetune.export import export_gguf, roundtrip
 
@@ -40,10 +40,10 @@ def test_every_family_through_llama_cpp(model_type, tokenizer, tmp_path):
     """llama.cpp runs each family's file like transformers runs the merged model."""
     pytest.importorskip("llama_cpp")
     base = tiny_family(model_type, tokenizer, tmp_path / "base")
-    adapter = make_adapter(base, tmp_path / "adapter", targets="all-linear")
+    adapter = make_adapter(base, tmp_path / "adapter", targets="all-linear", b_scale=ADAPTER_B_SCALE)
     result = export_gguf(config_for(base), adapter, tmp_path / "out", "f16", progress=lambda m: None)
     [check] = result.roundtrip.others
-    print(model_type, check.summary())
+    print(model_type, result.roundtrip.summary())
     assert check.reader == "llama.cpp" and check.ok and check.top1_same == check.clear > 0
 
 
