@@ -1,6 +1,7 @@
 """Runs: the runs in a folder, this session's or an earlier one's, side by side. A sortable
 table (what each changed against a baseline run, its final figures, how it ended), the chosen
-runs' curves in one plot, the config diff of two runs, and for one run: load its settings into
+runs' curves in one plot (the loss, or preference runs' reward margin or accuracy), the config
+diff of two runs, and for one run: load its settings into
 every panel, resume it when it was stopped, or delete it (after a confirmation). Below, a small
 sweep over a grid of settings, run after run, each listed here as it finishes.
 
@@ -64,8 +65,8 @@ class RunsPanel(Panel):
         self._build_sweep()
         self.children = [widgets.HBox([self.folder, self.refresh_button, self.count]), self.status, self.error,
                          self.warnings, widgets.HBox([self.sort, self.ascending, self.baseline]), self.table,
-                         self.chosen, self.plot, widgets.HBox([self.selected, self.load_button, self.resume_button,
-                                                               self.delete_button]),
+                         widgets.HBox([self.chosen, self.curve]), self.plot,
+                         widgets.HBox([self.selected, self.load_button, self.resume_button, self.delete_button]),
                          self.confirm, self.diff, self.sweep_box]
         self.shared.observe(self._on_event)
         self.run_action(None, self.refresh)
@@ -87,12 +88,16 @@ class RunsPanel(Panel):
         self.table = widgets.HTML()
         self.chosen = widgets.SelectMultiple(options=[], description="curves of", rows=4, style=STYLE,
                                              layout=widgets.Layout(width="520px"))
+        self.curve = widgets.Dropdown(options=[(name.replace("_", " "), name) for name in runs.CURVES],
+                                      value="loss", description="curve", style=STYLE,
+                                      layout=widgets.Layout(width="260px"))
         self.plot = Picture("The chosen runs' training and validation curves appear here.")
         self.table.add_class("nbft-runs-table")
         self.plot.image.add_class("nbft-runs-plot")
         self.folder.observe(lambda c: self.run_action(None, self.refresh), names="value")
         for control, redraw in ((self.sort, self.show_table), (self.ascending, self.show_table),
-                                (self.baseline, self.show_all), (self.chosen, self.show_curves)):
+                                (self.baseline, self.show_all), (self.chosen, self.show_curves),
+                                (self.curve, self.show_curves)):
             control.observe(lambda c, redraw=redraw: self._redraw(redraw), names="value")
 
     def _build_actions(self) -> None:
@@ -197,6 +202,8 @@ class RunsPanel(Panel):
         else:
             frame = frame.sort_values(self.sort.value, ascending=self.ascending.value, na_position="last",
                                       kind="stable")
+        if (frame["method"].fillna("sft") == "sft").all():  # no preference run: its columns would be empty
+            frame = frame.drop(columns=runs.PREFERENCE_COLUMNS)
         rows = frame["status"].map(lambda s: ROW_CLASS.get(s, "ok"))
         self.table.value = tables.table_html(frame.reset_index(drop=True), row_class=rows.reset_index(drop=True))
 
@@ -206,7 +213,9 @@ class RunsPanel(Panel):
             self.figure = None
             self.plot.clear()
             return
-        self.figure = figures.runs_figure(runs.curves(chosen, self.by_name(self.baseline.value)))
+        value = self.curve.value
+        self.figure = figures.runs_figure(runs.curves(chosen, self.by_name(self.baseline.value), value),
+                                          f"{value.replace('_', ' ')} of each run", value)
         self.plot.show(self.figure)
 
     def show_selected(self) -> None:
