@@ -63,37 +63,42 @@ def history_figure(history: pd.DataFrame, title: str = "") -> Figure:
 def preference_history_figure(history: pd.DataFrame, title: str = "") -> Figure:
     """A preference run's curves against step: the loss; the chosen and rejected rewards and their
     margin; the preference (reward) accuracy. Solid lines are the training logs, dashed lines
-    with points the validations."""
-    fig, (loss_ax, reward_ax, acc_ax) = _figure(11.0, 3.0, cols=3)
+    with points the validations; one legend below names the colours and the two styles."""
+    from matplotlib.lines import Line2D
+    fig, (loss_ax, reward_ax, acc_ax) = _figure(11.0, 3.3, cols=3)
+    rewards = [("reward_chosen", "chosen", COLORS["accuracy"]), ("reward_rejected", "rejected", COLORS["validation"]),
+               ("reward_margin", "margin", MARGIN_COLOR)]
     panels = [(loss_ax, [("loss", "loss", COLORS["train"])], title or "loss"),
-              (reward_ax, [("reward_chosen", "chosen", COLORS["accuracy"]),
-                           ("reward_rejected", "rejected", COLORS["validation"]),
-                           ("reward_margin", "margin", COLORS["train"])], "rewards (chosen - rejected: margin)"),
+              (reward_ax, rewards, "rewards: chosen, rejected, margin"),
               (acc_ax, [("reward_accuracy", "accuracy", COLORS["accuracy"])], "preference accuracy")]
     for ax, lines, heading in panels:
-        for column, label, color in lines:
-            _plot_split(ax, history, column, label, color, len(lines) > 1)
+        for column, _, color in lines:
+            _plot_split(ax, history, column, color)
         ax.set(xlabel="step", title=heading)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        if ax.lines:
-            ax.legend(loc="best", frameon=False, fontsize=7)
     reward_ax.axhline(0, color=COLORS["base"], linewidth=0.8)
     acc_ax.set(ylim=(-0.02, 1.02))
+    handles = [Line2D([], [], color=color, label=label) for _, label, color in rewards]
+    handles += [Line2D([], [], color="#444", label="training"),
+                Line2D([], [], color="#444", linestyle="--", marker="o", markersize=4, label="validation")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8)
     if not len(history):
         loss_ax.text(0.5, 0.5, "waiting for the first step", ha="center", va="center",
                      transform=loss_ax.transAxes, color="gray")
     return fig
 
 
-def _plot_split(ax, history: pd.DataFrame, column: str, label: str, color: str, named: bool) -> None:
+MARGIN_COLOR = "#9467bd"
+
+
+def _plot_split(ax, history: pd.DataFrame, column: str, color: str) -> None:
     """One quantity's training line and its validation points (the history's val_ column)."""
     train_col = "train_loss" if column == "loss" else column
     for name, col, style in (("training", train_col, "-"), ("validation", f"val_{column}", "o--")):
         if col in history and history[col].notna().any():
             part = history.dropna(subset=[col])
-            ax.plot(part["step"], part[col], style, color=color, markersize=4,
-                    label=f"{label} ({name})" if named else name)
+            ax.plot(part["step"], part[col], style, color=color, markersize=4, label=f"{column} ({name})")
 
 
 # -- data --------------------------------------------------------------------------------

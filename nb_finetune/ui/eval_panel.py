@@ -46,13 +46,22 @@ class EvalPanel(Panel):
         self.generate_button = self.button("Generate: base vs tuned", self.generate_for_prompt, "", "comments")
         self.generated = widgets.HTML()
         self.shared.observe(self._on_event)
+        self._fit_task()
         self.children = [self.forms[0].widget, widgets.HBox([self.evaluate_button, self.after_training]),
                          self.status, self.error, self.warnings, self.note, self.metrics, self.confusion,
                          self.margins, self.instruction, self.errors, self.samples, widgets.HTML("<b>your prompt</b>"),
                          widgets.HBox([self.prompt, self.generate_button]), self.generated]
         self.children = list(self.children) + self.playground()
 
+    def _fit_task(self) -> None:
+        """Only the picture the task has: a confusion matrix for labels, the margins for pairs."""
+        pairs = self.shared.get("data.task") == "preference"
+        self.confusion.layout.display = "none" if pairs else ""
+        self.margins.layout.display = "" if pairs else "none"
+
     def _on_event(self, event: str) -> None:
+        if event == "config":
+            self._fit_task()
         # Runs on the thread that finished training: the test stays off the main thread too.
         if event == "train" and self.after_training.value:
             self.run_action(self.evaluate_button, self.evaluate)

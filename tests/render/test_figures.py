@@ -77,13 +77,16 @@ def test_preference_curves_show_rewards_margin_and_accuracy_for_training_and_val
     history["val_loss"] = np.where(steps % 3 == 0, 0.69, np.nan)
     for name in ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"):
         history[f"val_{name}"] = np.where(steps % 3 == 0, history[name], np.nan)
-    loss_ax, reward_ax, acc_ax = figures.preference_history_figure(history).axes
-    labels = [t.get_text() for t in reward_ax.get_legend().get_texts()]
-    assert labels == [f"{side} ({split})" for side in ("chosen", "rejected", "margin")
-                      for split in ("training", "validation")]
-    margin = next(line for line in reward_ax.get_lines() if line.get_label() == "margin (validation)")
+    fig = figures.preference_history_figure(history)
+    loss_ax, reward_ax, acc_ax = fig.axes
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["chosen", "rejected", "margin", "training",
+                                                                  "validation"]
+    assert [line.get_label() for line in reward_ax.get_lines()][:6] == [
+        f"reward_{side} ({split})" for side in ("chosen", "rejected", "margin") for split in ("training", "validation")]
+    margin = next(line for line in reward_ax.get_lines() if line.get_label() == "reward_margin (validation)")
     assert list(margin.get_xdata()) == [3, 6] and np.allclose(margin.get_ydata(), [0.6, 1.2])
-    assert [t.get_text() for t in acc_ax.get_legend().get_texts()] == ["training", "validation"]
+    assert [line.get_label() for line in acc_ax.get_lines()] == ["reward_accuracy (training)",
+                                                                 "reward_accuracy (validation)"]
     assert acc_ax.get_ylim()[1] > 1 and loss_ax.get_title() == "loss"
 
 

@@ -129,6 +129,7 @@ def test_train_panel_offers_the_method_and_draws_the_reward_curves(tiny_model_di
     assert metrics[0][2] == (f"{result.loc['tuned', 'preference_accuracy']:.3f} [{result.loc['tuned', 'accuracy_low']:.3f}"
                              f", {result.loc['tuned', 'accuracy_high']:.3f}]")
     assert ev.margins.shown and ev.margins.value.startswith(PNG)
+    assert ev.confusion.layout.display == "none"  # pairs have no confusion matrix: not even its hint
     assert "base and tuned side by side (reference: the chosen answer)" in ev.samples.value
     # The playground answers with the base and the tuned model.
     ev.message.value = "Write a positive review sentence."
