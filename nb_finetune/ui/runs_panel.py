@@ -41,6 +41,16 @@ def resumable(run: runs.Run | None) -> bool:
     return run is not None and run.status in RESUMABLE and checkpoint(run) is not None
 
 
+def without_empty(frame):
+    """The table less the columns that say nothing for these runs: the preference columns where no
+    run is a preference run, and the bias gate's where no run was probed (a narrower table)."""
+    if (frame["method"].fillna("sft") == "sft").all():
+        frame = frame.drop(columns=runs.PREFERENCE_COLUMNS)
+    if (frame["bias_gate"].fillna("") == "").all():
+        frame = frame.drop(columns=["bias_gate"])
+    return frame
+
+
 class RunsPanel(Panel):
     """`folder`: where the runs are (default: the folder above train.output_dir, so every run
     made from these settings, and a sweep's, is listed). `foreground`: run a sweep on the main
@@ -85,7 +95,7 @@ class RunsPanel(Panel):
                                           layout=widgets.Layout(width="110px"))
         self.baseline = widgets.Dropdown(options=[], description="baseline", style=STYLE,
                                          layout=widgets.Layout(width="420px"))
-        self.table = widgets.HTML()
+        self.table = widgets.HTML(layout=widgets.Layout(overflow_x="auto"))  # a wide table scrolls, not spills
         self.chosen = widgets.SelectMultiple(options=[], description="curves of", rows=4, style=STYLE,
                                              layout=widgets.Layout(width="520px"))
         self.curve = widgets.Dropdown(options=[(name.replace("_", " "), name) for name in runs.CURVES],
@@ -202,8 +212,7 @@ class RunsPanel(Panel):
         else:
             frame = frame.sort_values(self.sort.value, ascending=self.ascending.value, na_position="last",
                                       kind="stable")
-        if (frame["method"].fillna("sft") == "sft").all():  # no preference run: its columns would be empty
-            frame = frame.drop(columns=runs.PREFERENCE_COLUMNS)
+        frame = without_empty(frame)
         rows = frame["status"].map(lambda s: ROW_CLASS.get(s, "ok"))
         self.table.value = tables.table_html(frame.reset_index(drop=True), row_class=rows.reset_index(drop=True))
 
