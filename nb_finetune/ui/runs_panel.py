@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import ipywidgets as widgets
+import pandas as pd
 
 from .. import runs, sweep
 from ..errors import UserError
@@ -41,14 +42,19 @@ def resumable(run: runs.Run | None) -> bool:
     return run is not None and run.status in RESUMABLE and checkpoint(run) is not None
 
 
-def without_empty(frame):
-    """The table less the columns that say nothing for these runs: the preference columns where no
-    run is a preference run, and the bias gate's where no run was probed (a narrower table)."""
+def compact(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table as the panel shows it, narrower: no preference columns where no run is a
+    preference run, no bias gate's where no run was probed, one test figure named in its header
+    where every run has the same one, and seconds and tokens/s as whole numbers."""
     if (frame["method"].fillna("sft") == "sft").all():
         frame = frame.drop(columns=runs.PREFERENCE_COLUMNS)
     if (frame["bias_gate"].fillna("") == "").all():
         frame = frame.drop(columns=["bias_gate"])
-    return frame
+    metrics = set(frame["test_metric"])
+    if len(metrics) == 1 and "" not in metrics:
+        frame = frame.rename(columns={"test": f"test {metrics.pop().replace('_', ' ')}"}).drop(columns="test_metric")
+    whole = {c: frame[c].map(lambda v: "" if pd.isna(v) else f"{v:,.0f}") for c in ("seconds", "tokens_per_s")}
+    return frame.assign(**whole)
 
 
 class RunsPanel(Panel):
@@ -212,7 +218,7 @@ class RunsPanel(Panel):
         else:
             frame = frame.sort_values(self.sort.value, ascending=self.ascending.value, na_position="last",
                                       kind="stable")
-        frame = without_empty(frame)
+        frame = compact(frame)
         rows = frame["status"].map(lambda s: ROW_CLASS.get(s, "ok"))
         self.table.value = tables.table_html(frame.reset_index(drop=True), row_class=rows.reset_index(drop=True))
 

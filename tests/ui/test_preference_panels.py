@@ -171,7 +171,7 @@ def test_a_beta_sweep_from_the_runs_panel_compares_dpo_runs(tiny_model_dir, tmp_
     assert set(rows) == {"run-sweep/beta=0.1", "run-sweep/beta=0.5"}
     assert {r["beta"] for r in rows.values()} == {"0.100", "0.500"} and {r["method"] for r in rows.values()} == {"dpo"}
     for row in rows.values():
-        assert row["test_metric"] == "preference_accuracy" and 0 <= float(row["test"]) <= 1
+        assert 0 <= float(row["test preference accuracy"]) <= 1  # the one test figure, named in the header
         assert row["reward_margin"] != ""
     panel.curve.value = "reward_margin"
     assert panel.figure is not None and panel.figure.axes[0].get_ylabel() == "reward margin"
