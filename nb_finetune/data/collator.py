@@ -180,3 +180,46 @@ def batch_padding(lengths: list[int], batch_size: int, pad_to_multiple_of: int =
     return {"rows": len(lengths), "tokens": real, "padding_share": 1 - real / plain if plain else 0.0,
             "padding_share_rounded": 1 - real / rounded if rounded else 0.0,
             "extra_tokens_from_rounding": rounded - plain}
+
+
+def pair_token_tables(fmt: Formatter, chosen_row: dict, rejected_row: dict, pad_to: int = 0) -> dict:
+    """One preference pair's tokens (each side a completion row, data.tokens.side_rows): the
+    prompt both sides share (their common first tokens) and each answer's tokens after it, as
+    `token_table` frames under 'prompt', 'chosen' and 'rejected'; `pad_to` pads both answers as
+    PairCollator pads the batch."""
+    chosen, rejected = token_table(fmt, chosen_row, pad_to), token_table(fmt, rejected_row, pad_to)
+    shared = 0
+    for a, b, role in zip(chosen["id"], rejected["id"], chosen["role"]):
+        if a != b or role == "response":
+            break
+        shared += 1
+    return {"prompt": chosen.iloc[:shared].reset_index(drop=True),
+            "chosen": chosen.iloc[shared:].reset_index(drop=True),
+            "rejected": rejected.iloc[shared:].reset_index(drop=True)}
+
+
+def pair_batch_stats(chosen: list[dict], rejected: list[dict], batch_size: int, pad_to_multiple_of: int = 0) -> dict:
+    """Encoded pairs (each side's `Formatter.encode` rows, in order) batched as PairCollator
+    batches them, `batch_size` pairs padded together to one width: tokens and trained tokens per
+    side, the prompt's share of the tokens, how often the chosen answer has more trained tokens,
+    and the padding share."""
+    def trained(rows):
+        return np.array([sum(x != IGNORE for x in r["labels"]) for r in rows])
+
+    lengths = {name: np.array([len(r["input_ids"]) for r in rows]) for name, rows in (("chosen", chosen),
+                                                                                     ("rejected", rejected))}
+    answers = {"chosen": trained(chosen), "rejected": trained(rejected)}
+    ordered = []  # the rows as PairCollator lays each batch out: its chosen rows, then its rejected rows
+    for start in range(0, len(chosen), batch_size):
+        ordered += list(lengths["chosen"][start:start + batch_size]) + list(lengths["rejected"][start:start + batch_size])
+    padding = batch_padding(ordered, 2 * batch_size, pad_to_multiple_of)
+    total = int(lengths["chosen"].sum() + lengths["rejected"].sum())
+    return {"pairs": len(chosen), "tokens_chosen": float(lengths["chosen"].mean()),
+            "tokens_rejected": float(lengths["rejected"].mean()), "trained_chosen": float(answers["chosen"].mean()),
+            "trained_rejected": float(answers["rejected"].mean()),
+            "prompt_share": 1 - int(answers["chosen"].sum() + answers["rejected"].sum()) / total if total else 0.0,
+            "chosen_longer": float(np.mean(answers["chosen"] > answers["rejected"])),
+            "padding_share": padding["padding_share"], "padding_share_rounded": padding["padding_share_rounded"],
+            "prompt_truncated": sum(c["prompt_truncated"] or r["prompt_truncated"] for c, r in zip(chosen, rejected)),
+            "response_truncated": sum(c["response_truncated"] or r["response_truncated"]
+                                      for c, r in zip(chosen, rejected))}

@@ -60,6 +60,47 @@ def history_figure(history: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
+def preference_history_figure(history: pd.DataFrame, title: str = "") -> Figure:
+    """A preference run's curves against step: the loss; the chosen and rejected rewards and their
+    margin; the preference (reward) accuracy. Solid lines are the training logs, dashed lines
+    with points the validations; one legend below names the colours and the two styles."""
+    from matplotlib.lines import Line2D
+    fig, (loss_ax, reward_ax, acc_ax) = _figure(11.0, 3.3, cols=3)
+    rewards = [("reward_chosen", "chosen", COLORS["accuracy"]), ("reward_rejected", "rejected", COLORS["validation"]),
+               ("reward_margin", "margin", MARGIN_COLOR)]
+    panels = [(loss_ax, [("loss", "loss", COLORS["train"])], title or "loss"),
+              (reward_ax, rewards, "rewards: chosen, rejected, margin"),
+              (acc_ax, [("reward_accuracy", "accuracy", COLORS["accuracy"])], "preference accuracy")]
+    for ax, lines, heading in panels:
+        for column, _, color in lines:
+            _plot_split(ax, history, column, color)
+        ax.set(xlabel="step", title=heading)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    reward_ax.axhline(0, color=COLORS["base"], linewidth=0.8)
+    acc_ax.set(ylim=(-0.02, 1.02))
+    handles = [Line2D([], [], color=color, label=label) for _, label, color in rewards]
+    handles += [Line2D([], [], color="#444", label="training"),
+                Line2D([], [], color="#444", linestyle="--", marker="o", markersize=4, label="validation")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=8)
+    if not len(history):
+        loss_ax.text(0.5, 0.5, "waiting for the first step", ha="center", va="center",
+                     transform=loss_ax.transAxes, color="gray")
+    return fig
+
+
+MARGIN_COLOR = "#9467bd"
+
+
+def _plot_split(ax, history: pd.DataFrame, column: str, color: str) -> None:
+    """One quantity's training line and its validation points (the history's val_ column)."""
+    train_col = "train_loss" if column == "loss" else column
+    for name, col, style in (("training", train_col, "-"), ("validation", f"val_{column}", "o--")):
+        if col in history and history[col].notna().any():
+            part = history.dropna(subset=[col])
+            ax.plot(part["step"], part[col], style, color=color, markersize=4, label=f"{column} ({name})")
+
+
 # -- data --------------------------------------------------------------------------------
 
 def class_balance_figure(balance: pd.Series) -> Figure:
@@ -133,6 +174,28 @@ def pair_lengths_figure(lengths: pd.DataFrame) -> Figure:
     return fig
 
 
+def pair_margins_figure(predictions: pd.DataFrame) -> Figure:
+    """Each held-out pair's margin, log p(chosen) - log p(rejected), under the base (x) and the
+    tuned model (y). Above the diagonal the tuned model prefers the chosen answer more than the
+    base did; right of or above 0, that model prefers it at all."""
+    fig, (ax,) = _figure(4.6, 4.0)
+    x, y = predictions["base_margin"].to_numpy(), predictions["tuned_margin"].to_numpy()
+    better = y > x
+    ax.scatter(x[better], y[better], s=18, color=COLORS["accuracy"], label=f"tuned above base ({better.sum()})")
+    ax.scatter(x[~better], y[~better], s=18, color=COLORS["validation"], label=f"not above ({(~better).sum()})")
+    low, high = float(min(x.min(), y.min(), 0)), float(max(x.max(), y.max(), 0))
+    pad = 0.05 * (high - low or 1)
+    ax.plot([low - pad, high + pad], [low - pad, high + pad], color=COLORS["base"], linewidth=0.8)
+    ax.axhline(0, color=COLORS["base"], linestyle=":", linewidth=0.8)
+    ax.axvline(0, color=COLORS["base"], linestyle=":", linewidth=0.8)
+    ax.set(xlabel="base margin (log p chosen - log p rejected)", ylabel="tuned margin",
+           title=f"held-out pairs: tuned prefers chosen in {np.mean(y > 0):.0%}, base in {np.mean(x > 0):.0%}")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    return fig
+
+
 def confusion_figure(confusion: pd.DataFrame) -> Figure:
     import seaborn as sns
     n = len(confusion)
@@ -186,11 +249,12 @@ def probe_figure(long: pd.DataFrame, ideal: float | None = None, title: str = ""
 
 # -- runs --------------------------------------------------------------------------------
 
-def runs_figure(long: pd.DataFrame, title: str = "loss of each run") -> Figure:
-    """Several runs' losses overlaid: one colour per run (its label says what it changed), a
+def runs_figure(long: pd.DataFrame, title: str = "loss of each run", value: str = "loss") -> Figure:
+    """Several runs' curves overlaid: one colour per run (its label says what it changed), a
     solid line for training and a dashed one with points for validation.
 
-    `long`: one row per logged value with columns run, step, split (train/validation), loss."""
+    `long`: one row per logged value with columns run, step, split (train/validation) and `value`
+    (loss, reward_margin or reward_accuracy)."""
     import seaborn as sns
     from matplotlib.lines import Line2D
     labels = list(dict.fromkeys(long["run"]))
@@ -200,12 +264,12 @@ def runs_figure(long: pd.DataFrame, title: str = "loss of each run") -> Figure:
     for split, style in styles.items():
         part = long[long["split"] == split]
         if len(part):
-            sns.lineplot(data=part, x="step", y="loss", hue="run", hue_order=[r for r in labels if r in set(part["run"])],
+            sns.lineplot(data=part, x="step", y=value, hue="run", hue_order=[r for r in labels if r in set(part["run"])],
                          palette=palette, estimator=None, sort=True, legend=False, ax=ax, **style)
     handles = [Line2D([], [], color=palette[r], label=r) for r in labels]
     handles += [Line2D([], [], color="#444", label=name if name == "validation" else "training", **style)
                 for name, style in styles.items() if name in set(long["split"])]
-    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.set(xlabel="step", ylabel=value.replace("_", " "), title=title)
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if handles:

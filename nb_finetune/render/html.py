@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..redact import redact
 from . import figures
-from .tables import TABLE_STYLE, report_html, table_html
+from .tables import TABLE_STYLE, preference_metrics, report_html, table_html
 
 
 def image(fig) -> str:
@@ -49,6 +49,8 @@ def data_report(report) -> str:
     out = [title("data report"), report_html(report.checks)]
     if report.class_balance is not None:
         out.append(image(figures.class_balance_figure(report.class_balance)))
+    if report.pair_lengths is not None:
+        out.append(image(figures.pair_lengths_figure(report.pair_lengths)))
     if report.token_lengths is not None and len(report.token_lengths):
         out.append(image(figures.token_length_figure(report.token_lengths, report.max_length)))
     if report.split_sizes:
@@ -85,7 +87,8 @@ def bias_scan_tables(found) -> str:
 
 
 def history(frame: pd.DataFrame, diagnosis: str, heading: str = "") -> str:
-    return (image(figures.history_figure(frame, heading)) + f"<div><b>diagnosis</b>: "
+    draw = figures.preference_history_figure if "reward_margin" in frame else figures.history_figure
+    return (image(draw(frame, heading)) + f"<div><b>diagnosis</b>: "
             f"{html.escape(diagnosis)}</div>" + table_html(frame.tail(5)))
 
 
@@ -110,7 +113,11 @@ def instruction(text: str) -> str:
 
 
 def evaluation(result) -> str:
-    out = [title("test metrics"), table_html(result.metrics, index=True)]
+    pairs = "preference_accuracy" in result.metrics
+    shown = preference_metrics(result.metrics) if pairs else result.metrics
+    out = [title("test metrics"), table_html(shown, index=True)]
+    if pairs and "base_margin" in result.predictions:
+        out.append(image(figures.pair_margins_figure(result.predictions)))
     if result.confusion is not None:
         out.append(image(figures.confusion_figure(result.confusion)))
     if len(result.errors) or len(result.samples):

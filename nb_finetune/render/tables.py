@@ -76,7 +76,7 @@ def report_html(checks: pd.DataFrame) -> str:
     return table_html(shown, row_class=checks["severity"].where(checks["severity"] != "ok", "ok"))
 
 
-def tokens_html(tokens: pd.DataFrame) -> str:
+def tokens_html(tokens: pd.DataFrame, legend: bool = True) -> str:
     """Tokens as coloured chips by role, each with its id and label under it (-100: not trained)."""
     chips = []
     for r in tokens.itertuples():
@@ -86,6 +86,40 @@ def tokens_html(tokens: pd.DataFrame) -> str:
                      f"border-radius:3px;background:{ROLE_COLORS[r.role]};font-family:monospace;"
                      f"font-size:11px;text-align:center'>{text}<br><span style='color:#666'>{r.id}</span>"
                      f"{label}</span>")
-    legend = " ".join(f"<span style='background:{c};padding:1px 6px;border-radius:3px'>{k}"
-                      f"{' (trained)' if k == 'response' else ''}</span>" for k, c in ROLE_COLORS.items())
-    return f"<div style='line-height:1.1'>{legend}<br><br>{''.join(chips)}</div>"
+    key = role_legend() + "<br><br>" if legend else ""
+    return f"<div style='line-height:1.1'>{key}{''.join(chips)}</div>"
+
+
+def role_legend() -> str:
+    return " ".join(f"<span style='background:{c};padding:1px 6px;border-radius:3px'>{k}"
+                    f"{' (trained)' if k == 'response' else ''}</span>" for k, c in ROLE_COLORS.items())
+
+
+def pair_tokens_html(prompt: pd.DataFrame, chosen: pd.DataFrame, rejected: pd.DataFrame) -> str:
+    """One preference pair's tokens: the prompt both answers share, once, then the chosen and the
+    rejected answer side by side, each as `tokens_html` chips."""
+    sides = "".join(f"<div style='flex:1;min-width:0;border:1px solid #ddd;border-radius:4px;padding:4px'>"
+                    f"<b>{name}</b> ({int((side['role'] == 'response').sum())} trained tokens)<br>"
+                    f"{tokens_html(side, legend=False)}</div>" for name, side in (("chosen", chosen),
+                                                                                  ("rejected", rejected)))
+    return (f"<div style='line-height:1.1'>{role_legend()}</div><div style='margin:6px 0'><b>shared prompt</b> "
+            f"({len(prompt)} tokens, not trained)<br>{tokens_html(prompt, legend=False)}</div>"
+            f"<div style='display:flex;gap:8px;align-items:flex-start'>{sides}</div>")
+
+
+def preference_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+    """evaluation.preference's metrics table for reading: per model the pairs, the preference
+    accuracy and the mean margin each as "value [low, high]", and the tuned model's reward accuracy."""
+    def with_interval(stat, low, high, digits):
+        return [f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+                for v, lo, hi in zip(metrics[stat], metrics[low], metrics[high])]
+
+    out = pd.DataFrame({"pairs": metrics["pairs"].astype(int).values,
+                        "preference accuracy [95% interval]": with_interval("preference_accuracy", "accuracy_low",
+                                                                            "accuracy_high", 3),
+                        "mean margin [95% interval]": with_interval("mean_margin", "margin_low", "margin_high", 2)},
+                       index=metrics.index)
+    if "reward_accuracy" in metrics:
+        out["reward accuracy (against base)"] = metrics["reward_accuracy"].map(
+            lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    return out

@@ -44,12 +44,13 @@ class Run:
         return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["step", "train_loss", "val_loss"])
 
     def test_metric(self) -> tuple[str, float | None]:
-        """The tuned model's headline test figure: accuracy for a classifier, else the first one."""
+        """The tuned model's headline test figure: accuracy for a classifier, preference accuracy for
+    held-out pairs, else the first one."""
         rows = [r for r in self.record.get("test_metrics") or [] if r.get("model") == "tuned"]
         if not rows:
             return "", None
-        row = {k: v for k, v in rows[0].items() if k != "model" and isinstance(v, (int, float))}
-        name = "accuracy" if "accuracy" in row else next(iter(row), "")
+        row = {k: v for k, v in rows[0].items() if k not in ("model", "pairs") and isinstance(v, (int, float))}
+        name = next((k for k in ("accuracy", "preference_accuracy") if k in row), next(iter(row), ""))
         return name, row.get(name)
 
 
@@ -109,19 +110,29 @@ def describe_changes(changes: dict) -> str:
 
 
 def table(runs: list[Run], baseline: Run | None = None) -> pd.DataFrame:
-    """One row per run: name, when, what differs from the baseline, final validation figures, test
+    """One row per run: name, when, what differs from the baseline, the method (and beta for a
+    preference method), final validation figures (a preference run's reward margin too), test
     metric, time, tokens/s, status, and the bias gate's verdict."""
     rows = []
     for run in runs:
         training = run.record.get("training") or {}
         metric, value = run.test_metric()
+        method = (run.config.get("train") or {}).get("method", "sft")
         rows.append({"run": run.name, "started": str(run.record.get("started") or "")[:16].replace("T", " "),
-                     "changed": describe_changes(changed(run, baseline)), "val_loss": training.get("val_loss"),
-                     "val_accuracy": training.get("val_accuracy"), "test": value, "test_metric": metric,
+                     "changed": describe_changes(changed(run, baseline)), "method": method,
+                     "beta": None if method == "sft" else (run.config.get("train") or {}).get("beta"),
+                     "val_loss": training.get("val_loss"), "val_accuracy": training.get("val_accuracy"),
+                     "reward_margin": training.get("reward_margin"), "test": value, "test_metric": metric,
                      "seconds": run.record.get("seconds"), "tokens_per_s": training.get("tokens_per_second"),
                      "steps": training.get("steps"), "status": run.status, "bias_gate": gate_verdict(run)})
-    return pd.DataFrame(rows, columns=["run", "started", "changed", "val_loss", "val_accuracy", "test",
-                                       "test_metric", "seconds", "tokens_per_s", "steps", "status", "bias_gate"])
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+TABLE_COLUMNS = ["run", "started", "changed", "method", "beta", "val_loss", "val_accuracy", "reward_margin", "test",
+                 "test_metric", "seconds", "tokens_per_s", "steps", "status", "bias_gate"]
+PREFERENCE_COLUMNS = ["method", "beta", "reward_margin"]  # empty or 'sft' for every run of imitation
+CURVES = {"loss": ("train_loss", "val_loss"), "reward_margin": ("reward_margin", "val_reward_margin"),
+          "reward_accuracy": ("reward_accuracy", "val_reward_accuracy")}
 
 
 def gate_verdict(run: Run) -> str:
@@ -140,17 +151,20 @@ def config_diff(a: Run, b: Run) -> pd.DataFrame:
                         index=pd.Index(keys, name="setting"))
 
 
-def curves(runs: list[Run], baseline: Run | None = None) -> pd.DataFrame:
-    """The runs' training and validation losses in long form (run, step, split, loss), each run
+def curves(runs: list[Run], baseline: Run | None = None, value: str = "loss") -> pd.DataFrame:
+    """The runs' training and validation curves of `value` (a name in CURVES: loss, or a preference
+    run's reward_margin or reward_accuracy) in long form (run, step, split, `value`), each run
     labelled by its name and what it changed."""
+    if value not in CURVES:
+        raise UserError(f"no curve {value!r}; choose one of {', '.join(CURVES)}")
     frames = []
     for run in runs:
         history, label = run.history(), f"{run.name} ({describe_changes(changed(run, baseline))})"
-        for split, column in (("train", "train_loss"), ("validation", "val_loss")):
+        for split, column in zip(("train", "validation"), CURVES[value]):
             if column in history:
-                part = history[["step", column]].dropna().rename(columns={column: "loss"})
+                part = history[["step", column]].dropna().rename(columns={column: value})
                 frames.append(part.assign(run=label, split=split))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "loss", "run", "split"])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", value, "run", "split"])
 
 
 def delete(run: Run) -> None:

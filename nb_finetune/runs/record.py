@@ -38,15 +38,20 @@ def versions() -> dict:
 
 def training_summary(history: pd.DataFrame) -> dict:
     """The last figures of a history: steps, train and validation loss, validation accuracy and
-    the median tokens/s (the first steps' warm-up counts less in a median)."""
+    the median tokens/s (the first steps' warm-up counts less in a median); for a preference run
+    also the reward margin (the last validation's, else the last training log's)."""
     def last(column):
         values = history[column].dropna() if column in history else pd.Series(dtype=float)
         return None if values.empty else round(float(values.iloc[-1]), 6)
 
     speed = history["tokens_per_second"].dropna() if "tokens_per_second" in history else pd.Series(dtype=float)
-    return {"steps": int(history["step"].max()) if len(history) else 0, "train_loss": last("train_loss"),
-            "val_loss": last("val_loss"), "val_accuracy": last("val_accuracy"),
-            "tokens_per_second": None if speed.empty else round(float(speed.median()), 1)}
+    summary = {"steps": int(history["step"].max()) if len(history) else 0, "train_loss": last("train_loss"),
+               "val_loss": last("val_loss"), "val_accuracy": last("val_accuracy"),
+               "tokens_per_second": None if speed.empty else round(float(speed.median()), 1)}
+    if "reward_margin" in history:  # a preference run: its rewards' margin, at the last validation if any
+        summary["reward_margin"] = last("val_reward_margin") if last("val_reward_margin") is not None \
+            else last("reward_margin")
+    return summary
 
 
 def new_folder(folder: str | Path, resuming: bool) -> Path:

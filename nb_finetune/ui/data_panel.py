@@ -1,4 +1,5 @@
-"""Data: pick a source, map its columns, load it and read the validation report."""
+"""Data: pick a source, map its columns, load it and read the validation report (for preference
+pairs, the pair checks and the length-bias figure)."""
 from __future__ import annotations
 
 import html
@@ -14,7 +15,8 @@ from .common import Form, Panel, Picture
 
 SOURCE_KEYS = ["data.task", "data.format", "data.skip_bad_lines"]
 COLUMN_KEYS = ["data.text_column", "data.text_template", "data.label_column", "data.label_names",
-               "data.prompt_column", "data.completion_column", "data.messages_column", "data.instruction"]
+               "data.prompt_column", "data.completion_column", "data.messages_column", "data.chosen_column",
+               "data.rejected_column", "data.instruction"]
 MITIGATION_KEYS = ["data.scan_groups", "data.counterfactual", "data.counterfactual_terms", "data.reweight_groups"]
 SPLIT_KEYS = ["data.max_rows", "data.val_fraction", "data.test_fraction", "data.test_source",
               "data.drop_duplicates", "data.seed"]
@@ -40,7 +42,8 @@ class DataPanel(Panel):
                       Form(self.shared, MITIGATION_KEYS)]
         self.load_button = self.button("Load and check", self.load, "primary", "table")
         self.report = widgets.HTML()
-        self.balance_image = Picture("The class balance appears here once the data is loaded.")
+        self.balance_image = Picture("The class balance appears here once the data is loaded (for pairs: their "
+                                     "length bias).")
         self.length_image = Picture("Tokens per row appear here once the data is loaded and tokenized.")
         self.splits = widgets.HTML()
         self.scan_text = widgets.HTML()
@@ -97,6 +100,8 @@ class DataPanel(Panel):
         self.report.value = tables.report_html(report.checks)
         if report.class_balance is not None:
             self.balance_image.show(figures.class_balance_figure(report.class_balance))
+        elif report.pair_lengths is not None:  # preference pairs: is chosen the longer?
+            self.balance_image.show(figures.pair_lengths_figure(report.pair_lengths))
         else:
             self.balance_image.clear()  # a task without classes: no earlier data set's balance
         if session is not None and report.token_lengths is not None:

@@ -1,6 +1,8 @@
 """Evaluation: test metrics beside the baselines, the confusion matrix, the worst errors,
 generations of the base and the tuned model side by side, for test prompts and for yours, and a
-chat playground streaming both models' answers."""
+chat playground streaming both models' answers. For preference pairs: the preference accuracy and
+mean margin of tuned and base with their intervals, and each held-out pair's margin, base
+against tuned."""
 from __future__ import annotations
 
 import html
@@ -32,21 +34,34 @@ class EvalPanel(Panel):
         self.metrics = widgets.HTML()
         self.metrics.add_class("nbft-eval-metrics")
         self.confusion = Picture("The confusion matrix appears here after Evaluate (for label tasks).")
+        self.margins = Picture("Each held-out pair's margin, base against tuned, appears here after Evaluate "
+                               "(for preference pairs).")
+        self.margins.image.add_class("nbft-eval-margins")
         self.instruction = widgets.HTML()
         self.errors = widgets.HTML()
         self.samples = widgets.HTML()
+        self.samples.add_class("nbft-eval-samples")
         self.prompt = widgets.Textarea(placeholder="type a prompt (or a text to classify)",
                                        layout=widgets.Layout(width="420px", height="60px"))
         self.generate_button = self.button("Generate: base vs tuned", self.generate_for_prompt, "", "comments")
         self.generated = widgets.HTML()
         self.shared.observe(self._on_event)
+        self._fit_task()
         self.children = [self.forms[0].widget, widgets.HBox([self.evaluate_button, self.after_training]),
                          self.status, self.error, self.warnings, self.note, self.metrics, self.confusion,
-                         self.instruction, self.errors, self.samples, widgets.HTML("<b>your prompt</b>"),
+                         self.margins, self.instruction, self.errors, self.samples, widgets.HTML("<b>your prompt</b>"),
                          widgets.HBox([self.prompt, self.generate_button]), self.generated]
         self.children = list(self.children) + self.playground()
 
+    def _fit_task(self) -> None:
+        """Only the picture the task has: a confusion matrix for labels, the margins for pairs."""
+        pairs = self.shared.get("data.task") == "preference"
+        self.confusion.layout.display = "none" if pairs else ""
+        self.margins.layout.display = "" if pairs else "none"
+
     def _on_event(self, event: str) -> None:
+        if event == "config":
+            self._fit_task()
         # Runs on the thread that finished training: the test stays off the main thread too.
         if event == "train" and self.after_training.value:
             self.run_action(self.evaluate_button, self.evaluate)
@@ -60,22 +75,35 @@ class EvalPanel(Panel):
         session.write_outputs()
         self.show(result)
         stopped = trained and session.train_result.stopped
-        self.say(f"evaluated on {len(result.predictions):,} test rows"
+        rows = "pairs" if "preference_accuracy" in result.metrics else "rows"
+        self.say(f"evaluated on {len(result.predictions):,} test {rows}"
                  + (f" (training was stopped at step {session.train_result.global_step})" if stopped else ""))
         self.shared.notify("eval")
 
     def show(self, result: evaluation.EvalResult) -> None:
-        self.metrics.value = "<b>test metrics</b>" + tables.table_html(result.metrics, index=True)
+        pairs = "preference_accuracy" in result.metrics
+        if pairs:
+            self.metrics.value = ("<b>held-out pairs: tuned against base</b> (a model prefers the chosen answer when "
+                                  "it gives it the higher log-probability; margin: log p(chosen) - log p(rejected))"
+                                  + tables.table_html(tables.preference_metrics(result.metrics), index=True))
+        else:
+            self.metrics.value = "<b>test metrics</b>" + tables.table_html(result.metrics, index=True)
         if result.confusion is not None:
             self.confusion.show(figures.confusion_figure(result.confusion))
         else:
             self.confusion.clear()
+        if pairs and "base_margin" in result.predictions:
+            self.margins.show(figures.pair_margins_figure(result.predictions))
+        else:
+            self.margins.clear()
         shown = len(result.errors) or len(result.samples)
         self.instruction.value = instruction(result.instruction) if shown else ""
-        self.errors.value = ("<b>worst errors</b> (most confident first)" + tables.table_html(result.errors)
-                             if len(result.errors) else "")
-        self.samples.value = ("<b>samples</b>: base and tuned side by side" + tables.table_html(result.samples)
-                              if len(result.samples) else "")
+        heading = ("<b>pairs the tuned model gets most wrong</b> (lowest margin first)" if pairs else
+                   "<b>worst errors</b> (most confident first)")
+        self.errors.value = heading + tables.table_html(result.errors) if len(result.errors) else ""
+        reference = " (reference: the chosen answer)" if pairs else ""
+        self.samples.value = (f"<b>samples</b>: base and tuned side by side{reference}"
+                              + tables.table_html(result.samples) if len(result.samples) else "")
 
     def generate_for_prompt(self) -> None:
         text = self.prompt.value.strip()

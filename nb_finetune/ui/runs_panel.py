@@ -1,6 +1,7 @@
 """Runs: the runs in a folder, this session's or an earlier one's, side by side. A sortable
 table (what each changed against a baseline run, its final figures, how it ended), the chosen
-runs' curves in one plot, the config diff of two runs, and for one run: load its settings into
+runs' curves in one plot (the loss, or preference runs' reward margin or accuracy), the config
+diff of two runs, and for one run: load its settings into
 every panel, resume it when it was stopped, or delete it (after a confirmation). Below, a small
 sweep over a grid of settings, run after run, each listed here as it finishes.
 
@@ -15,6 +16,7 @@ import threading
 from pathlib import Path
 
 import ipywidgets as widgets
+import pandas as pd
 
 from .. import runs, sweep
 from ..errors import UserError
@@ -38,6 +40,21 @@ def checkpoint(run: runs.Run) -> Path | None:
 
 def resumable(run: runs.Run | None) -> bool:
     return run is not None and run.status in RESUMABLE and checkpoint(run) is not None
+
+
+def compact(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table as the panel shows it, narrower: no preference columns where no run is a
+    preference run, no bias gate's where no run was probed, one test figure named in its header
+    where every run has the same one, and seconds and tokens/s as whole numbers."""
+    if (frame["method"].fillna("sft") == "sft").all():
+        frame = frame.drop(columns=runs.PREFERENCE_COLUMNS)
+    if (frame["bias_gate"].fillna("") == "").all():
+        frame = frame.drop(columns=["bias_gate"])
+    metrics = set(frame["test_metric"])
+    if len(metrics) == 1 and "" not in metrics:
+        frame = frame.rename(columns={"test": f"test {metrics.pop().replace('_', ' ')}"}).drop(columns="test_metric")
+    whole = {c: frame[c].map(lambda v: "" if pd.isna(v) else f"{v:,.0f}") for c in ("seconds", "tokens_per_s")}
+    return frame.assign(**whole)
 
 
 class RunsPanel(Panel):
@@ -64,8 +81,8 @@ class RunsPanel(Panel):
         self._build_sweep()
         self.children = [widgets.HBox([self.folder, self.refresh_button, self.count]), self.status, self.error,
                          self.warnings, widgets.HBox([self.sort, self.ascending, self.baseline]), self.table,
-                         self.chosen, self.plot, widgets.HBox([self.selected, self.load_button, self.resume_button,
-                                                               self.delete_button]),
+                         widgets.HBox([self.chosen, self.curve]), self.plot,
+                         widgets.HBox([self.selected, self.load_button, self.resume_button, self.delete_button]),
                          self.confirm, self.diff, self.sweep_box]
         self.shared.observe(self._on_event)
         self.run_action(None, self.refresh)
@@ -84,15 +101,19 @@ class RunsPanel(Panel):
                                           layout=widgets.Layout(width="110px"))
         self.baseline = widgets.Dropdown(options=[], description="baseline", style=STYLE,
                                          layout=widgets.Layout(width="420px"))
-        self.table = widgets.HTML()
+        self.table = widgets.HTML(layout=widgets.Layout(overflow_x="auto"))  # a wide table scrolls, not spills
         self.chosen = widgets.SelectMultiple(options=[], description="curves of", rows=4, style=STYLE,
                                              layout=widgets.Layout(width="520px"))
+        self.curve = widgets.Dropdown(options=[(name.replace("_", " "), name) for name in runs.CURVES],
+                                      value="loss", description="curve", style=STYLE,
+                                      layout=widgets.Layout(width="260px"))
         self.plot = Picture("The chosen runs' training and validation curves appear here.")
         self.table.add_class("nbft-runs-table")
         self.plot.image.add_class("nbft-runs-plot")
         self.folder.observe(lambda c: self.run_action(None, self.refresh), names="value")
         for control, redraw in ((self.sort, self.show_table), (self.ascending, self.show_table),
-                                (self.baseline, self.show_all), (self.chosen, self.show_curves)):
+                                (self.baseline, self.show_all), (self.chosen, self.show_curves),
+                                (self.curve, self.show_curves)):
             control.observe(lambda c, redraw=redraw: self._redraw(redraw), names="value")
 
     def _build_actions(self) -> None:
@@ -197,6 +218,7 @@ class RunsPanel(Panel):
         else:
             frame = frame.sort_values(self.sort.value, ascending=self.ascending.value, na_position="last",
                                       kind="stable")
+        frame = compact(frame)
         rows = frame["status"].map(lambda s: ROW_CLASS.get(s, "ok"))
         self.table.value = tables.table_html(frame.reset_index(drop=True), row_class=rows.reset_index(drop=True))
 
@@ -206,7 +228,9 @@ class RunsPanel(Panel):
             self.figure = None
             self.plot.clear()
             return
-        self.figure = figures.runs_figure(runs.curves(chosen, self.by_name(self.baseline.value)))
+        value = self.curve.value
+        self.figure = figures.runs_figure(runs.curves(chosen, self.by_name(self.baseline.value), value),
+                                          f"{value.replace('_', ' ')} of each run", value)
         self.plot.show(self.figure)
 
     def show_selected(self) -> None:

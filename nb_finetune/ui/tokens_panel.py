@@ -1,14 +1,15 @@
 """Tokenization preview: one row's tokens coloured by role, with the labels the collator
-produces, and what padding and truncation do to batches at the chosen settings."""
+produces, and what padding and truncation do to batches at the chosen settings. For preference
+pairs: the shared prompt once, and the chosen and rejected answers' tokens side by side."""
 from __future__ import annotations
 
 import ipywidgets as widgets
 import pandas as pd
 
 from .. import modeling
-from ..data.collator import batch_padding, token_table
+from ..data.collator import batch_padding, pair_batch_stats, pair_token_tables, token_table
 from ..data.formatter import Formatter
-from ..data.tokens import pack_rows
+from ..data.tokens import pack_rows, side_rows
 from ..render import tables
 from .common import Form, Panel
 
@@ -68,6 +69,8 @@ class TokenizationPanel(Panel):
         self.formatter = fmt
         t = cfg.train
         i = min(self.row.value, len(train) - 1)
+        if prep.task == "preference":
+            return self.show_pair(fmt, train, i, t)
         # The batch the row would sit in (rows in order), and its padded width.
         batch = train.iloc[i - i % t.batch_size:][: t.batch_size].to_dict("records")
         lengths = [len(e["input_ids"]) for e in fmt.encode_many(batch)]
@@ -107,3 +110,50 @@ class TokenizationPanel(Panel):
              "value": f"{sum(e['response_truncated'] for e in encoded):,}"},
         ])
         return "<b>batches</b>" + tables.table_html(table)
+
+    # -- preference pairs -------------------------------------------------------------------
+    def show_pair(self, fmt, train: pd.DataFrame, i: int, t) -> None:
+        """Pair `i`: the shared prompt (masked) once, each answer's trained tokens coloured, both
+        padded to the width of the batch the pair sits in; then the pair batches' statistics."""
+        start = i - i % t.batch_size
+        batch = train.iloc[start:start + t.batch_size]
+        sides = {side: fmt.encode_many(side_rows(batch, side).to_dict("records")) for side in ("chosen", "rejected")}
+        width = max(len(e["input_ids"]) for rows in sides.values() for e in rows)
+        if t.pad_to_multiple_of:
+            width = -(-width // t.pad_to_multiple_of) * t.pad_to_multiple_of
+        row = train.iloc[[i]]
+        parts = pair_token_tables(fmt, side_rows(row, "chosen").iloc[0].to_dict(),
+                                  side_rows(row, "rejected").iloc[0].to_dict(), pad_to=width)
+        trained = {k: int((parts[k]["role"] == "response").sum()) for k in ("chosen", "rejected")}
+        self.row_info.value = (f"<b>pair {i}</b>: a prompt of {len(parts['prompt'])} tokens shared by both answers "
+                               f"(not trained); chosen {trained['chosen']} trained tokens, rejected "
+                               f"{trained['rejected']}; both padded to the batch width {width} ({t.batch_size} pairs: "
+                               f"{2 * t.batch_size} rows in one batch)")
+        self.tokens.value = tables.pair_tokens_html(parts["prompt"], parts["chosen"], parts["rejected"])
+        self.batch.value = self._pair_stats(fmt, train, t)
+        self.say(f"preference pairs, {'chat template' if fmt.use_chat else 'plain text'}, max_length "
+                 f"{t.max_length}, batch size {t.batch_size} pairs, pad to a multiple of {t.pad_to_multiple_of or 1}")
+        self._shown = True
+
+    def _pair_stats(self, fmt, train: pd.DataFrame, t) -> str:
+        head = train.head(SAMPLE_ROWS)
+        stats = pair_batch_stats(*(fmt.encode_many(side_rows(head, side).to_dict("records"))
+                                   for side in ("chosen", "rejected")), t.batch_size, t.pad_to_multiple_of)
+        table = pd.DataFrame([
+            {"measure": "pairs sampled", "value": f"{stats['pairs']:,}"},
+            {"measure": "tokens per row, chosen / rejected (mean)",
+             "value": f"{stats['tokens_chosen']:.1f} / {stats['tokens_rejected']:.1f}"},
+            {"measure": "trained tokens per answer, chosen / rejected (mean)",
+             "value": f"{stats['trained_chosen']:.1f} / {stats['trained_rejected']:.1f}"},
+            {"measure": "share of tokens not trained (the prompt and the chat template)",
+             "value": f"{stats['prompt_share']:.1%}"},
+            {"measure": "chosen answer longer than the rejected one (trained tokens)",
+             "value": f"{stats['chosen_longer']:.0%} of pairs"},
+            {"measure": f"padding share of the batches (both sides to one width; with pad_to_multiple_of "
+                        f"{t.pad_to_multiple_of})",
+             "value": f"{stats['padding_share']:.1%} ({stats['padding_share_rounded']:.1%})"},
+            {"measure": f"pairs with a prompt cut in the middle at max_length {t.max_length}",
+             "value": f"{stats['prompt_truncated']:,}"},
+            {"measure": "pairs with an answer cut (trained tokens lost)", "value": f"{stats['response_truncated']:,}"},
+        ])
+        return "<b>pair batches</b>" + tables.table_html(table)

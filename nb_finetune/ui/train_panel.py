@@ -1,5 +1,6 @@
-"""Training: Start/Stop, a live plot of the curves, progress with ETA and tokens/s, and a
-plain-words diagnosis.
+"""Training: the objective (SFT, DPO or ORPO, with beta and DPO's loss), Start/Stop, a live plot
+of the curves (for preference pairs: the loss, the chosen and rejected rewards and their margin,
+the preference accuracy), progress with ETA and tokens/s, and a plain-words diagnosis.
 
 Where training runs: on a background thread in JupyterLab and classic Notebook, so the kernel
 stays free to receive the Stop click. Colab's front end drops widget updates sent from other
@@ -18,9 +19,10 @@ import ipywidgets as widgets
 from ..render import figures
 from ..training import HISTORY_COLUMNS, diagnose
 from ..training.progress import Callback, StepClock, clock, start_line
-from .common import Panel, Picture, message_html, on_colab
+from .common import Form, Panel, Picture, message_html, on_colab
 
 REDRAW_SECONDS = 1.0  # at most one plot per second: each redraw takes time from the training thread
+METHOD_KEYS = ["train.method", "train.beta", "train.dpo_loss"]
 
 
 class PanelProgress(Callback):
@@ -51,6 +53,8 @@ class PanelProgress(Callback):
     def on_log(self, row, history):
         self.history = history
         self.show_progress(row)
+        if "reward_margin" in history:  # a preference run's failure modes show in its training logs
+            self.panel.diagnosis.value = f"<b>diagnosis</b>: {html.escape(diagnose(history))}"
         self.draw()
 
     def on_evaluate(self, row, history):
@@ -70,7 +74,9 @@ class PanelProgress(Callback):
         self.last_draw = now
         import pandas as pd
         history = self.history if self.history is not None else pd.DataFrame(columns=HISTORY_COLUMNS)
-        self.panel.plot.show(figures.history_figure(history))
+        preference = "reward_margin" in history or self.panel.shared.get("train.method") != "sft"
+        draw = figures.preference_history_figure if preference else figures.history_figure
+        self.panel.plot.show(draw(history))
         self.panel.redraws += 1
 
 
@@ -85,6 +91,7 @@ class TrainPanel(Panel):
     def __init__(self, shared=None, config=None, data=None, foreground: bool | None = None, **kwargs):
         super().__init__(shared, config, data, **kwargs)
         self.foreground = on_colab() if foreground is None else foreground
+        self.forms = [Form(self.shared, METHOD_KEYS)]  # what is learned: imitation or preferences
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.start_button.on_click(lambda b: self.start())
@@ -109,10 +116,19 @@ class TrainPanel(Panel):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._preference = self.shared.get("train.method") != "sft"  # which curves the empty plot has
         PanelProgress(self).draw(force=True)  # empty axes, so the plot's place is visible
-        self.children = [widgets.HBox([self.start_button, self.stop_button, self.mode]),
+        self.shared.observe(self._on_event)
+        self.children = [self.forms[0].widget, widgets.HBox([self.start_button, self.stop_button, self.mode]),
                          widgets.HBox([self.progress, self.progress_text]), self.status, self.error, self.plot,
                          self.diagnosis, self.outcome, self.warnings]
+
+    def _on_event(self, event: str) -> None:
+        # A new method changes which curves there are: the empty plot follows it until a run starts.
+        preference = self.shared.get("train.method") != "sft"
+        if event == "config" and not self.running and self.result is None and preference != self._preference:
+            self._preference = preference
+            PanelProgress(self).draw(force=True)
 
     # -- buttons --------------------------------------------------------------------------
     def start(self) -> None:

@@ -63,3 +63,38 @@ def test_pair_lengths_figure_titles_the_share_of_longer_chosen_answers():
     fig = pair_lengths_figure(lengths)
     assert fig.axes[0].get_title() == "chosen longer in 50% of pairs"  # 2 of 4; a tie is not longer
     assert to_png(fig).startswith(PNG)
+
+
+def test_preference_curves_show_rewards_margin_and_accuracy_for_training_and_validation():
+    import numpy as np
+    import pandas as pd
+
+    from nb_finetune.render import figures
+    steps = np.arange(1, 7)
+    history = pd.DataFrame({"step": steps, "train_loss": 0.7 - 0.01 * steps, "reward_chosen": 0.1 * steps,
+                            "reward_rejected": -0.1 * steps, "reward_margin": 0.2 * steps,
+                            "reward_accuracy": [0.5, 0.5, 0.75, 0.75, 1.0, 1.0]})
+    history["val_loss"] = np.where(steps % 3 == 0, 0.69, np.nan)
+    for name in ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"):
+        history[f"val_{name}"] = np.where(steps % 3 == 0, history[name], np.nan)
+    fig = figures.preference_history_figure(history)
+    loss_ax, reward_ax, acc_ax = fig.axes
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["chosen", "rejected", "margin", "training",
+                                                                  "validation"]
+    assert [line.get_label() for line in reward_ax.get_lines()][:6] == [
+        f"reward_{side} ({split})" for side in ("chosen", "rejected", "margin") for split in ("training", "validation")]
+    margin = next(line for line in reward_ax.get_lines() if line.get_label() == "reward_margin (validation)")
+    assert list(margin.get_xdata()) == [3, 6] and np.allclose(margin.get_ydata(), [0.6, 1.2])
+    assert [line.get_label() for line in acc_ax.get_lines()] == ["reward_accuracy (training)",
+                                                                 "reward_accuracy (validation)"]
+    assert acc_ax.get_ylim()[1] > 1 and loss_ax.get_title() == "loss"
+
+
+def test_pair_margins_figure_counts_pairs_the_tuning_moved_toward_the_chosen_answer():
+    import pandas as pd
+
+    from nb_finetune.render import figures
+    preds = pd.DataFrame({"base_margin": [-2.0, 1.0, 3.0, -1.0], "tuned_margin": [1.0, 2.0, 2.5, -3.0]})
+    ax = figures.pair_margins_figure(preds).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tuned above base (2)", "not above (2)"]
+    assert ax.get_title() == "held-out pairs: tuned prefers chosen in 75%, base in 50%"
