@@ -84,23 +84,37 @@ def diagnose(history: pd.DataFrame) -> str:
 
 
 def preference_failure(history: pd.DataFrame, window: int = 3) -> str:
-    """DPO's two failure modes, read from the rewards a preference run logs (training.preference):
+    """DPO's two failure modes, read from the rewards a preference run logs (training.preference),
+    on the training steps (means of the first and of the last `window` logged) and then on the
+    validations (the first and the last):
     - the margin grows while both rewards fall: the model lowers both answers, the rejected one
       faster, and moves probability to text that is neither;
     - the chosen answers' log-probability collapses: it fell far below where it started.
-    Each over the mean of the first and of the last `window` logged steps. '' when neither."""
-    if "reward_margin" not in history or history["reward_margin"].notna().sum() < 2 * window:
+    '' when neither."""
+    for prefix, size, where in (("", window, "training"), ("val_", 1, "validation")):
+        found = rewards_failure(history, prefix, size)
+        if found:
+            return f"preference ({where} pairs): {found}"
+    return ""
+
+
+def rewards_failure(history: pd.DataFrame, prefix: str, window: int) -> str:
+    """One side's failure mode (the columns named with `prefix`), or ''."""
+    margin = prefix + "reward_margin"
+    if margin not in history or history[margin].notna().sum() < 2 * window:
         return ""
-    logged = history.dropna(subset=["reward_margin"])
-    head, tail = logged.head(window).mean(numeric_only=True), logged.tail(window).mean(numeric_only=True)
+    logged = history.dropna(subset=[margin])
+    first, last = (part.mean(numeric_only=True) for part in (logged.head(window), logged.tail(window)))
+    head, tail = ({k: part[prefix + k] for k in ("reward_margin", "reward_chosen", "reward_rejected", "logp_chosen")}
+                  for part in (first, last))
     if tail["reward_margin"] > head["reward_margin"] and tail["reward_chosen"] < 0 and tail["reward_rejected"] < 0 \
             and tail["reward_chosen"] < head["reward_chosen"]:
-        return (f"preference: the margin grew ({head['reward_margin']:.3f} -> {tail['reward_margin']:.3f}) while "
-                f"both rewards fell (chosen {tail['reward_chosen']:.3f}, rejected {tail['reward_rejected']:.3f}): "
-                "the model makes both answers less likely; raise train.beta, lower the learning rate, or try "
-                "train.method=orpo, whose loss keeps the chosen answers likely")
+        return (f"the margin grew ({head['reward_margin']:.3f} -> {tail['reward_margin']:.3f}) while both rewards "
+                f"fell (chosen {tail['reward_chosen']:.3f}, rejected {tail['reward_rejected']:.3f}): the model makes "
+                "both answers less likely; raise train.beta, lower the learning rate, or try train.method=orpo, "
+                "whose loss keeps the chosen answers likely")
     drop = head["logp_chosen"] - tail["logp_chosen"]
     if drop > max(10.0, 0.5 * abs(head["logp_chosen"])):
-        return (f"preference: the chosen answers' log-probability collapsed ({head['logp_chosen']:.1f} -> "
+        return (f"the chosen answers' log-probability collapsed ({head['logp_chosen']:.1f} -> "
                 f"{tail['logp_chosen']:.1f}); raise train.beta, lower the learning rate, or use train.method=orpo")
     return ""

@@ -86,7 +86,19 @@ def test_the_debias_preset_probes_its_held_out_pairs_beside_the_general_loss(tmp
 
 def test_diagnosis_names_margins_that_grow_while_both_rewards_fall():
     h = history(np.linspace(0, 2, 8), np.linspace(0, -3, 8), np.linspace(0, -5, 8), np.full(8, -40.0))
-    assert diagnose(h).startswith("preference: the margin grew")
+    assert diagnose(h).startswith("preference (training pairs): the margin grew")
+
+
+def test_diagnosis_reads_the_failure_on_validation_pairs_too():
+    """Training rewards that look healthy, validation rewards that both fall while the margin
+    grows (as a 12-step SmolLM2 run showed): the validation side is named."""
+    h = history(np.linspace(0, 1, 8), np.linspace(0, 0.4, 8), np.linspace(0, -0.6, 8), np.linspace(-40, -36, 8))
+    val = {"val_reward_margin": [0.03, 0.09, 0.13], "val_reward_chosen": [-0.02, -0.11, -0.17],
+           "val_reward_rejected": [-0.05, -0.20, -0.30], "val_logp_chosen": [-40.0, -41.0, -42.0]}
+    for column, values in val.items():
+        h[column] = np.nan
+        h.loc[[1, 4, 7], column] = values
+    assert diagnose(h).startswith("preference (validation pairs): the margin grew (0.030 -> 0.130)")
 
 
 def test_diagnosis_names_chosen_log_probabilities_collapsing():
