@@ -34,7 +34,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from train_speed import Counting, load_rows, machine, short_name, validation_loss  # noqa: E402
+from train_speed import counting_collator, load_rows, machine, short_name, validation_loss  # noqa: E402
 
 MODEL = "gemma3-270m"
 LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
@@ -49,7 +49,6 @@ def child(kernels: str, args) -> dict:
     import transformers
 
     from nb_finetune import config, hardware, memory, modeling, training
-    from nb_finetune.data.collator import CompletionOnlyCollator
     from nb_finetune.data.formatter import Formatter
     from nb_finetune.data.tokens import tokenize_frame
     train, val, _ = load_rows("alpaca", args.rows, args.val_rows, args.seed)
@@ -62,15 +61,15 @@ def child(kernels: str, args) -> dict:
                                   warmup_ratio=0.0, seed=args.seed, cpu_kernels=kernels)
         transformers.set_seed(args.seed)
         model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
-        collator = Counting(CompletionOnlyCollator(fmt.tokenizer.pad_token_id, tcfg.pad_to_multiple_of))
+        collator = counting_collator(fmt.tokenizer.pad_token_id, tcfg.pad_to_multiple_of)
         precision = hardware.compute_dtype(mcfg.compute_dtype)
         memory.reset_peak()
         start = time.perf_counter()
         result = training.train(model, dataset, None, collator, tcfg, precision=precision)
         seconds, peak = time.perf_counter() - start, memory.measured_peak()
     held_out = validation_loss(model, [fmt.encode(r) for r in val.to_dict(orient="records")], batch_size=1)
-    return {"seconds": seconds, "steps": result.global_step, "precision": precision, "tokens": collator.tokens,
-            "padded": collator.padded, "peak bytes": peak, "val loss": held_out,
+    return {"seconds": seconds, "steps": result.global_step, "precision": precision, "tokens": collator.counts.tokens,
+            "padded": collator.counts.padded, "peak bytes": peak, "val loss": held_out,
             "huge pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
 
 

@@ -120,28 +120,57 @@ def load_rows(name: str, n_train: int, n_val: int, seed: int):
     return frame.iloc[:n_train], frame.iloc[n_train:n_train + n_val], task
 
 
-class Counting:
-    """Wraps a collator and counts the non-padding tokens (and original rows) of its batches."""
+class Counts:
+    """Non-padding tokens, padded tokens and original rows of the batches a collator built."""
 
-    def __init__(self, collator):
-        self.collator, self.tokens, self.padded, self.rows = collator, 0, 0, 0
+    def __init__(self):
+        self.tokens, self.padded, self.rows = 0, 0, 0
 
-    def __call__(self, features):
-        batch = self.collator(features)
+    def add(self, batch) -> None:
         mask = batch["attention_mask"]
         self.tokens += int(mask.sum())
         self.padded += mask.numel()
         # a packed row holds several original rows, each starting at position 0
         self.rows += int(((batch["position_ids"] == 0) & (mask == 1)).sum()) if "position_ids" in batch \
             else mask.shape[0]
+
+
+class Counting(Counts):
+    """Wraps another library's collator (TRL's) and counts its batches."""
+
+    def __init__(self, collator):
+        super().__init__()
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.add(batch)
         return batch
+
+
+def counting_collator(pad_id: int, multiple: int):
+    """Our collator, counting its batches into `.counts`; the Trainer's copies of it (with the
+    padding tally) share those counts."""
+    from dataclasses import dataclass, field
+
+    from nb_finetune.data.collator import CompletionOnlyCollator
+
+    @dataclass
+    class CountingCollator(CompletionOnlyCollator):
+        counts: Counts = field(default_factory=Counts)
+
+        def __call__(self, features):
+            batch = super().__call__(features)
+            self.counts.add(batch)
+            return batch
+
+    return CountingCollator(pad_id, multiple)
 
 
 # -- one run, in its own process --------------------------------------------------------------
 
 def run_ours(train, fmt, args, out: str, kernels: str, packing: bool):
     from nb_finetune import config, hardware, modeling, training
-    from nb_finetune.data.collator import CompletionOnlyCollator
     from nb_finetune.data.tokens import pack, tokenize_frame
     mcfg = config.ModelConfig(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"])
     # Packed, the same rows (one epoch) take fewer steps: run the epoch rather than the step count.
@@ -155,7 +184,7 @@ def run_ours(train, fmt, args, out: str, kernels: str, packing: bool):
     import transformers
     transformers.set_seed(args.seed)
     model = modeling.add_lora(modeling.load_base(mcfg, "completion", progress=lambda m: None), mcfg, "completion")
-    collator = Counting(CompletionOnlyCollator(fmt.tokenizer.pad_token_id, tcfg.pad_to_multiple_of))
+    collator = counting_collator(fmt.tokenizer.pad_token_id, tcfg.pad_to_multiple_of)
     precision = hardware.compute_dtype(mcfg.compute_dtype)
 
     class Said(training.Callback):
@@ -167,7 +196,7 @@ def run_ours(train, fmt, args, out: str, kernels: str, packing: bool):
     result = training.train(model, dataset, None, collator, tcfg, callbacks=[said], precision=precision)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "steps": result.global_step, "precision": precision,
-            "kernels": said.kernels}, collator, model
+            "kernels": said.kernels}, collator.counts, model
 
 
 def run_trl(train, fmt, args, out: str):

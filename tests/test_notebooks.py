@@ -21,6 +21,7 @@ SMALL = {
     "03_instruction_tuning.ipynb": "MAX_ROWS = 60\nMAX_STEPS = 2",
     "04_qlora_gpu.ipynb": "MAX_STEPS = 2\nMAX_ROWS = 60",
     "05_bias_probe.ipynb": "PAIRS = 12\nMAX_STEPS = 2\nSAMPLES = 1\nMAX_LENGTH = 128",
+    "06_preference_tuning.ipynb": "MAX_ROWS = 60\nMAX_STEPS = 2\nGENERAL_ROWS = 8\nPAIRS = 12",
 }
 
 
