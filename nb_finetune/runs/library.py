@@ -45,7 +45,7 @@ class Run:
 
     def test_metric(self) -> tuple[str, float | None]:
         """The tuned model's headline test figure: accuracy for a classifier, preference accuracy for
-    held-out pairs, else the first one."""
+        held-out pairs, else the first one."""
         rows = [r for r in self.record.get("test_metrics") or [] if r.get("model") == "tuned"]
         if not rows:
             return "", None
