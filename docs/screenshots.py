@@ -263,11 +263,16 @@ def take(page, out: Path, lab) -> None:
     take_runs(page, studio, out)
 
 
-def shots(root: Path, data: Path, out: Path) -> None:
-    """Serve `root`, open the studio's notebook in Chromium and take every picture."""
+def sst2_cell(data: Path) -> str:
+    return browser_lab.sst2_studio_cell(config(), data)
+
+
+def shots(root: Path, data: Path, out: Path, cell=sst2_cell, pictures=take) -> None:
+    """Serve `root`, open a notebook of the studio's cell (`cell(data)`) in Chromium and take
+    the pictures (`pictures(page, out, lab)`)."""
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
-    (root / "studio.ipynb").write_text(json.dumps(browser_lab.notebook([browser_lab.sst2_studio_cell(config(), data)])))
+    (root / "studio.ipynb").write_text(json.dumps(browser_lab.notebook([cell(data)])))
     # The kernel imports this checkout's package, whatever an installed copy points at.
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                         "PYTHONUNBUFFERED": "1"}
@@ -278,7 +283,7 @@ def shots(root: Path, data: Path, out: Path) -> None:
             page = browser.new_page(viewport=VIEWPORT, device_scale_factor=1)
             try:
                 browser_lab.open_notebook(page, lab, "studio.ipynb")
-                take(page, out, lab)
+                pictures(page, out, lab)
             except (Failure, PlaywrightError) as err:
                 window = Path(tempfile.gettempdir()) / "nbft-screenshots-failed.png"
                 page.screenshot(path=str(window))
@@ -291,7 +296,7 @@ def shots(root: Path, data: Path, out: Path) -> None:
         browser_lab.stop_lab(lab)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, cell=sst2_cell, pictures=take) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sst2" / "dev.tsv",
                         help="SST-2 dev.tsv (sentence<TAB>label)")
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nbft-shots-") as tmp:
         try:
-            shots(Path(tmp), data, out)
+            shots(Path(tmp), data, out, cell, pictures)
         except (Failure, browser_lab.LabError) as err:
             sys.exit(f"screenshots: {err}")
     return 0

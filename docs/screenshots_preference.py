@@ -18,16 +18,12 @@ Run from anywhere (this checkout's package is the one imported):
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import browser_lab  # beside this file: run as a script, its folder is on sys.path
 import screenshots
-from screenshots import Failure, fail_on_panel_error, must_appear, panel_text, shoot, wait_for_text
+from screenshots import fail_on_panel_error, must_appear, panel_text, shoot, wait_for_text
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TIMEOUT = 900
@@ -103,56 +99,14 @@ def take_runs(page, studio, out: Path) -> None:
     shoot(page, studio, out / "preference_runs.png", until=studio.locator(".nbft-runs-plot"))
 
 
-def shots(root: Path, data: Path, out: Path) -> None:
-    from playwright.sync_api import Error as PlaywrightError
-    from playwright.sync_api import sync_playwright
-    (root / "studio.ipynb").write_text(json.dumps(browser_lab.notebook([studio_cell(data)])))
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                        "PYTHONUNBUFFERED": "1"}
-    lab = browser_lab.start_lab(root, env)
-    try:
-        with sync_playwright() as p:
-            browser = browser_lab.launch(p)
-            page = browser.new_page(viewport=screenshots.VIEWPORT, device_scale_factor=1)
-            try:
-                browser_lab.open_notebook(page, lab, "studio.ipynb")
-                studio = page.locator(".jp-OutputArea-output", has=page.locator(browser_lab.TABS)).first
-                browser_lab.run_all(page, lab, lambda: studio.count() > 0)
-                browser_lab.full_width(page)
-                take_data_tokens(page, studio, out)
-                take_train_evaluate(page, studio, out)
-                take_runs(page, studio, out)
-            except (Failure, PlaywrightError) as err:
-                window = Path(tempfile.gettempdir()) / "nbft-screenshots-failed.png"
-                page.screenshot(path=str(window))
-                print("jupyter lab's log, its end:\n" + lab.log(), file=sys.stderr)
-                raise Failure(f"{err}\nthe whole window: {window}") from None
-            finally:
-                browser.close()
-    finally:
-        browser_lab.stop_lab(lab)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "sst2" / "dev.tsv",
-                        help="SST-2 dev.tsv (sentence<TAB>label)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images", help="folder for the PNGs")
-    args = parser.parse_args(argv)
-    data = args.data.resolve()
-    if not data.is_file():
-        sys.exit(f"screenshots: no data file at {data} (pass --data PATH to SST-2's dev.tsv)")
-    if why := browser_lab.missing():
-        sys.exit(f"screenshots: {why}")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="nbft-shots-") as tmp:
-        try:
-            shots(Path(tmp), data, out)
-        except (Failure, browser_lab.LabError) as err:
-            sys.exit(f"screenshots: {err}")
-    return 0
+def take(page, out: Path, lab) -> None:
+    studio = page.locator(".jp-OutputArea-output", has=page.locator(browser_lab.TABS)).first
+    browser_lab.run_all(page, lab, lambda: studio.count() > 0)
+    browser_lab.full_width(page)
+    take_data_tokens(page, studio, out)
+    take_train_evaluate(page, studio, out)
+    take_runs(page, studio, out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(screenshots.main(cell=studio_cell, pictures=take))
