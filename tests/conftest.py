@@ -115,6 +115,20 @@ def off_path_env(tmp_path_factory) -> dict:
     return SUBPROCESS_ENV | {"PATH": os.pathsep.join([str(stubs), *kept])}
 
 
+@pytest.fixture
+def lab(tmp_path, off_path_env):
+    """JupyterLab serving tmp_path, off the interpreter's PATH, for the browser tests; a missing
+    browser skips, or fails under NB_FINETUNE_REQUIRE_BROWSER (as CI sets)."""
+    why = browser_lab.missing()
+    if why:
+        if os.environ.get("NB_FINETUNE_REQUIRE_BROWSER"):
+            pytest.fail(why)
+        pytest.skip(why)
+    started = browser_lab.start_lab(tmp_path, off_path_env)
+    yield started
+    browser_lab.stop_lab(started)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct folder from the asset cache (fetched once)."""

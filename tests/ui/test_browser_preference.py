@@ -6,25 +6,11 @@ trains, and the Evaluate tab shows tuned against base on the held-out pairs with
 their margins, with nothing printed in the notebook."""
 from __future__ import annotations
 
-import os
-
 import pytest
 from conftest import browser_lab
 from panel_checks import TAG_CELL, check_panel, controls, printed_outputs
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def lab(tmp_path, off_path_env):
-    why = browser_lab.missing()
-    if why:
-        if os.environ.get("NB_FINETUNE_REQUIRE_BROWSER"):
-            pytest.fail(why)
-        pytest.skip(why)
-    started = browser_lab.start_lab(tmp_path, off_path_env)
-    yield started
-    browser_lab.stop_lab(started)
 
 
 def studio_cell(config: dict, sst2) -> str:

@@ -25,18 +25,6 @@ from test_runs_panel import StopAt, tiny_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def lab(tmp_path, off_path_env):
-    why = browser_lab.missing()
-    if why:
-        if os.environ.get("NB_FINETUNE_REQUIRE_BROWSER"):
-            pytest.fail(why)
-        pytest.skip(why)
-    started = browser_lab.start_lab(tmp_path, off_path_env)
-    yield started
-    browser_lab.stop_lab(started)
-
-
 def make_runs(root, model_dir, shared_data) -> None:
     """run (learning rate 1e-3), run-2 (3e-3) and run-3 (1e-3, stopped at step 5) under root/runs."""
     from nb_finetune import RunConfig
