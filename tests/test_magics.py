@@ -180,7 +180,7 @@ def test_probe_results_display_as_tables_and_text(tiny_model_dir):
     from IPython.core.interactiveshell import InteractiveShell
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nb_finetune.probes.completions import probe_completions, template_prompts
+    from nb_finetune.probes.completions import Draws, probe_completions, template_prompts
     from nb_finetune.probes.likelihood import probe_pairs
     from nb_finetune.probes.pairs import PairSet
     from nb_finetune.probes.scorers import WordListScorer
@@ -192,7 +192,7 @@ def test_probe_results_display_as_tables_and_text(tiny_model_dir):
     shown = fmt(probe_pairs(model, tok, pairs, progress=lambda m: None))[0]
     assert "<table" in shown["text/html"] and "stereotype_preferred" in shown["text/plain"]
     prompts = template_prompts(["The {group} is"], ["woman", "man"])
-    result = probe_completions(model, tok, prompts, WordListScorer(["the"]), samples=1, max_new_tokens=3,
+    result = probe_completions(model, tok, prompts, WordListScorer(["the"]), Draws(samples=1, max_new_tokens=3),
                                progress=lambda m: None)
     shown = fmt(result)[0]
     assert "gap" in shown["text/html"] and "gap" in shown["text/plain"] and "woman" in shown["text/plain"]

@@ -40,11 +40,21 @@ def bold_prompts(path: str | Path, groups: list[str] | None = None, per_group: i
     return shuffled.groupby("group", sort=False).head(per_group).reset_index(drop=True)
 
 
+@dataclass
+class Draws:
+    """How completions are drawn: how many per prompt, how long at most, how hot, from which
+    seed, in batches of how many prompts."""
+    samples: int = 3
+    max_new_tokens: int = 20
+    temperature: float = 0.8
+    seed: int = 0
+    batch_size: int = 8
+
+
 @torch.inference_mode()
-def sample_completions(model, tokenizer, prompts: list[str], samples: int = 3, max_new_tokens: int = 20,
-                       temperature: float = 0.8, seed: int = 0, batch_size: int = 8, progress=print,
+def sample_completions(model, tokenizer, prompts: list[str], draws: Draws = Draws(), progress=print,
                        word_filter=None) -> list[list[str]]:
-    """`samples` completions per prompt, reproducible for a seed (left-padded batches);
+    """`draws.samples` completions per prompt, reproducible for a seed (left-padded batches);
     `word_filter` (a `probes.filter.WordFilter`) blocks words as they are generated."""
     from transformers import LogitsProcessorList
     processors = LogitsProcessorList([word_filter] if word_filter is not None else [])
@@ -53,16 +63,17 @@ def sample_completions(model, tokenizer, prompts: list[str], samples: int = 3, m
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            torch.manual_seed(seed + start)
-            chunk = prompts[start:start + batch_size]
+        d = draws
+        for start in range(0, len(prompts), d.batch_size):
+            torch.manual_seed(d.seed + start)
+            chunk = prompts[start:start + d.batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(model.device)
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=samples, pad_token_id=pad,
+            gen = model.generate(**enc, do_sample=True, temperature=d.temperature, top_p=0.95,
+                                 max_new_tokens=d.max_new_tokens, num_return_sequences=d.samples, pad_token_id=pad,
                                  logits_processor=processors)
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            out += [texts[i * samples:(i + 1) * samples] for i in range(len(chunk))]
-            progress(f"generated for {min(start + batch_size, len(prompts)):,}/{len(prompts):,} prompts")
+            out += [texts[i * d.samples:(i + 1) * d.samples] for i in range(len(chunk))]
+            progress(f"generated for {min(start + d.batch_size, len(prompts)):,}/{len(prompts):,} prompts")
     finally:
         tokenizer.padding_side = side
     return out
@@ -89,10 +100,10 @@ class CompletionResult:
                f"{self.gap['high_group']} and {self.gap['low_group']}")
 
 
-def probe_completions(model, tokenizer, prompts: pd.DataFrame, scorer, samples: int = 3,
-                      max_new_tokens: int = 20, seed: int = 0, progress=print, word_filter=None) -> CompletionResult:
-    texts = sample_completions(model, tokenizer, list(prompts["prompt"]), samples, max_new_tokens, seed=seed,
-                               progress=progress, word_filter=word_filter)
+def probe_completions(model, tokenizer, prompts: pd.DataFrame, scorer, draws: Draws = Draws(), progress=print,
+                      word_filter=None) -> CompletionResult:
+    texts = sample_completions(model, tokenizer, list(prompts["prompt"]), draws, progress, word_filter)
+    seed = draws.seed
     rows = [{**r, "sample": k, "completion": c} for r, cs in zip(prompts.to_dict("records"), texts)
             for k, c in enumerate(cs)]
     frame = pd.DataFrame(rows)

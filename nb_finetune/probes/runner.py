@@ -11,7 +11,7 @@ from ..data.columns import frame_digest
 from ..evaluation.base_cache import BaseResults
 from ..evaluation.scoring import label_probabilities
 from . import pairs as pair_sets
-from .completions import probe_completions
+from .completions import Draws, probe_completions
 from .counterfactual import GROUPS, TEMPLATES, probe_counterfactual
 from .filter import WordFilter
 from .likelihood import probe_pairs
@@ -88,8 +88,8 @@ def completion_probe(target: ProbeTarget, prompts, scorer, samples: int = 3, see
     """Completions on base and tuned, scored; with `blocked` words, the tuned model once more
     with them blocked while generating. Returns the results and what the filter blocked."""
     def probe(m, word_filter=None):
-        return probe_completions(m, target.tokenizer, prompts, scorer, samples, seed=seed, progress=progress,
-                                 word_filter=word_filter)
+        return probe_completions(m, target.tokenizer, prompts, scorer, Draws(samples=samples, seed=seed), progress,
+                                 word_filter)
 
     # Your own classifier may change between runs: its base result is never kept.
     kept = target.base_identity is not None and not isinstance(scorer, ClassifierScorer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nb_finetune.errors import UserError
-from nb_finetune.probes.completions import bold_prompts, probe_completions, template_prompts
+from nb_finetune.probes.completions import Draws, bold_prompts, probe_completions, template_prompts
 from nb_finetune.probes.scorers import VaderScorer, WordListScorer
 
 
@@ -15,8 +15,8 @@ def test_completion_probe_scores_groups_reproducibly(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = template_prompts(["The {group} worked as a", "The {group} was known for"], ["woman", "man"])
     scorer = WordListScorer(["the", "a"])
-    run = lambda: probe_completions(model, tok, prompts, scorer, samples=2, max_new_tokens=6,  # noqa: E731
-                                    seed=1, progress=lambda m: None)
+    run = lambda: probe_completions(model, tok, prompts, scorer, Draws(samples=2, max_new_tokens=6, seed=1),  # noqa: E731
+                                    progress=lambda m: None)
     first, again = run(), run()
     assert list(first.completions["completion"]) == list(again.completions["completion"])
     assert len(first.completions) == 2 * 2 * 2
