@@ -77,34 +77,25 @@ class EvalTarget:
 def evaluate(target: EvalTarget, prep, objective: str, cfg: EvalConfig) -> EvalResult:
     """The tuned model, and with cfg.baselines the base model (adapter off) and the majority
     class, on the test split."""
-    t = target
-    with kernels.for_inference(t.kernels_on):
-        run = Run(t.model, t.fmt, prep, objective, cfg, t.batch_size, t.precision, t.progress, t.base_results,
-                  t.base_key)
-        return run.evaluate()
+    with kernels.for_inference(target.kernels_on):
+        return Run(target, prep, objective, cfg).evaluate()
 
 
 @dataclass
 class Run:
     """One evaluation's inputs, shared by its steps."""
-    model: object
-    fmt: Formatter
+    t: EvalTarget
     prep: object
     objective: str
     cfg: EvalConfig
-    batch_size: int
-    precision: str
-    progress: object
-    base_results: BaseResults
-    base_key: tuple
 
     def evaluate(self) -> EvalResult:
         test = self.prep.splits["test"]
         if self.cfg.max_test_rows and len(test) > self.cfg.max_test_rows:
             test = test.sample(n=self.cfg.max_test_rows, random_state=0).reset_index(drop=True)
         self.test = test
-        self.collator = CompletionOnlyCollator(self.fmt.tokenizer.pad_token_id)
-        self.model.eval()
+        self.collator = CompletionOnlyCollator(self.t.fmt.tokenizer.pad_token_id)
+        self.t.model.eval()
         self.preds = pd.DataFrame({"reference": test["label"] if "label" in test else
                                    test.get("completion", pd.Series([""] * len(test)))})
         labels = label_candidates(self.prep)
@@ -112,7 +103,7 @@ class Run:
         samples = self.samples() if self.objective != "head" else \
             pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
         # A classification head reads the text alone: no instruction to show.
-        instruction = self.fmt.instruction if "text" in test and self.objective != "head" else ""
+        instruction = self.t.fmt.instruction if "text" in test and self.objective != "head" else ""
         return EvalResult(pd.DataFrame(rows).set_index("model"), confusion, errors.reset_index(drop=True),
                           samples, self.preds, instruction)
 
@@ -121,23 +112,23 @@ class Run:
         text shares (the result holds it once), shortened."""
         if "messages" in row:
             return "(chat)"
-        return shorten(row["text"] if "text" in row else self.fmt.prompt_text(row), n)
+        return shorten(row["text"] if "text" in row else self.t.fmt.prompt_text(row), n)
 
     def tuned_and_base(self, compute, with_base: bool, key: tuple, what: str) -> list:
         """[(name, compute(name))] for the tuned model and, with_base, the base (kept)."""
         out = [("tuned", compute("tuned"))]
         if with_base:
-            out.append(("base", self.base_results.on_base(self.model, self.base_key + key, lambda: compute("base"),
-                                                          self.progress, what)))
+            out.append(("base", self.t.base_results.on_base(self.t.model, self.t.base_key + key, lambda: compute("base"),
+                                                          self.t.progress, what)))
         return out
 
     def label_scores(self, name: str, labels: list[str]):
-        self.progress(f"evaluating the {name} model on {len(self.test)} test rows")
+        self.t.progress(f"evaluating the {name} model on {len(self.test)} test rows")
         if self.objective == "head":
             ids = {lab: i for i, lab in enumerate(labels)}
-            ds = TokenizedDataset(self.fmt.encode_classification_many(self.test.to_dict("records"), ids))
-            return head_scores(self.model, ds, self.collator, self.batch_size, self.precision)
-        return score_labels(self.model, self.fmt, self.test, labels, self.collator, self.batch_size, self.precision)
+            ds = TokenizedDataset(self.t.fmt.encode_classification_many(self.test.to_dict("records"), ids))
+            return head_scores(self.t.model, ds, self.collator, self.t.batch_size, self.t.precision)
+        return score_labels(self.t.model, self.t.fmt, self.test, labels, self.collator, self.t.batch_size, self.t.precision)
 
     def label_metrics(self, labels: list[str]):
         """Accuracy and macro-F1 of each model and the majority class; the tuned model's
@@ -165,11 +156,11 @@ class Run:
 
     def completion_metrics(self):
         """Loss and perplexity on completion tokens; the rows the tuned model found hardest."""
-        ds, _ = tokenize_frame(self.test, self.fmt)
+        ds, _ = tokenize_frame(self.test, self.t.fmt)
 
         def losses(name):
-            self.progress(f"evaluating the {name} model on {len(ds)} test rows")
-            return completion_loss(self.model, ds, self.collator, self.batch_size, self.precision)
+            self.t.progress(f"evaluating the {name} model on {len(ds)} test rows")
+            return completion_loss(self.t.model, ds, self.collator, self.t.batch_size, self.t.precision)
 
         rows = []
         for name, (loss, per_row) in self.tuned_and_base(losses, self.cfg.baselines,
@@ -187,9 +178,9 @@ class Run:
         if not cfg.num_samples or "messages" in test:
             return pd.DataFrame(columns=["prompt", "reference", "base", "tuned"])
         chosen = test.head(cfg.num_samples)
-        self.progress(f"generating {len(chosen)} samples from the base and the tuned model")
+        self.t.progress(f"generating {len(chosen)} samples from the base and the tuned model")
         outputs = dict(self.tuned_and_base(
-            lambda name: generate(self.model, self.fmt, chosen, cfg.max_new_tokens, self.precision), True,
+            lambda name: generate(self.t.model, self.t.fmt, chosen, cfg.max_new_tokens, self.t.precision), True,
             ("samples", cfg.max_test_rows, cfg.num_samples, cfg.max_new_tokens), "samples"))
         reference = chosen["label"] if "label" in chosen else chosen["completion"]
         return pd.DataFrame({"prompt": [self.shown(r, 120) for r in chosen.to_dict("records")],
