@@ -196,12 +196,15 @@ def write_history(history: pd.DataFrame, cfg: TrainConfig) -> None:
 
 def finish(trainer: SafeTrainer, bridge: EventBridge, cfg: TrainConfig, tokenizer, callbacks, seconds: float,
            precision: str) -> TrainResult:
-    """Refuse a run whose loss stopped being a number; else save the adapter and report the end."""
+    """Refuse a run whose loss stopped being a number; else save the adapter and report the end.
+    The model is handed back in eval mode: without a final validation pass the Trainer leaves
+    dropout on, and a probe or the playground would then score a fresh dropout draw each time."""
     checkpoints = trainer.args.output_dir
     last = get_last_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
     if bridge.nonfinite:
         step, loss = bridge.nonfinite
         raise UserError(nonfinite_advice(step, loss, cfg, precision, last))
+    trainer.model.eval()
     adapter_dir = Path(cfg.output_dir) / "adapter"
     trainer.save_model(str(adapter_dir))  # the Trainer writes on the main process only
     if tokenizer is not None and distributed.is_main():

@@ -214,3 +214,27 @@ def test_liger_asked_for_without_a_gpu_trains_with_transformers_layers_and_says_
     assert s.train([Begin()]).global_step == 2
     notes = [m for m in messages if m.startswith("Liger Kernel off: ")]
     assert len(notes) == 1 and "transformers' own layers" in notes[0] and infos[0]["liger_kernel"] is False
+
+
+def test_a_trained_model_scores_the_same_every_time(tiny_model_dir, tmp_path, sst2_frame):
+    """Without validation rows the Trainer ends in torch's train mode, dropout on. What runs next
+    on the session's model (a probe, the playground, an export) must score the model, not a
+    fresh dropout draw."""
+    import pandas as pd
+
+    from nb_finetune.probes import runner
+    from nb_finetune.probes.pairs import PairSet
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=2).with_overrides({"model.lora_dropout": 0.5,
+                                                                                  "data.val_fraction": 0.0})
+    s = prepared_session(cfg, sst2_frame)
+    s.train()
+    pairs = PairSet("two", pd.DataFrame({"more": ["The film was dull and long.", "A warm, funny story."],
+                                         "less": ["The film was short and sharp.", "A cold, grim story."],
+                                         "bias_type": ["x", "x"]}))
+    scores = [runner.pair_probe(s.probe_target(), pairs, progress=lambda m: None)["tuned"].scores
+              for _ in range(2)]
+    assert scores[0]["more_logprob"].tolist() == scores[1]["more_logprob"].tolist()
+    assert not s.model.training
+    s.model.train()  # a model someone put back in train mode: the probe turns dropout off itself
+    again = runner.pair_probe(s.probe_target(), pairs, progress=lambda m: None)["tuned"].scores
+    assert again["more_logprob"].tolist() == scores[0]["more_logprob"].tolist()
