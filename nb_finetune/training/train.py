@@ -11,10 +11,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
-from transformers.trainer_utils import get_last_checkpoint
 
 from .. import distributed, kernels
 from ..config import PREFERENCE_METHODS, TrainConfig
@@ -37,7 +37,7 @@ from .policy import (
 )
 from .preference import PreferenceLoss
 from .preference_trainer import PreferenceTrainer
-from .trainer import EventBridge, SafeTrainer, predicted_ids, token_accuracy
+from .trainer import EventBridge, SafeTrainer, last_checkpoint, predicted_ids, token_accuracy
 
 
 @dataclass
@@ -142,7 +142,7 @@ def train_with_rescue(target: TrainTarget, cfg: TrainConfig, setup: Setup, bridg
     while True:
         trainer = make_trainer(target, cfg, setup, bridge)
         try:
-            run(trainer, target.model, cfg, setup.precision, bridge)
+            run(trainer, target.model, cfg, setup.precision, bridge, say)
             return trainer
         except RuntimeError as err:  # torch.OutOfMemoryError is one
             # Past the first optimizer step the weights have moved: a restart would not be the same run.
@@ -159,7 +159,7 @@ def train_with_rescue(target: TrainTarget, cfg: TrainConfig, setup: Setup, bridg
         release(target.model)
 
 
-def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: EventBridge) -> None:
+def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: EventBridge, say) -> None:
     try:
         with kernels.for_training(model, precision, kernels.wanted(cfg.cpu_kernels)) as applied, \
                 trackers.mlflow_store(cfg):
@@ -169,8 +169,9 @@ def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: E
     except KeyboardInterrupt:
         # A kernel interrupt (or a second Ctrl-C) is a stop too: keep what the finished steps trained.
         bridge.stopped = True
-        if trainer.state.global_step > 0:
-            trainer.save_checkpoint_now()
+        if trainer.state.global_step > 0 and not trainer.save_checkpoint_now():
+            say(f"transformers {metadata.version('transformers')} has no Trainer._save_checkpoint: the "
+                f"interrupted run keeps its adapter, and resumes from its last periodic checkpoint")
 
 
 def release(model) -> None:
@@ -206,7 +207,8 @@ def make_trainer(target: TrainTarget, cfg: TrainConfig, setup: Setup, bridge: Ev
 
 def resume_point(cfg: TrainConfig, checkpoints: str) -> str | None:
     if cfg.resume_from == "last":
-        return get_last_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
+        last = last_checkpoint(checkpoints)
+        return None if last is None else str(last)
     return cfg.resume_from or None
 
 
@@ -221,8 +223,7 @@ def finish(trainer: SafeTrainer, bridge: EventBridge, cfg: TrainConfig, target: 
     """Refuse a run whose loss stopped being a number; else save the adapter and report the end.
     The model is handed back in eval mode: without a final validation pass the Trainer leaves
     dropout on, and a probe or the playground would then score a fresh dropout draw each time."""
-    checkpoints = trainer.args.output_dir
-    last = get_last_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
+    last = last_checkpoint(trainer.args.output_dir)
     if bridge.nonfinite:
         step, loss = bridge.nonfinite
         raise UserError(nonfinite_advice(step, loss, cfg, target.precision, last))
@@ -232,7 +233,7 @@ def finish(trainer: SafeTrainer, bridge: EventBridge, cfg: TrainConfig, target: 
     if target.tokenizer is not None and distributed.is_main():
         target.tokenizer.save_pretrained(str(adapter_dir))
     result = TrainResult(bridge.history, bridge.stopped, bridge.early_stopped, adapter_dir,
-                         Path(last) if last else None, trainer.state.global_step, seconds, trainer.train_collator.tally)
+                         last, trainer.state.global_step, seconds, trainer.train_collator.tally)
     for cb in bridge.callbacks:
         cb.on_train_end(result)
     return result
