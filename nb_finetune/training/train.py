@@ -172,6 +172,10 @@ def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: E
         if trainer.state.global_step > 0 and not trainer.save_checkpoint_now():
             say(f"transformers {metadata.version('transformers')} has no Trainer._save_checkpoint: the "
                 f"interrupted run keeps its adapter, and resumes from its last periodic checkpoint")
+    finally:
+        # Mixed precision wrapped the model's forward in autocast: what runs on the model next
+        # (evaluation, probes, the playground) asks for its own precision.
+        trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
 
 def release(model) -> None:

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from conftest import alpaca_raw, prepared_session, tiny_run_config
 
 from nb_finetune.pipeline import Session
@@ -238,3 +239,22 @@ def test_a_trained_model_scores_the_same_every_time(tiny_model_dir, tmp_path, ss
     s.model.train()  # a model someone put back in train mode: the probe turns dropout off itself
     again = runner.pair_probe(s.probe_target(), pairs, progress=lambda m: None)["tuned"].scores
     assert again["more_logprob"].tolist() == scores[0]["more_logprob"].tolist()
+
+
+def test_the_trained_model_runs_in_float32_after_mixed_precision_training(tiny_model_dir, tmp_path, sst2_frame,
+                                                                          monkeypatch):
+    """Training in bf16 wraps the model's forward in autocast (accelerate's mixed precision).
+    Left on, every score after training (evaluation, probes, the playground) would run in bf16
+    where float32 is asked for: a padded batch then scores a sentence up to a few tenths of a nat
+    away from the sentence alone (CrowS-Pairs on Gemma 3 after a full run)."""
+    from nb_finetune import hardware
+    monkeypatch.setattr(hardware, "bf16_supported", lambda: True)
+    s = prepared_session(tiny_run_config(tiny_model_dir, tmp_path, max_steps=2), sst2_frame)
+    assert s.precision == "bfloat16"
+    s.train()
+    seen = []
+    layer = s.model.get_base_model().model.layers[0].mlp
+    layer.register_forward_hook(lambda module, args, out: seen.append(torch.is_autocast_enabled("cpu")))
+    with torch.no_grad():
+        s.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen == [False]
