@@ -65,7 +65,7 @@ def child(kernels: str, args) -> dict:
         precision = hardware.compute_dtype(mcfg.compute_dtype)
         memory.reset_peak()
         start = time.perf_counter()
-        result = training.train(model, dataset, None, collator, tcfg, precision=precision)
+        result = training.train(training.TrainTarget(model, dataset, collator=collator, precision=precision), tcfg)
         seconds, peak = time.perf_counter() - start, memory.measured_peak()
     held_out = validation_loss(model, [fmt.encode(r) for r in val.to_dict(orient="records")], batch_size=1)
     return {"seconds": seconds, "steps": result.global_step, "precision": precision, "tokens": collator.counts.tokens,

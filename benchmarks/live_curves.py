@@ -57,7 +57,8 @@ def run(order: str, train: pd.DataFrame, fmt, args) -> dict:
                                   logging_steps=args.logging_steps, warmup_ratio=0.0, seed=args.seed)
         collator = CompletionOnlyCollator(fmt.tokenizer.pad_token_id, tcfg.pad_to_multiple_of)
         start = time.perf_counter()
-        result = training.train(model, dataset, None, collator, tcfg, precision=hardware.compute_dtype("auto"))
+        result = training.train(training.TrainTarget(model, dataset, collator=collator,
+                                                       precision=hardware.compute_dtype("auto")), tcfg)
     return {"history": result.history, "seconds": time.perf_counter() - start,
             "padding_share": result.padding.shares()["batches_padded"]}
 

@@ -193,7 +193,8 @@ def run_ours(train, fmt, args, out: str, kernels: str, packing: bool):
 
     said = Said()
     start = time.perf_counter()
-    result = training.train(model, dataset, None, collator, tcfg, callbacks=[said], precision=precision)
+    result = training.train(training.TrainTarget(model, dataset, collator=collator, precision=precision), tcfg,
+                            training.Watch(callbacks=[said]))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "steps": result.global_step, "precision": precision,
             "kernels": said.kernels}, collator.counts, model

@@ -162,6 +162,8 @@ def keep_4bit_weights_trainable(model) -> int:
 
 def add_lora(model, cfg: ModelConfig, objective: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from .kernels import lora as lora_kernel
     if cfg.quantization != "none":
         # Casts norms to fp32 and makes inputs require grad; checkpointing itself is the Trainer's.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -169,6 +171,9 @@ def add_lora(model, cfg: ModelConfig, objective: str):
         [t.strip() for t in cfg.target_modules.split(",") if t.strip()]
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, task_type="SEQ_CLS" if objective == "head" else "CAUSAL_LM")
+    # The CPU kernels' LoRA layer, through peft's own dispatch: peft's forward until a training
+    # run with train.cpu_kernels on switches its fast path on.
+    lora_kernel.dispatch_fast_lora(lora)
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:  # peft names the modules it could not find

@@ -250,10 +250,9 @@ class Session:
                                          resuming=bool(t.resume_from))
             callbacks = [*callbacks, self.record]
         with self.recording():
-            self.train_result = training.train(self.model, train_ds, self.datasets["validation"],
-                                             self.collator, t, callbacks, stop, self.precision, self.tokenizer,
-                                             info, quantized=self.cfg.model.quantization != "none",
-                                             say=self.progress)
+            target = training.TrainTarget(self.model, train_ds, self.datasets["validation"], self.collator,
+                                          self.tokenizer, self.precision, self.cfg.model.quantization != "none")
+            self.train_result = training.train(target, t, training.Watch(callbacks, stop, info, self.progress))
         if self.record is not None:
             self.record.end("stopped" if self.train_result.stopped else "finished",
                             training=training_summary(self.train_result.history))

@@ -14,7 +14,7 @@ checks before each run that what they use is still there, and keeps them off, sa
 one line, where it is not.
 
 `for_training` applies them all for one training run and puts everything back after, so with
-the switch off (or on a GPU) peft's own layers and transformers' own loss run; `applicable`
+the switch off (or on a GPU) peft's own forward and transformers' own loss run; `applicable`
 says which of them would apply to a model, from the same checks (docs/models.md). Nothing here
 is imported by data/, config or ui/.
 """

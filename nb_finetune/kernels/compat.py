@@ -59,7 +59,7 @@ def missing_name() -> str | None:
 def missing_in_model(model) -> str | None:
     """What the kernels read from this model's LoRA layers and causal LM that is not there."""
     from peft.tuners.lora.layer import Linear
-    layer = next((m for m in model.modules() if type(m) is Linear), None)
+    layer = next((m for m in model.modules() if isinstance(m, Linear)), None)
     if layer is not None:
         for name in LAYER_METHODS:
             if not callable(getattr(type(layer), name, None)):

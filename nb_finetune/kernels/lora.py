@@ -1,5 +1,9 @@
 """peft's LoRA Linear, moving less memory on a CPU (FastLoraLinear), and the sharing of work
-between adapted layers that read one input."""
+between adapted layers that read one input.
+
+peft builds FastLoraLinear in place of its own Linear through its custom-module dispatch
+(`dispatch_fast_lora`, called where the adapter is added). The layer runs peft's own forward
+until `fast_lora_in` switches its fast path on for a training run."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -89,9 +93,12 @@ class FastLoraLinear(Linear):
     outside autocast) goes to peft's own forward."""
 
     same_input = None  # a _SameInput, set by fast_lora_in
+    fast = False  # the fast path is on: set by fast_lora_in for one training run
 
     def fast_path_for(self):
         """The adapter's name if this layer's call can take the fast path, else None."""
+        if not self.fast:
+            return None
         adapters = self.active_adapters
         if self.disable_adapters or self.merged or len(adapters) != 1 or adapters[0] not in self.lora_A \
                 or adapters[0] in self.lora_variant or self.lora_bias.get(adapters[0], False):
@@ -125,25 +132,49 @@ class FastLoraLinear(Linear):
         return out.view(result.shape)
 
 
+class ExactType(type):
+    """A class that `isinstance` matches to exactly `exact`, not to its subclasses: peft's
+    dispatch asks isinstance, and bitsandbytes' 4- and 8-bit layers are nn.Linear subclasses
+    that FastLoraLinear must not take."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return type(obj) is cls.exact
+
+
+class PlainLinear(metaclass=ExactType):
+    exact = torch.nn.Linear
+
+
+def dispatch_fast_lora(lora_config) -> bool:
+    """Have peft build FastLoraLinear for each plain nn.Linear the adapter targets. False where
+    this peft has no custom-module dispatch: its own Linear is built, and the kernel stays off."""
+    register = getattr(lora_config, "_register_custom_module", None)
+    if not callable(register):
+        return False
+    register({PlainLinear: FastLoraLinear})
+    return True
+
+
 def switchable(module) -> bool:
-    """Whether `module` is a layer FastLoraLinear takes over: peft's plain LoRA Linear on an nn.Linear."""
-    return type(module) is Linear and type(module.base_layer) is torch.nn.Linear and not module.fan_in_fan_out
+    """Whether `module` is a layer whose fast path fast_lora_in turns on: a FastLoraLinear on an
+    nn.Linear whose weight is stored (out, in)."""
+    return isinstance(module, FastLoraLinear) and type(module.base_layer) is torch.nn.Linear \
+        and not module.fan_in_fan_out
 
 
 @contextmanager
 def fast_lora_in(model):
-    """peft's plain LoRA Linear layers made FastLoraLinear (a subclass: isinstance checks,
-    saving and merging are unchanged), those that read one input grouped, and all put back
-    after; yields how many layers were switched."""
+    """The fast path of the model's FastLoraLinear layers on, those that read one input grouped,
+    and all off again after; yields how many layers were switched."""
     switched = []
     for parent in model.modules():
         children = dict(parent.named_children())
         for child in children.values():
             if switchable(child):
-                child.__class__ = FastLoraLinear
+                child.fast = True
                 switched.append(child)
         for names in SAME_INPUT:
-            layers = [children[n] for n in names if isinstance(children.get(n), FastLoraLinear)]
+            layers = [children[n] for n in names if getattr(children.get(n), "fast", False)]
             if len(layers) > 1:
                 group = _SameInput(layers)
                 for layer in layers:
@@ -152,5 +183,5 @@ def fast_lora_in(model):
         yield len(switched)
     finally:
         for layer in switched:
-            layer.__class__ = Linear
-            vars(layer).pop("same_input", None)
+            for name in ("fast", "same_input"):
+                vars(layer).pop(name, None)

@@ -70,7 +70,9 @@ class ProbeTarget:
 
 def before_after(run: Callable, target: ProbeTarget, key=None) -> dict:
     """`run(model)` on the base (adapter off) and on the tuned model. With a `key` naming the
-    base model and the probe's inputs, the base's result is kept and reused."""
+    base model and the probe's inputs, the base's result is kept and reused. Dropout is off: a
+    probe scores the model, not a draw of it."""
+    target.model.eval()
     base = target.base_results.on_base(target.model, key, lambda: run(target.model))
     return {"base": base, "tuned": run(target.model)}
 

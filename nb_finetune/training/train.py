@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
-from transformers.trainer_utils import get_last_checkpoint
 
 from .. import distributed, kernels
 from ..config import PREFERENCE_METHODS, TrainConfig
@@ -36,7 +37,7 @@ from .policy import (
 )
 from .preference import PreferenceLoss
 from .preference_trainer import PreferenceTrainer
-from .trainer import EventBridge, SafeTrainer, predicted_ids, token_accuracy
+from .trainer import EventBridge, SafeTrainer, last_checkpoint, predicted_ids, token_accuracy
 
 
 @dataclass
@@ -68,40 +69,61 @@ class Setup:
     padding_free: bool = False  # training batches flattened into one row (policy.use_padding_free)
 
 
-def train(model, train_ds, val_ds, collator, cfg: TrainConfig, callbacks=(), stop: threading.Event | None = None,
-          precision: str = "float32", tokenizer=None, info: dict | None = None, quantized: bool = False,
-          say=None) -> TrainResult:
-    """Train `model` (already with adapters) and save its adapter under cfg.output_dir/adapter.
-    The history is written to cfg.output_dir/history.csv however training ends. `say` gets a
-    line for each speed-up used or refused and each change made to rescue a run that ran out
-    of GPU memory."""
+@dataclass
+class TrainTarget:
+    """What a run trains: the model (already with adapters), its rows, how they are batched,
+    and how the model computes. The tokenizer, where given, is saved beside the adapter."""
+    model: object
+    train_ds: object
+    val_ds: object = None
+    collator: object = None
+    tokenizer: object = None
+    precision: str = "float32"
+    quantized: bool = False  # the base is 4- or 8-bit
+
+
+@dataclass
+class Watch:
+    """Who hears of a run and how it is stopped: `callbacks` get its events, `stop` ends it
+    after the current step, `info` is added to the begin event, and `say` gets a line for each
+    speed-up used or refused and each change made to rescue a run that ran out of GPU memory."""
+    callbacks: Sequence = ()
+    stop: threading.Event | None = None
+    info: dict = field(default_factory=dict)
+    say: Callable[[str], None] = lambda line: None
+
+
+def train(target: TrainTarget, cfg: TrainConfig, watch: Watch | None = None) -> TrainResult:
+    """Train `target.model` and save its adapter under cfg.output_dir/adapter. The history is
+    written to cfg.output_dir/history.csv however training ends."""
+    watch = watch or Watch()
     trackers.check(cfg)
-    check_disk(model, cfg)
+    check_disk(target.model, cfg)
     # Only the main process reports: one console, one history, one set of files.
-    callbacks = list(callbacks) if distributed.is_main() else []
-    bridge = EventBridge(callbacks, stop, cfg.early_stopping_patience, dict(info or {}))
-    say = say or (lambda line: None)
-    setup = decide_setup(model, train_ds, cfg, precision, quantized, say)
+    callbacks = list(watch.callbacks) if distributed.is_main() else []
+    bridge = EventBridge(callbacks, watch.stop, cfg.early_stopping_patience, dict(watch.info))
+    setup = decide_setup(target, cfg, watch.say)
     bridge.info.update(liger_kernel=setup.liger, padding_free=setup.padding_free)
     start = time.perf_counter()
     try:
-        trainer = train_with_rescue(model, (train_ds, val_ds), collator, cfg, setup, bridge, say)
+        trainer = train_with_rescue(target, cfg, setup, bridge, watch.say)
     finally:
         write_history(bridge.history, cfg)
-    return finish(trainer, bridge, cfg, tokenizer, callbacks, time.perf_counter() - start, precision)
+    return finish(trainer, bridge, cfg, target, time.perf_counter() - start)
 
 
-def decide_setup(model, train_ds, cfg: TrainConfig, precision: str, quantized: bool, say) -> Setup:
+def decide_setup(target: TrainTarget, cfg: TrainConfig, say) -> Setup:
     """The speed-ups this run uses (Liger Kernel, padding-free batches), each said when used or refused."""
     if cfg.method in PREFERENCE_METHODS:
-        return preference_setup(cfg, precision, quantized, say)
+        return preference_setup(cfg, target.precision, target.quantized, say)
+    model, rows = target.model, target.train_ds
     liger, liger_note = use_liger(cfg, getattr(getattr(model, "config", None), "model_type", ""))
-    causal_lm = len(train_ds) == 0 or per_token([train_ds[0]])
+    causal_lm = len(rows) == 0 or per_token([rows[0]])
     padding_free, padding_note = use_padding_free(cfg, model, causal_lm)
     for note in (liger_note, padding_note):
         if note:
             say(note)
-    return Setup(precision, quantized, liger, padding_free)
+    return Setup(target.precision, target.quantized, liger, padding_free)
 
 
 def preference_setup(cfg: TrainConfig, precision: str, quantized: bool, say) -> Setup:
@@ -113,14 +135,14 @@ def preference_setup(cfg: TrainConfig, precision: str, quantized: bool, say) -> 
     return Setup(precision, quantized)
 
 
-def train_with_rescue(model, datasets, collator, cfg: TrainConfig, setup: Setup, bridge: EventBridge,
+def train_with_rescue(target: TrainTarget, cfg: TrainConfig, setup: Setup, bridge: EventBridge,
                       say) -> SafeTrainer:
     """Train; on running out of GPU memory before the first optimizer step, try again smaller
     (policy.oom_rescue) until it fits or nothing is left to try."""
     while True:
-        trainer = make_trainer(model, *datasets, collator, cfg, setup, bridge)
+        trainer = make_trainer(target, cfg, setup, bridge)
         try:
-            run(trainer, model, cfg, setup.precision, bridge)
+            run(trainer, target.model, cfg, setup.precision, bridge, say)
             return trainer
         except RuntimeError as err:  # torch.OutOfMemoryError is one
             # Past the first optimizer step the weights have moved: a restart would not be the same run.
@@ -134,10 +156,10 @@ def train_with_rescue(model, datasets, collator, cfg: TrainConfig, setup: Setup,
         bridge.info.update(batch_size=cfg.batch_size, grad_accum=accumulation(cfg),
                            rescues=[*bridge.info.get("rescues", []), line])
         trainer.optimizer = trainer.lr_scheduler = trainer = None  # the failed try's last references
-        release(model)
+        release(target.model)
 
 
-def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: EventBridge) -> None:
+def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: EventBridge, say) -> None:
     try:
         with kernels.for_training(model, precision, kernels.wanted(cfg.cpu_kernels)) as applied, \
                 trackers.mlflow_store(cfg):
@@ -147,8 +169,13 @@ def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: E
     except KeyboardInterrupt:
         # A kernel interrupt (or a second Ctrl-C) is a stop too: keep what the finished steps trained.
         bridge.stopped = True
-        if trainer.state.global_step > 0:
-            trainer.save_checkpoint_now()
+        if trainer.state.global_step > 0 and not trainer.save_checkpoint_now():
+            say(f"transformers {metadata.version('transformers')} has no Trainer._save_checkpoint: the "
+                f"interrupted run keeps its adapter, and resumes from its last periodic checkpoint")
+    finally:
+        # Mixed precision wrapped the model's forward in autocast: what runs on the model next
+        # (evaluation, probes, the playground) asks for its own precision.
+        trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
 
 def release(model) -> None:
@@ -162,19 +189,19 @@ def release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, setup: Setup,
-                 bridge: EventBridge) -> SafeTrainer:
+def make_trainer(target: TrainTarget, cfg: TrainConfig, setup: Setup, bridge: EventBridge) -> SafeTrainer:
+    val_ds, collator = target.val_ds, target.collator
     args = training_arguments(cfg, setup.precision, has_eval=val_ds is not None and len(val_ds) > 0,
                               quantized=setup.quantized, liger=setup.liger)
-    common = dict(model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=[bridge],
-                  eval_dataset=val_ds if args.eval_strategy != "no" else None)
+    common = dict(model=target.model, args=args, train_dataset=target.train_ds, data_collator=collator,
+                  callbacks=[bridge], eval_dataset=val_ds if args.eval_strategy != "no" else None)
     if cfg.method in PREFERENCE_METHODS:
         trainer = PreferenceTrainer(**common, preference=PreferenceLoss(cfg.method, cfg.beta, cfg.dpo_loss))
     else:
         trainer = SafeTrainer(**common, compute_metrics=token_accuracy, preprocess_logits_for_metrics=predicted_ids)
     # Liger's fused linear + cross-entropy keeps no logits already, and its forward takes
     # `logits_to_keep` as a count or slice, not our mask of positions.
-    trainer.trained_logits_only = keeps_logits_selectively(model) and not setup.liger
+    trainer.trained_logits_only = keeps_logits_selectively(target.model) and not setup.liger
     # Each try counts its own training batches; validation batches stay padded.
     trainer.train_collator = replace(collator, flatten=setup.padding_free, tally=PaddingTally())
     trainer.drop_printers()
@@ -184,7 +211,8 @@ def make_trainer(model, train_ds, val_ds, collator, cfg: TrainConfig, setup: Set
 
 def resume_point(cfg: TrainConfig, checkpoints: str) -> str | None:
     if cfg.resume_from == "last":
-        return get_last_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
+        last = last_checkpoint(checkpoints)
+        return None if last is None else str(last)
     return cfg.resume_from or None
 
 
@@ -194,20 +222,22 @@ def write_history(history: pd.DataFrame, cfg: TrainConfig) -> None:
         history.to_csv(Path(cfg.output_dir) / "history.csv", index=False)
 
 
-def finish(trainer: SafeTrainer, bridge: EventBridge, cfg: TrainConfig, tokenizer, callbacks, seconds: float,
-           precision: str) -> TrainResult:
-    """Refuse a run whose loss stopped being a number; else save the adapter and report the end."""
-    checkpoints = trainer.args.output_dir
-    last = get_last_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
+def finish(trainer: SafeTrainer, bridge: EventBridge, cfg: TrainConfig, target: TrainTarget,
+           seconds: float) -> TrainResult:
+    """Refuse a run whose loss stopped being a number; else save the adapter and report the end.
+    The model is handed back in eval mode: without a final validation pass the Trainer leaves
+    dropout on, and a probe or the playground would then score a fresh dropout draw each time."""
+    last = last_checkpoint(trainer.args.output_dir)
     if bridge.nonfinite:
         step, loss = bridge.nonfinite
-        raise UserError(nonfinite_advice(step, loss, cfg, precision, last))
+        raise UserError(nonfinite_advice(step, loss, cfg, target.precision, last))
+    trainer.model.eval()
     adapter_dir = Path(cfg.output_dir) / "adapter"
     trainer.save_model(str(adapter_dir))  # the Trainer writes on the main process only
-    if tokenizer is not None and distributed.is_main():
-        tokenizer.save_pretrained(str(adapter_dir))
+    if target.tokenizer is not None and distributed.is_main():
+        target.tokenizer.save_pretrained(str(adapter_dir))
     result = TrainResult(bridge.history, bridge.stopped, bridge.early_stopped, adapter_dir,
-                         Path(last) if last else None, trainer.state.global_step, seconds, trainer.train_collator.tally)
-    for cb in callbacks:
+                         last, trainer.state.global_step, seconds, trainer.train_collator.tally)
+    for cb in bridge.callbacks:
         cb.on_train_end(result)
     return result

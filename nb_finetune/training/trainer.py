@@ -1,17 +1,18 @@
-"""The transformers Trainer underneath: a subclass that saves checkpoints safely and computes
-logits only where a token is trained, and the bridge from its events to ours."""
+"""The transformers Trainer underneath: a subclass that computes logits only where a token is
+trained, the bridge from its events to ours, and which checkpoint a run resumes from."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
 from ..data.collator import trained_positions
@@ -145,9 +146,20 @@ def predicted_ids(logits, labels):
     return preds
 
 
+def last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete `checkpoint-N` in `folder`. The Trainer writes a checkpoint's
+    trainer_state.json last, after the weights, optimizer and RNG states: a folder without it
+    is one a process was killed while writing, and resuming from it would fail or be wrong."""
+    found = {}
+    for path in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if Path(folder).is_dir() else ():
+        step = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
+        if step and (path / TRAINER_STATE_NAME).is_file():
+            found[int(step.group(1))] = path
+    return found[max(found)] if found else None
+
+
 class SafeTrainer(Trainer):
-    """Writes each checkpoint under a temporary name and renames it once complete, so a
-    process killed mid-save never leaves a `checkpoint-N` that resume would load.
+    """Checkpoints are the Trainer's own; `last_checkpoint` tells a complete one.
 
     Packed rows (train.packing) and padding-free batches (train.padding_free) reach the model
     with position_ids and no attention mask.
@@ -163,7 +175,6 @@ class SafeTrainer(Trainer):
     Validation gets each trained position's predicted token from the same chunks, in place of
     logits. The loss is scaled as Trainer.compute_loss scales a model's own (`across_processes`),
     and the Trainer's accumulation treats it as it treats the model's."""
-    staging: str | None = None
     trained_logits_only = False
     fused_loss = None
     train_collator = None  # the training batches' own collator (padding-free, counting), where set
@@ -221,31 +232,15 @@ class SafeTrainer(Trainer):
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss
 
-    def _get_output_dir(self, trial):
-        return self.staging or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, f".partial-{name}")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.staging = staging
-        try:
-            super()._save_checkpoint(model, trial)  # into staging/checkpoint-N
-        finally:
-            self.staging = None
-        distributed.barrier()  # every process has written its part (each writes its own RNG state)
-        if distributed.is_main():
-            final = os.path.join(run_dir, name)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, use_mtime=True)
-        distributed.barrier()
-
-    def save_checkpoint_now(self) -> None:
-        """A checkpoint of the steps trained so far (after an interrupt)."""
-        self._save_checkpoint(self.model, trial=None)
+    def save_checkpoint_now(self) -> bool:
+        """A checkpoint of the steps trained so far (after an interrupt), written as the Trainer
+        writes its own. The Trainer has no public call for it: False where this transformers
+        lacks the private one (the adapter is still saved when training ends)."""
+        save = getattr(super(), "_save_checkpoint", None)
+        if save is None:
+            return False
+        save(self.model, trial=None)
+        return True
 
     def drop_printers(self) -> None:
         """Nothing prints from the training loop: events go to our callbacks instead. Matched by

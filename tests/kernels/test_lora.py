@@ -1,5 +1,6 @@
-"""FastLoraLinear against peft's own LoRA Linear: the same loss and adapter gradients, layers
-that read one input sharing their work, and peft's class back after fast_lora_in."""
+"""FastLoraLinear against peft's own LoRA Linear: peft builds it through its custom-module
+dispatch; its fast path gives the same loss and adapter gradients, layers that read one input
+share their work, and the fast path is off again after fast_lora_in."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear
 
 from nb_finetune.kernels.dropout import FastDropout, fast_dropout_in
-from nb_finetune.kernels.lora import FastLoraLinear, fast_lora_in
+from nb_finetune.kernels.lora import FastLoraLinear, dispatch_fast_lora, fast_lora_in
 from nb_finetune.kernels.weights import frozen_weights_in
 
 
@@ -48,11 +49,12 @@ def test_layers_that_read_one_input_share_one_dropout_mask():
     element scaled by 1 / (1 - p)); a layer reading another tensor draws its own; a tensor that
     is not the one the mask was drawn for, or was changed in place since, gets a mask of its
     own. In eval mode the adapters see their input as it is. The layers survive pickling, and
-    are peft's again afterwards."""
+    run peft's forward again afterwards."""
     width, p = 48, 0.2
     scale = 65536 / (65536 - round(p * 65536))  # FastDropout's 1 / (1 - p)
-    block = get_peft_model(_Block(width), LoraConfig(r=width, lora_alpha=width, lora_dropout=p,
-                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    config = LoraConfig(r=width, lora_alpha=width, lora_dropout=p, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert dispatch_fast_lora(config)
+    block = get_peft_model(_Block(width), config)
     with fast_dropout_in(block) as drops, fast_lora_in(block) as switched:
         assert drops == 4 and switched == 4
         layers = {n.rsplit(".", 1)[-1]: m for n, m in block.named_modules() if isinstance(m, FastLoraLinear)}
@@ -95,7 +97,7 @@ def test_layers_that_read_one_input_share_one_dropout_mask():
         again = pickle.loads(pickle.dumps(block))
         assert all(torch.equal(out, x) for out in again(x, x))
         assert type(again.base_model.model.q_proj) is FastLoraLinear
-    assert all(type(m) is Linear and "same_input" not in vars(m) for m in layers.values())
+    assert not any(m.fast or "same_input" in vars(m) for m in layers.values())
     assert not any(isinstance(m, FastDropout) for m in block.modules())
     assert all(torch.equal(out, x) for out in block(x, x))  # peft's own layers compute the same
 
@@ -107,11 +109,11 @@ def test_fast_lora_layers_give_peft_s_loss_and_gradients(tiny_model_dir, batch, 
     peft's are. Evaluation, and the adapters switched off, give what peft gives."""
     model = lora_model(tiny_model_dir, lora_dropout=0.0)  # no masks: comparable
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    assert len(layers) == 14 and all(type(m) is Linear for m in layers)
+    assert len(layers) == 14 and all(type(m) is FastLoraLinear and not m.fast for m in layers)
     with fast_lora_in(model) as switched:
-        assert switched == 14 and all(type(m) is FastLoraLinear for m in layers)
+        assert switched == 14 and all(m.fast for m in layers)
         assert sum(m.same_input is not None for m in layers) == 10  # q, k, v and gate, up of 2 blocks
-    assert all(type(m) is Linear for m in layers)
+    assert not any(m.fast for m in layers)
     randomize_lora_b(model, std=0.05)
 
     def run(fast: bool, dtype: str, train: bool = True):
@@ -119,7 +121,7 @@ def test_fast_lora_layers_give_peft_s_loss_and_gradients(tiny_model_dir, batch, 
         model.zero_grad()
         with fast_lora_in(model) if fast else contextlib.nullcontext(), frozen_weights_in(model, dtype), \
                 torch.set_grad_enabled(train), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            assert all(type(m) is (FastLoraLinear if fast else Linear) for m in layers)
+            assert all(m.fast == fast for m in layers)
             out = model(**batch)
             if not train:
                 return out.logits.float()
@@ -146,19 +148,37 @@ def test_fast_lora_layers_give_peft_s_loss_and_gradients(tiny_model_dir, batch, 
         off = run(True, precision, train=False)
         base = run(False, precision, train=False)
     assert torch.equal(off, base)
-    assert all(type(m) is Linear for m in layers)
+    assert not any(m.fast for m in layers)
 
 
 def test_only_plain_lora_linears_are_switched(tiny_model_dir):
     """A layer peft wraps otherwise (fan-in/fan-out weights, another base layer) keeps peft's
-    forward; a model without LoRA has nothing to switch; a failure inside puts peft's back."""
+    forward; a model without LoRA has nothing to switch; a failure inside turns the fast path off."""
     model = lora_model(tiny_model_dir, lora_dropout=0.0)
     odd = model.get_base_model().model.layers[0].self_attn.q_proj
     odd.fan_in_fan_out = True
     with fast_lora_in(model) as switched:
-        assert switched == 13 and type(odd) is Linear
+        assert switched == 13 and not odd.fast
     with pytest.raises(RuntimeError, match="step failed"), fast_lora_in(model):
         raise RuntimeError("step failed")
-    assert all(type(m) is Linear for m in model.modules() if isinstance(m, Linear))
+    assert not any(m.fast for m in model.modules() if isinstance(m, FastLoraLinear))
     with fast_lora_in(torch.nn.Sequential(torch.nn.Linear(4, 4))) as switched:
+        assert switched == 0
+
+
+def test_peft_builds_the_fast_layer_for_plain_linears_only(tiny_model_dir, monkeypatch):
+    """Through peft's dispatch: a plain nn.Linear gets FastLoraLinear, a subclass of it (as
+    bitsandbytes' 4- and 8-bit layers are) gets peft's own layer; a peft without the dispatch
+    builds its own everywhere, and the fast path has nothing to switch."""
+    class Subclass(torch.nn.Linear):
+        pass
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), Subclass(8, 8))
+    config = LoraConfig(r=2, target_modules=["0", "1"])
+    dispatch_fast_lora(config)
+    model = get_peft_model(net, config)
+    assert [type(model.base_model.model[i]) for i in (0, 1)] == [FastLoraLinear, Linear]
+    monkeypatch.delattr(LoraConfig, "_register_custom_module")
+    model = lora_model(tiny_model_dir, lora_dropout=0.0)
+    assert {type(m) for m in model.modules() if isinstance(m, Linear)} == {Linear}
+    with fast_lora_in(model) as switched:
         assert switched == 0

@@ -76,6 +76,8 @@ KILLER = textwrap.dedent("""
 
 def test_kill_during_save_leaves_no_checkpoint_that_resume_would_load(tiny_model_dir, tmp_path, sst2_frame):
     from transformers.trainer_utils import get_last_checkpoint
+
+    from nb_finetune.training.trainer import last_checkpoint
     out = tmp_path / "run"
     cfg = _cfg(tiny_model_dir, out)
     cfg.save(tmp_path / "c.yaml")
@@ -85,12 +87,13 @@ def test_kill_during_save_leaves_no_checkpoint_that_resume_would_load(tiny_model
                            str(tmp_path / "d.csv")], capture_output=True, text=True, env=SUBPROCESS_ENV)
     assert proc.returncode == -9, proc.stderr[-2000:]
     ckpts = out / "checkpoints"
-    assert (ckpts / "checkpoint-3").is_dir() and not (ckpts / "checkpoint-6").exists()
-    assert (ckpts / ".partial-checkpoint-6").is_dir()  # the half-written one, under a name resume skips
-    assert get_last_checkpoint(str(ckpts)).endswith("checkpoint-3")
+    # The half-written checkpoint-6 has weights but no trainer state: transformers' own pick would load it.
+    assert (ckpts / "checkpoint-6").is_dir() and not (ckpts / "checkpoint-6" / "trainer_state.json").exists()
+    assert get_last_checkpoint(str(ckpts)).endswith("checkpoint-6")
+    assert last_checkpoint(ckpts).name == "checkpoint-3"
     resumed = prepared_session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
     assert resumed.global_step == 6 and resumed.history["step"].min() == 4
-    assert not (ckpts / ".partial-checkpoint-6").exists()
+    assert resumed.last_checkpoint.name == "checkpoint-6" and (ckpts / "checkpoint-6" / "trainer_state.json").is_file()
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, tmp_path, sst2_frame):
@@ -155,6 +158,27 @@ def test_keyboard_interrupt_is_a_stop_that_keeps_the_steps_done(tiny_model_dir, 
     assert result.last_checkpoint.name == "checkpoint-2"
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     assert result.history["step"].tolist() == [1, 2]
+
+
+def test_an_interrupt_keeps_the_adapter_where_transformers_lacks_the_checkpoint_call(
+        tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    """The interrupt's checkpoint uses the Trainer's private _save_checkpoint; a transformers
+    without it gets a line naming its version, and the adapter of the steps done."""
+    import transformers
+    from transformers import Trainer
+
+    class Interrupt(Callback):
+        def on_log(self, row, history):
+            if row["step"] == 2:
+                raise KeyboardInterrupt
+    monkeypatch.delattr(Trainer, "_save_checkpoint")
+    said = []
+    s = prepared_session(_cfg(tiny_model_dir, tmp_path / "ki"), sst2_frame)
+    s.progress = said.append
+    result = s.train([Interrupt()])
+    assert result.stopped and result.global_step == 2 and result.last_checkpoint is None
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert any(f"transformers {transformers.__version__} has no Trainer._save_checkpoint" in line for line in said)
 
 
 def _oom_above(monkeypatch, rows: int, seen: list):

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from conftest import alpaca_raw, prepared_session, tiny_run_config
 
 from nb_finetune.pipeline import Session
@@ -214,3 +215,46 @@ def test_liger_asked_for_without_a_gpu_trains_with_transformers_layers_and_says_
     assert s.train([Begin()]).global_step == 2
     notes = [m for m in messages if m.startswith("Liger Kernel off: ")]
     assert len(notes) == 1 and "transformers' own layers" in notes[0] and infos[0]["liger_kernel"] is False
+
+
+def test_a_trained_model_scores_the_same_every_time(tiny_model_dir, tmp_path, sst2_frame):
+    """Without validation rows the Trainer ends in torch's train mode, dropout on. What runs next
+    on the session's model (a probe, the playground, an export) must score the model, not a
+    fresh dropout draw."""
+    import pandas as pd
+
+    from nb_finetune.probes import runner
+    from nb_finetune.probes.pairs import PairSet
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=2).with_overrides({"model.lora_dropout": 0.5,
+                                                                                  "data.val_fraction": 0.0})
+    s = prepared_session(cfg, sst2_frame)
+    s.train()
+    pairs = PairSet("two", pd.DataFrame({"more": ["The film was dull and long.", "A warm, funny story."],
+                                         "less": ["The film was short and sharp.", "A cold, grim story."],
+                                         "bias_type": ["x", "x"]}))
+    scores = [runner.pair_probe(s.probe_target(), pairs, progress=lambda m: None)["tuned"].scores
+              for _ in range(2)]
+    assert scores[0]["more_logprob"].tolist() == scores[1]["more_logprob"].tolist()
+    assert not s.model.training
+    s.model.train()  # a model someone put back in train mode: the probe turns dropout off itself
+    again = runner.pair_probe(s.probe_target(), pairs, progress=lambda m: None)["tuned"].scores
+    assert again["more_logprob"].tolist() == scores[0]["more_logprob"].tolist()
+
+
+def test_the_trained_model_runs_in_float32_after_mixed_precision_training(tiny_model_dir, tmp_path, sst2_frame,
+                                                                          monkeypatch):
+    """Training in bf16 wraps the model's forward in autocast (accelerate's mixed precision).
+    Left on, every score after training (evaluation, probes, the playground) would run in bf16
+    where float32 is asked for: a padded batch then scores a sentence up to a few tenths of a nat
+    away from the sentence alone (CrowS-Pairs on Gemma 3 after a full run)."""
+    from nb_finetune import hardware
+    monkeypatch.setattr(hardware, "bf16_supported", lambda: True)
+    s = prepared_session(tiny_run_config(tiny_model_dir, tmp_path, max_steps=2), sst2_frame)
+    assert s.precision == "bfloat16"
+    s.train()
+    seen = []
+    layer = s.model.get_base_model().model.layers[0].mlp
+    layer.register_forward_hook(lambda module, args, out: seen.append(torch.is_autocast_enabled("cpu")))
+    with torch.no_grad():
+        s.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert seen == [False]
