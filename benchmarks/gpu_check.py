@@ -1,4 +1,4 @@
-"""GPU check at Colab T4 scale: nb_finetune against a plain TRL 0.19.1 SFTTrainer script.
+"""GPU check at Colab T4 scale: nb_finetune against a plain TRL 1.x SFTTrainer script.
 
 Both train the same tokenized rows with the same LoRA/QLoRA settings, each run in a fresh
 process (so each peak is its own), side by side in one run:
@@ -133,8 +133,8 @@ def run_ours(spec: dict, s) -> tuple[float, object]:
 
 def run_trl(spec: dict, s) -> tuple[float, object]:
     """The plain script: from_pretrained (4-bit through BitsAndBytesConfig where ours quantizes),
-    SFTTrainer with a LoraConfig and SFTConfig's defaults otherwise, on the same tokenized rows
-    (completion_mask marks the trained tokens, as ours label them)."""
+    SFTTrainer with a LoraConfig and SFTConfig's defaults otherwise (gradient checkpointing aside),
+    on the same tokenized rows (completion_mask marks the trained tokens, as ours label them)."""
     import torch
     import transformers
     from datasets import Dataset
@@ -156,6 +156,8 @@ def run_trl(spec: dict, s) -> tuple[float, object]:
                      gradient_accumulation_steps=spec["accum"], learning_rate=LR, max_length=spec["seq"],
                      logging_steps=1, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
                      warmup_steps=0, use_cpu=not gpu(), completion_only_loss=True,
+                     # off, as trl 0.19's default was: 1.x's SFTConfig turns it on by default
+                     gradient_checkpointing=False,
                      fp16=dtype == torch.float16 and gpu(), bf16=dtype == torch.bfloat16 and gpu())
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=s.tokenizer,
                          peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"))

@@ -5,8 +5,9 @@ rows, optimizer steps, learning rate and seed for every trainer, on the Alpaca d
 SST-2 (both from ../shared/data):
 - "auto": nb_finetune's trainer with `train.cpu_kernels: auto` (the kernels on a CPU);
 - "off": the same with `train.cpu_kernels: off` (peft's own layers, transformers' own loss);
-- "trl": `SFTTrainer` + `DataCollatorForCompletionOnlyLM` (trl 0.19.1, fp32, its defaults), fed
-  the strings our formatter renders, as a hand-written script would train;
+- "trl": a plain TRL 1.x script: `SFTTrainer` on prompt-completion rows (the chats, or text,
+  our formatter renders), completion-only loss, fp32, its defaults otherwise but gradient
+  checkpointing off (see `run_trl`), as a hand-written script would train;
 - "auto packed" (only when asked for with --trainers): "auto" with `train.packing`, one epoch
   over the same rows, so fewer optimizer steps of fuller rows.
 Ours computes in the precision it picks by default (bf16 autocast where the CPU has bf16).
@@ -48,7 +49,6 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared" / "data"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 LR = 2e-4
-RESPONSE_TEMPLATE = "<|im_start|>assistant\n"  # where TRL's collator starts the trained tokens
 TRAINERS = ("auto", "off", "trl", "auto packed")
 
 
@@ -200,27 +200,52 @@ def run_ours(train, fmt, args, out: str, kernels: str, packing: bool):
             "kernels": said.kernels}, collator.counts, model
 
 
+def trl_rows(train, fmt) -> list[dict]:
+    """The rows as a TRL user writes them: prompt-completion, conversational where our formatter
+    uses the chat template (its messages: the same turns ours renders), else plain text with our
+    separator at the head of the completion (TRL joins the two as they are and appends the EOS)."""
+    rows = []
+    for row in train.to_dict(orient="records"):
+        if fmt.use_chat:
+            user, answer = fmt.messages(row)
+            rows.append({"prompt": [user], "completion": [answer]})
+        else:
+            text, [(start, _)] = fmt.render(row)
+            rows.append({"prompt": text[:start], "completion": text[start:]})
+    return rows
+
+
 def run_trl(train, fmt, args, out: str):
+    """A plain TRL 1.x script: SFTTrainer on prompt-completion rows. Its completion-only loss
+    trains, on the same token sequence, the tokens ours does plus, in chat, the "\\n" the
+    template puts after each row's final <|im_end|> (tests/data/test_collator_vs_trl.py,
+    difference (a)). A row over max_length (many Alpaca rows at 256) is where the two part
+    (difference (b)): TRL keeps its start, so trains less of its response and not its
+    <|im_end|>; ours cuts the middle of its prompt first. Either way the row fills max_length,
+    so the tokens counted are the same; the validation loss is computed alike for both."""
     import torch
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
-    from trl import DataCollatorForCompletionOnlyLM, SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from nb_finetune import modeling
-    texts = [fmt.render(row)[0] for row in train.to_dict(orient="records")]
     transformers.set_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(modeling.resolve("smollm2-135m-instruct", progress=lambda m: None))
-    collator = Counting(DataCollatorForCompletionOnlyLM(response_template=RESPONSE_TEMPLATE, tokenizer=fmt.tokenizer))
+    # TRL's own collator (the one SFTTrainer builds when given none), wrapped to count its batches.
+    collator = Counting(DataCollatorForLanguageModeling(pad_token_id=fmt.tokenizer.pad_token_id))
     cfg = SFTConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                     learning_rate=LR, max_length=args.max_length, logging_steps=max(1, args.steps // 4),
                     save_strategy="no", report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(),
-                    dataset_text_field="text", disable_tqdm=True,
-                    # fp32: TRL 0.19's SFTConfig turns bf16 autocast on unless told otherwise (and on a
-                    # CPU without bf16 torch then emulates it, many times slower)
-                    bf16=False)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_dict({"text": texts}),
+                    disable_tqdm=True, completion_only_loss=True,
+                    # fp32: SFTConfig turns bf16 autocast on unless told otherwise (and on a CPU
+                    # without bf16 torch then emulates it, many times slower)
+                    bf16=False,
+                    # off, as in ours on a CPU and in trl 0.19; 1.x's SFTConfig turns it on by default
+                    gradient_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(trl_rows(train, fmt)),
                          processing_class=fmt.tokenizer, data_collator=collator,
                          peft_config=LoraConfig(**LORA, task_type="CAUSAL_LM"))
     start = time.perf_counter()

@@ -37,11 +37,12 @@ def sst2_rows(shared_data):
                                                    label_names={"0": "negative", "1": "positive"}))
 
 
-def test_token_preview_shows_sentencepiece_pieces_and_trains_the_label_word(gemma_tokenizer, sst2_rows):
+def test_token_preview_shows_sentencepiece_pieces_and_trains_the_label_word(gemma_tokenizer, sst2_rows,
+                                                                          tiny_model_dir, tmp_path):
     """No chat template: plain text after <bos>, the label word and <eos> trained, everything
     before masked; the pieces' text joins back into the rendered row (a '▁' piece shows as a
-    space, drawn as a middle dot); the labels are those of TRL's completion-only collator."""
-    from trl import DataCollatorForCompletionOnlyLM
+    space, drawn as a middle dot); the labels are those TRL's SFTTrainer makes of the row as
+    prompt and completion (completion-only loss, its EOS appended)."""
     fmt = Formatter.build(gemma_tokenizer, "classification", ["negative", "positive"], 64)
     assert not fmt.use_chat
     row = sst2_rows.iloc[0].to_dict()
@@ -56,8 +57,20 @@ def test_token_preview_shows_sentencepiece_pieces_and_trains_the_label_word(gemm
     assert "".join(table[table["role"] != "padding"]["token"]) == "<bos>" + text + "<eos>"
     assert f"&middot;{row['label']}" in tokens_html(table)
     encoded = fmt.encode(row)
-    trl = DataCollatorForCompletionOnlyLM("Answer:", tokenizer=gemma_tokenizer)
-    assert trl([{"input_ids": encoded["input_ids"]}])["labels"][0].tolist() == encoded["labels"]
+    assert trl_labels(gemma_tokenizer, text, fmt.render(row)[1][0][0], tiny_model_dir, tmp_path) == encoded["labels"]
+
+
+def trl_labels(tokenizer, text: str, start: int, model_dir, out) -> list[int]:
+    """TRL's labels for `text` split at `start` into prompt and completion. Its trainer only
+    prepares the row here: the tiny llama (not Gemma's vocabulary) never runs."""
+    pytest.importorskip("trl", minversion="1.16")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    args = SFTConfig(output_dir=str(out), max_length=64, report_to="none", use_cpu=True, bf16=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": text[:start], "completion": text[start:]}]))
+    return trainer.train_dataset[0]["labels"]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ trained tokens marked.
 How the trained tokens are found: the character spans of the response(s) in the rendered
 string are known exactly (we put them there). The fast tokenizer's offset mapping then marks
 every token that overlaps a response span as trained. So the boundary never depends on a
-response template tokenizing the same alone and in context, which is where TRL's
+response template tokenizing the same alone and in context, which is where trl 0.19's
 `DataCollatorForCompletionOnlyLM` went wrong.
 
 Other rules, each a failure mode of that collator:
