@@ -109,7 +109,16 @@ def train(target: TrainTarget, cfg: TrainConfig, watch: Watch | None = None) -> 
         trainer = train_with_rescue(target, cfg, setup, bridge, watch.say)
     finally:
         write_history(bridge.history, cfg)
+        without_autocast(target.model)
     return finish(trainer, bridge, cfg, target, time.perf_counter() - start)
+
+
+def without_autocast(model) -> None:
+    """Take off the autocast that mixed precision wrapped the model's forward in (each try of a
+    rescued run keeps it): what runs on the model next (evaluation, probes, the playground)
+    asks for its own precision."""
+    from accelerate.utils import extract_model_from_parallel
+    extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
 def decide_setup(target: TrainTarget, cfg: TrainConfig, say) -> Setup:
@@ -172,10 +181,6 @@ def run(trainer: SafeTrainer, model, cfg: TrainConfig, precision: str, bridge: E
         if trainer.state.global_step > 0 and not trainer.save_checkpoint_now():
             say(f"transformers {metadata.version('transformers')} has no Trainer._save_checkpoint: the "
                 f"interrupted run keeps its adapter, and resumes from its last periodic checkpoint")
-    finally:
-        # Mixed precision wrapped the model's forward in autocast: what runs on the model next
-        # (evaluation, probes, the playground) asks for its own precision.
-        trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
 
 def release(model) -> None:
