@@ -163,7 +163,7 @@ class TrainConfig:
                         choices=("none", "tensorboard", "mlflow"))
     save_steps: int = _f(0, "Checkpoint every this many steps (0: at each validation).", min=0)
     early_stopping_patience: int = _f(0, "Stop after this many validations without a lower validation loss (0: never).", min=0)
-    resume_from: str = _f("", "Checkpoint folder to resume from, or 'last' for the newest in output_dir.")
+    resume_from: str = _f("", "Checkpoint folder to resume from, or 'last' for the newest complete one in output_dir.")
     seed: int = _f(42, "Seed for initialisation, dropout and shuffling.", min=0, stale="model")
     method: str = _f("sft", "'sft' imitates the answers; 'dpo' and 'orpo' learn from pairs of a chosen and a rejected "
                      "answer (data.task='preference'); DPO's reference: the base, adapter off.", choices=("sft", "dpo", "orpo"))
