@@ -10,6 +10,8 @@ with another beta for the Runs tab. Each picture is of the studio's output area 
     preference_tokens.png    the Tokens tab: one pair side by side, and the pair batches
     preference_train.png     the Train tab at the end of the run: loss, rewards, accuracy
     preference_evaluate.png  the Evaluate tab: tuned against base on the held-out pairs
+    preference_probe.png     the Bias probe tab on this run's held-out pairs, base against tuned
+    preference_export.png    the Export tab after the DPO run: the adapter and an f16 GGUF, checked
     preference_runs.png      the Runs tab: two DPO runs (beta 0.1 and 0.5), reward margins overlaid
 
 Run from anywhere (this checkout's package is the one imported):
@@ -77,6 +79,23 @@ def take_train_evaluate(page, studio, out: Path) -> None:
     shoot(page, studio, out / "preference_train.png")
 
 
+def take_probe_export(page, studio, out: Path) -> None:
+    """The Bias probe tab on the run's held-out test pairs (rejected as the stereotypical side),
+    then the Export tab writing the adapter and an f16 GGUF, which the round trip checks."""
+    browser_lab.click_tab(studio, "Bias probe")
+    browser_lab.choose(studio, "probe", "this run's held-out preference pairs (rejected as stereotypical)")
+    studio.locator("button", has_text="Run on base and tuned").click()
+    wait_for_text(studio, r"done: base and tuned probed", 300, "the Bias probe tab's result")
+    fail_on_panel_error(studio, "Bias probe")
+    shoot(page, studio, out / "preference_probe.png", until=studio.locator("img").filter(visible=True).last)
+    browser_lab.click_tab(studio, "Export")
+    browser_lab.choose(studio, "GGUF for llama.cpp / Ollama", "f16 (exact)")
+    studio.locator("button", has_text="Export").filter(visible=True).first.click()
+    wait_for_text(studio, r"exported to ", 600, "the Export tab's result")
+    fail_on_panel_error(studio, "Export")
+    shoot(page, studio, out / "preference_export.png")
+
+
 def take_runs(page, studio, out: Path) -> None:
     """A second run with beta 0.5 (it goes to runs/dpo-2), then the Runs tab with the reward
     margins of both runs overlaid."""
@@ -105,6 +124,7 @@ def take(page, out: Path, lab) -> None:
     browser_lab.full_width(page)
     take_data_tokens(page, studio, out)
     take_train_evaluate(page, studio, out)
+    take_probe_export(page, studio, out)
     take_runs(page, studio, out)
 
 
