@@ -62,7 +62,7 @@ def take_data_tokens(page, studio, out: Path) -> None:
     studio.locator("button", has_text="Preview").click()
     wait_for_text(studio, r"pair 0: a prompt of \d+ tokens", 120, "the Tokens tab's pair")
     fail_on_panel_error(studio, "Tokens")
-    shoot(page, studio, out / "preference_tokens.png")
+    shoot(page, studio, out / "preference_tokens.png", until=studio.locator("table").filter(visible=True).last)
 
 
 def take_train_evaluate(page, studio, out: Path) -> None:
@@ -89,7 +89,7 @@ def take_probe_export(page, studio, out: Path) -> None:
     fail_on_panel_error(studio, "Bias probe")
     shoot(page, studio, out / "preference_probe.png", until=studio.locator("img").filter(visible=True).last)
     browser_lab.click_tab(studio, "Export")
-    browser_lab.choose(studio, "GGUF for llama.cpp / Ollama", "f16 (exact)")
+    browser_lab.choose(studio, "GGUF (llama.cpp)", "f16 (exact)")
     studio.locator("button", has_text="Export").filter(visible=True).first.click()
     wait_for_text(studio, r"exported to ", 600, "the Export tab's result")
     fail_on_panel_error(studio, "Export")
@@ -99,6 +99,7 @@ def take_probe_export(page, studio, out: Path) -> None:
 def take_runs(page, studio, out: Path) -> None:
     """A second run with beta 0.5 (it goes to runs/dpo-2), then the Runs tab with the reward
     margins of both runs overlaid."""
+    browser_lab.click_tab(studio, "Train")
     browser_lab.set_box(studio, "beta", "0.5")
     studio.locator(".nbft-train-start").click()
     table = studio.locator(".nbft-runs-table")

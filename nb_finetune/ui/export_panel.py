@@ -26,7 +26,8 @@ class ExportPanel(Panel):
                                        indent=False)
         self.job = widgets.Checkbox(value=True, description="job folder for torchrun / accelerate", indent=False)
         self.gguf = widgets.Dropdown(options=[("no", ""), ("f16 (exact)", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0")],
-                                     value="", description="GGUF for llama.cpp / Ollama", style=style)
+                                     value="", description="GGUF (llama.cpp)", style=style,
+                                     tooltip="a GGUF file for llama.cpp, Ollama and LM Studio, read back to check it")
         self.force = widgets.Checkbox(value=False, description="replace an existing GGUF folder", indent=False)
         self.export_button = self.button("Export", self.export, "primary", "download")
         self.written = widgets.HTML()
@@ -72,5 +73,13 @@ class ExportPanel(Panel):
         return written
 
     def _list(self, paths: list[Path]) -> None:
-        self.written.value = "<b>written</b><ul>" + "".join(f"<li><code>{html.escape(str(p))}</code></li>"
+        self.written.value = "<b>written</b><ul>" + "".join(f"<li><code>{html.escape(shown(p))}</code></li>"
                                                             for p in paths) + "</ul>"
+
+
+def shown(path: Path) -> str:
+    """A written path as the folder box names it: relative to the notebook's folder where inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

@@ -60,3 +60,13 @@ def test_export_before_training_saves_the_config_and_says_what_is_missing(ui_con
     panel.export_button.click()
     assert (tmp_path / "out" / "config.yaml").is_file()
     assert "train one first" in panel.error.value
+
+
+def test_written_paths_are_shown_as_the_folder_box_names_them(tmp_path, monkeypatch):
+    """The export writes the GGUF under a resolved path; the list names it from the notebook's
+    folder, as the folder box and the other written paths do."""
+    from nb_finetune.ui.export_panel import shown
+    monkeypatch.chdir(tmp_path)
+    assert shown(tmp_path / "runs" / "dpo" / "export" / "gguf-f16" / "model.gguf") == "runs/dpo/export/gguf-f16/model.gguf"
+    assert shown(Path("runs/dpo/export/config.yaml")) == "runs/dpo/export/config.yaml"
+    assert shown(Path("/elsewhere/model.gguf")) == "/elsewhere/model.gguf"
