@@ -20,6 +20,8 @@ MODULES = (
 )
 # The class mapping that register() writes and the short-row attention takes its name out of.
 CLASS_MAPPINGS = (("transformers.utils.generic", "GeneralInterface", "_global_mapping"),)
+# peft's custom-module dispatch, through which peft builds the kernels' LoRA layer (lora.dispatch_fast_lora).
+CLASS_METHODS = (("peft.tuners.lora.config", "LoraConfig", "_register_custom_module"),)
 # What FastLoraLinear reads from each of peft's LoRA Linear layers, and how.
 LAYER_METHODS = ("_cast_input_dtype", "forward")
 LAYER_MAPPINGS = ("lora_A", "lora_B", "lora_dropout", "scaling", "lora_variant", "lora_bias")
@@ -53,6 +55,9 @@ def missing_name() -> str | None:
     for module_name, owner, name in CLASS_MAPPINGS:
         if not isinstance(getattr(getattr(importlib.import_module(module_name), owner), name, None), dict):
             return lacking(module_name.split(".")[0], f"has no mapping {owner}.{name}")
+    for module_name, owner, name in CLASS_METHODS:
+        if not callable(getattr(getattr(importlib.import_module(module_name), owner), name, None)):
+            return lacking(module_name.split(".")[0], f"has no method {owner}.{name}")
     return None
 
 

@@ -12,6 +12,8 @@ from kernel_inputs import adapter_grads, alpaca_batch, lora_model, randomize_lor
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear
 
+from nb_finetune import kernels
+from nb_finetune.kernels import compat
 from nb_finetune.kernels.dropout import FastDropout, fast_dropout_in
 from nb_finetune.kernels.lora import FastLoraLinear, dispatch_fast_lora, fast_lora_in
 from nb_finetune.kernels.weights import frozen_weights_in
@@ -182,3 +184,6 @@ def test_peft_builds_the_fast_layer_for_plain_linears_only(tiny_model_dir, monke
     assert {type(m) for m in model.modules() if isinstance(m, Linear)} == {Linear}
     with fast_lora_in(model) as switched:
         assert switched == 0
+    with kernels.for_training(model, "float32", enabled=True) as applied:  # said in one line, all off
+        assert applied.describe() == (f"CPU kernels off: peft {compat.version('peft')} has no method "
+                                      "LoraConfig._register_custom_module; training runs peft's own code")
