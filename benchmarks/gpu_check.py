@@ -12,6 +12,9 @@ process (so each peak is its own), side by side in one run:
   not depend on the weights), QLoRA 4-bit, rows of exactly --seq tokens: tokens/s and the peak
   torch.cuda.max_memory_allocated.
 - longest: the longest row (doubling from --seq) that trains two steps at batch 1 under the cap.
+- preference: DPO and ORPO, QLoRA 4-bit, on the debias-dpo preset's StereoSet pairs (built in):
+  seconds, peak, and the last reward margin and validation reward accuracy, so that preference
+  tuning is seen training on a GPU (its speed against SFT is benchmarks/preference_step.py's).
 
 Figures go to benchmarks/results/gpu_check-<gpu>-<date>.json with the GPU named. Without CUDA
 the same runs happen small on the CPU (fp32, no quantization, a random 2-layer llama for both
@@ -93,6 +96,11 @@ def run_config(spec: dict):
             "train.logging_steps": 1, "train.warmup_ratio": 0.0, "train.output_dir": spec["output"],
             "train.batch_size": spec["batch"], "train.grad_accum": spec["accum"], "train.max_length": spec["seq"],
             "train.liger_kernel": "on" if spec["trainer"] == "ours + Liger" else "auto"}
+    if spec["model"] == "preference":
+        method = spec["trainer"].split()[-1]
+        over |= {"train.method": method, "data.max_rows": 200 if not small else 40, "probe.probes": [],
+                 "eval.general_source": ""} | ({} if not small else {"model.name": spec["model_dir"]})
+        return load_preset("debias-dpo").with_overrides(over)
     if spec["model"] == "quality":
         # Small: the script's own check only, so the random 2-layer llama stands in here too.
         over |= {"data.max_rows": 1200} if not small else {"data.max_rows": 120, "model.name": spec["model_dir"]}
@@ -190,6 +198,11 @@ def child(spec: dict) -> dict:
     if spec["model"] == "quality":
         loss, _ = completion_loss(model, s.datasets["validation"], s.collator, 8, dtype_for(spec))
         out["val loss"] = round(loss, 4)
+    if spec["model"] == "preference":
+        history = s.train_result.history
+        for name in ("reward_margin", "val_reward_accuracy"):
+            values = history[name].dropna() if name in history else []
+            out[name.replace("_", " ")] = round(float(values.iloc[-1]), 4) if len(values) else None
     return out
 
 
@@ -208,12 +221,15 @@ def plan(args, model_dir: str) -> list[dict]:
     small = not gpu()
     precisions = ["t4", "native"] if not small else ["native"]
     models = {"quality": dict(seq=256 if not small else 64, batch=16 if not small else 4, accum=1),
-              "scale": dict(seq=args.seq if not small else 64, batch=2, accum=4 if not small else 1)}
+              "scale": dict(seq=args.seq if not small else 64, batch=2, accum=4 if not small else 1),
+              "preference": dict(seq=96, batch=8 if not small else 2, accum=1)}
     runs = []
     for precision in precisions:
         for model in [m for m in models if args.only in ("", m)]:
             # Liger Kernel goes on by default only once its loss is measured equal to transformers' own.
-            for trainer in ("ours", "ours + Liger", "trl") if not small else ("ours", "trl"):
+            trainers = ("ours dpo", "ours orpo") if model == "preference" else \
+                ("ours", "ours + Liger", "trl") if not small else ("ours", "trl")
+            for trainer in trainers:
                 runs.append(dict(models[model], precision=precision, model=model, trainer=trainer,
                                  steps=args.steps, model_dir=model_dir,
                                  output=f"{args.output}/{precision}-{model}-{trainer}"))
@@ -236,7 +252,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq", type=int, default=1024, help="tokens per row of the scale runs")
-    p.add_argument("--only", default="", choices=("", "quality", "scale", "longest"))
+    p.add_argument("--only", default="", choices=("", "quality", "scale", "preference", "longest"))
     p.add_argument("--output", default="runs/gpu-check")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))

@@ -117,7 +117,7 @@ def test_qlora_preset_runs_small(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_gpu_check_script_runs_here(tmp_path):
     """The GPU check runs on this CPU too (small): ours and the TRL script side by side for each
-    model, the longest row, and a results file naming the machine."""
+    model, DPO and ORPO, the longest row, and a results file naming the machine."""
     import json
     import subprocess
     import sys
@@ -133,7 +133,12 @@ def test_gpu_check_script_runs_here(tmp_path):
         ["quality", "ours"], ["quality", "trl"], ["scale", "ours"], ["scale", "trl"]]
     assert any(ln.startswith("longest row that trains under the 15 GiB cap") for ln in lines)
     saved = json.loads(next(tmp_path.glob("gpu_check-cpu-*.json")).read_text())
-    assert saved["machine"]["gpu"] is None and len(saved["runs"]) == 4 and saved["longest"]["ours"] == 64
+    assert saved["machine"]["gpu"] is None and saved["longest"]["ours"] == 64
+    assert [(r["model"], r["trainer"]) for r in saved["runs"]] == [
+        ("quality", "ours"), ("quality", "trl"), ("scale", "ours"), ("scale", "trl"),
+        ("preference", "ours dpo"), ("preference", "ours orpo")]
+    preference = [r for r in saved["runs"] if r["model"] == "preference"]
+    assert all(r["fits"] and r["peak MiB"] > 0 and 0 <= r["val reward accuracy"] <= 1 for r in preference)
     quality = [r for r in saved["runs"] if r["model"] == "quality"]
     assert all(r["fits"] and r["val loss"] > 0 and r["peak MiB"] > 0 for r in quality)
     assert all(r["tokens/s"] > 0 for r in saved["runs"] if r["model"] == "scale")
