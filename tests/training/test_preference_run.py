@@ -54,6 +54,29 @@ def test_a_preference_run_from_the_command_line(tiny_model_dir, pairs_file, tmp_
     assert len(pd.read_csv(out / "samples.csv")) == 1
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_a_preference_run_on_a_4bit_base(tiny_model_dir, pairs_file, tmp_path, method):
+    """QLoRA: bitsandbytes' 4-bit base on the CPU, the adapter trained by DPO (its reference the
+    same 4-bit base with the adapter off) or ORPO; the rewards are logged and the adapter saved."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from nb_finetune.pipeline import Session
+    cfg = RunConfig.from_dict({
+        "data": {"source": str(pairs_file), "task": "preference", "val_fraction": 0.2, "test_fraction": 0.2},
+        "model": {"name": str(tiny_model_dir), "lora_r": 4, "lora_alpha": 8, "quantization": "4bit"},
+        "train": {"output_dir": str(tmp_path / method), "method": method, "max_steps": 2, "batch_size": 4,
+                  "eval_steps": 2, "logging_steps": 1, "max_length": 96, "learning_rate": 1e-3}})
+    s = Session(cfg, progress=lambda m: None)
+    s.prepare_data()
+    s.load_model()
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in s.model.modules()) == 14  # 2 blocks x 7 linear layers
+    result = s.train()
+    assert result.global_step == 2 and (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert result.history["train_loss"].map(np.isfinite).all()
+    assert result.history["reward_margin"].notna().all() and result.history["val_reward_accuracy"].notna().any()
+
+
 def history(margins, chosen, rejected, logp_chosen):
     n = len(margins)
     return pd.DataFrame({"step": range(1, n + 1), "train_loss": np.linspace(0.7, 0.5, n), "val_loss": np.nan,
