@@ -252,10 +252,16 @@ def take_runs(page, studio, out: Path) -> None:
     shoot(page, studio, out / "runs.png")
 
 
-def take(page, out: Path, lab) -> None:
+def run_studio(page, lab):
+    """Run the notebook's cells, widen it, and return the studio's output area."""
     studio = page.locator(".jp-OutputArea-output", has=page.locator(browser_lab.TABS)).first
     browser_lab.run_all(page, lab, lambda: studio.count() > 0)
     browser_lab.full_width(page)
+    return studio
+
+
+def take(page, out: Path, lab) -> None:
+    studio = run_studio(page, lab)
     take_data_tokens_model(page, studio, out)
     take_train_evaluate(page, studio, out)
     take_probes(page, studio, out)

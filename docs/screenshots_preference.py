@@ -120,9 +120,7 @@ def take_runs(page, studio, out: Path) -> None:
 
 
 def take(page, out: Path, lab) -> None:
-    studio = page.locator(".jp-OutputArea-output", has=page.locator(browser_lab.TABS)).first
-    browser_lab.run_all(page, lab, lambda: studio.count() > 0)
-    browser_lab.full_width(page)
+    studio = screenshots.run_studio(page, lab)
     take_data_tokens(page, studio, out)
     take_train_evaluate(page, studio, out)
     take_probe_export(page, studio, out)
