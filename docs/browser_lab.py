@@ -9,10 +9,11 @@ The server and its kernels run this interpreter (sys.executable), never `jupyter
 from PATH, and read JupyterLab's extensions from this interpreter's data folders (JUPYTER_PATH:
 see data_paths), so a venv that is not on PATH works too.
 
-Shared by docs/screenshots.py and the tests in tests/ui. It sits here rather than under tests/
-because the screenshot script is run from docs/, where this folder is on sys.path; the tests get
-it from tests/conftest.py, which loads it by its path. Needs the `jupyterlab` and `playwright`
-Python packages and /usr/bin/chromium (this module itself imports neither).
+Shared by docs/screenshots.py and the browser tests in tests/integration. It sits here rather
+than under tests/ because the screenshot script is run from docs/, where this folder is on
+sys.path; the tests get it from tests/conftest.py, which loads it by its path. Needs the
+`jupyterlab` and `playwright` Python packages and /usr/bin/chromium (this module itself imports
+neither).
 """
 from __future__ import annotations
 

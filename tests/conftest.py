@@ -32,6 +32,15 @@ PNG = b"\x89PNG"  # how every PNG file starts
 FROM_PATH = ("python", "python3", "torchrun", "accelerate", "nb-finetune", "jupyter", "jupyter-lab")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The integration tier is a folder: every test in tests/integration (whole runs, notebooks,
+    the browser) is marked `integration`, so `-m "not integration"` leaves the tier out."""
+    tier = REPO / "tests" / "integration"
+    for item in items:
+        if item.path.is_relative_to(tier):
+            item.add_marker(pytest.mark.integration)
+
+
 def load_docs_module(name: str):
     """A module of docs/ (scripts, not a package), loaded by its path once."""
     spec = importlib.util.spec_from_file_location(name, REPO / "docs" / f"{name}.py")
@@ -41,8 +50,8 @@ def load_docs_module(name: str):
     return module
 
 
-# JupyterLab and Chromium for tests/ui's browser test, with the page helpers and the waiting
-# that docs/screenshots.py uses too. Standard library only: cheap to load for every run.
+# JupyterLab and Chromium for the browser tests (tests/integration), with the page helpers and
+# the waiting that docs/screenshots.py uses too. Standard library only: cheap to load for every run.
 browser_lab = load_docs_module("browser_lab")
 
 
@@ -163,6 +172,18 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir, tokenizer) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def sst2_pairs_file(shared_data, tmp_path) -> Path:
+    """30 preference pairs as JSON lines: a positive SST-2 sentence chosen, a negative one rejected."""
+    import pandas as pd
+    dev = sst2_dev(shared_data)
+    pos, neg = dev[dev.label == "1"].sentence.head(30), dev[dev.label == "0"].sentence.head(30)
+    path = tmp_path / "pairs.jsonl"
+    pd.DataFrame({"prompt": [f"Write a positive review sentence ({i})." for i in range(30)], "chosen": pos.values,
+                  "rejected": neg.values}).to_json(path, orient="records", lines=True)
+    return path
 
 
 @pytest.fixture

@@ -217,10 +217,11 @@ def test_the_timing_check_finds_a_timing():
 
 
 def test_tests_mirror_the_package():
-    """Each folder of tests/ is named after a package of nb_finetune."""
+    """Each folder of tests/ is named after a package of nb_finetune, but for the integration tier
+    (whole runs, notebooks, the browser), whose tests conftest marks `integration`."""
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     folders = {p.name for p in (REPO / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
-    assert folders and folders <= packages
+    assert "integration" in folders and folders - {"integration"} <= packages
     assert {"kernels", "data", "training", "evaluation", "probes", "ui"} <= folders
 
 
@@ -252,3 +253,13 @@ def test_the_config_reference_is_current():
     for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
             assert f"`{f.name}`" in text
+
+
+def test_the_integration_tier_is_its_folder_and_holds_the_browser_tests(request):
+    """Marked `integration` exactly when in tests/integration; every test with JupyterLab and the
+    browser (the `lab` fixture) is there. Judged on the tests this session collected."""
+    tier = REPO / "tests" / "integration"
+    for item in request.session.items:
+        inside = item.path.is_relative_to(tier)
+        assert (item.get_closest_marker("integration") is not None) == inside, item.nodeid
+        assert inside or "lab" not in item.fixturenames, item.nodeid

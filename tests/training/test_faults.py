@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import SUBPROCESS_ENV, prepared_session
 from safetensors.torch import load_file
+from tiny_runs import StopAt
 
 from nb_finetune import RunConfig, UserError
 from nb_finetune.training import Callback
@@ -25,21 +26,12 @@ def _cfg(model_dir, out, **train):
                   "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3} | train})
 
 
-class StopAt(Callback):
-    def __init__(self, step, event):
-        self.step, self.event = step, event
-
-    def on_log(self, row, history):
-        if row["step"] >= self.step:
-            self.event.set()
-
-
 def test_stop_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, sst2_frame):
     whole = prepared_session(_cfg(tiny_model_dir, tmp_path / "whole"), sst2_frame).train()
 
     stop = threading.Event()
     cfg = _cfg(tiny_model_dir, tmp_path / "split")
-    first = prepared_session(cfg, sst2_frame).train([StopAt(4, stop)], stop=stop)
+    first = prepared_session(cfg, sst2_frame).train([StopAt(stop, 4)], stop=stop)
     assert first.stopped and first.global_step == 4
     second = prepared_session(cfg.with_overrides({"train.resume_from": "last"}), sst2_frame).train()
     assert second.global_step == 6

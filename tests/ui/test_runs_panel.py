@@ -12,26 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PNG, sst2_dev
-
-from nb_finetune.training import Callback
-
-
-def tiny_config(root: Path, model_dir: Path, **train) -> dict:
-    """The tiny llama on SST-2 classification: 8 steps, validation every 4."""
-    return {"data": {"task": "classification", "label_names": {"0": "negative", "1": "positive"}},
-            "model": {"name": str(model_dir), "lora_r": 4, "lora_alpha": 8},
-            "train": {"output_dir": str(root / "run"), "max_steps": 8, "batch_size": 4, "eval_steps": 4,
-                      "save_steps": 4, "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3} | train,
-            "eval": {"num_samples": 1, "max_new_tokens": 2, "max_test_rows": 12}}
-
-
-class StopAt(Callback):
-    def __init__(self, step, event):
-        self.step, self.event = step, event
-
-    def on_log(self, row, history):
-        if row["step"] >= self.step:
-            self.event.set()
+from tiny_runs import StopAt, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +30,7 @@ def earlier(tmp_path_factory, tiny_model_dir, frame) -> Path:
     for lr, stop_at in ((1e-3, None), (3e-3, None), (1e-3, 5)):
         stop = threading.Event()
         cfg = RunConfig.from_dict(tiny_config(root, tiny_model_dir, learning_rate=lr))
-        run(cfg, [StopAt(stop_at, stop)] if stop_at else [], stop, lambda m: None, frame)
+        run(cfg, [StopAt(stop, stop_at)] if stop_at else [], stop, lambda m: None, frame)
     (root / "broken").mkdir()
     (root / "broken" / "run.json").write_text("{half a rec")  # a record cut off mid-write
     return root

@@ -1,8 +1,9 @@
-"""Tiny real runs for the runs tests: a config on the tiny llama over SST-2 rows, and a
-callback that asks a run to stop at a step."""
+"""Tiny real runs for the runs, Runs panel and browser tests: configs on the tiny llama over
+SST-2 rows, and a callback that asks a run to stop at a step."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import yaml
 from conftest import sst2_dev
@@ -27,6 +28,15 @@ def write_config(tmp_path, model_dir, data, **train) -> str:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
+
+
+def tiny_config(root: Path, model_dir: Path, **train) -> dict:
+    """The tiny llama on SST-2 classification: 8 steps, validation every 4; `train` overrides."""
+    return {"data": {"task": "classification", "label_names": {"0": "negative", "1": "positive"}},
+            "model": {"name": str(model_dir), "lora_r": 4, "lora_alpha": 8},
+            "train": {"output_dir": str(root / "run"), "max_steps": 8, "batch_size": 4, "eval_steps": 4,
+                      "save_steps": 4, "logging_steps": 1, "max_length": 64, "learning_rate": 1e-3} | train,
+            "eval": {"num_samples": 1, "max_new_tokens": 2, "max_test_rows": 12}}
 
 
 class StopAt(Callback):

@@ -3,9 +3,9 @@ test_browser.py): a message typed and sent, both answers seen growing piece by p
 
 Checked for chance failures (issue 43) on 2026-12-06, on the project's shared 2-core Intel Xeon
 Processor machine while six other engineers' work loaded it (load average 25 to 40): every test
-of tests/ui/test_browser*.py ran 10 times, as 10 rounds of `NB_FINETUNE_REQUIRE_BROWSER=1 python
--m pytest -n 2 tests/ui/test_browser.py tests/ui/test_browser_runs.py
-tests/ui/test_browser_playground.py` at commit 21b48c1 (two loops of 5 rounds side by side, so
+of tests/integration/test_browser*.py ran 10 times, as 10 rounds of `NB_FINETUNE_REQUIRE_BROWSER=1 python
+-m pytest -n 2 tests/integration/test_browser.py tests/integration/test_browser_runs.py
+tests/integration/test_browser_playground.py` at commit 21b48c1 (then in tests/ui; two loops of 5 rounds side by side, so
 the other xdist worker, and the other loop, ran browser tests while each one ran). Result: all
 10 rounds passed, every test each time.
 """

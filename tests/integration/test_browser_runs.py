@@ -5,9 +5,9 @@ reversed and a different run chosen on the page redraw what they should.
 
 Checked for chance failures (issue 43) on 2026-12-06, on the project's shared 2-core Intel Xeon
 Processor machine while six other engineers' work loaded it (load average 25 to 40): every test
-of tests/ui/test_browser*.py ran 10 times, as 10 rounds of `NB_FINETUNE_REQUIRE_BROWSER=1 python
--m pytest -n 2 tests/ui/test_browser.py tests/ui/test_browser_runs.py
-tests/ui/test_browser_playground.py` at commit 21b48c1 (two loops of 5 rounds side by side, so
+of tests/integration/test_browser*.py ran 10 times, as 10 rounds of `NB_FINETUNE_REQUIRE_BROWSER=1 python
+-m pytest -n 2 tests/integration/test_browser.py tests/integration/test_browser_runs.py
+tests/integration/test_browser_playground.py` at commit 21b48c1 (then in tests/ui; two loops of 5 rounds side by side, so
 the other xdist worker, and the other loop, ran browser tests while each one ran). Result: all
 10 rounds passed, every test each time.
 """
@@ -20,7 +20,7 @@ import threading
 import pytest
 from conftest import browser_lab, sst2_dev
 from panel_checks import TAG_CELL, check_panel, controls, printed_outputs
-from test_runs_panel import StopAt, tiny_config
+from tiny_runs import StopAt, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def make_runs(root, model_dir, shared_data) -> None:
     for lr, stop_at in ((1e-3, None), (3e-3, None), (1e-3, 5)):
         stop = threading.Event()
         cfg = RunConfig.from_dict(tiny_config(root / "runs", model_dir, learning_rate=lr))
-        run(cfg, [StopAt(stop_at, stop)] if stop_at else [], stop, lambda m: None, frame)
+        run(cfg, [StopAt(stop, stop_at)] if stop_at else [], stop, lambda m: None, frame)
 
 
 def test_runs_panel_shows_the_table_the_curves_and_the_diff(lab, tiny_model_dir, shared_data):
