@@ -110,7 +110,7 @@ def logit_bytes(cfg: RunConfig, model, mc, objective: str, logit_rows: float, cp
         return 0
     adapted_head = "lm_head" in {t.strip() for t in cfg.model.target_modules.split(",")}
     if kernels.wanted(cfg.train.cpu_kernels) and has_plain_head(model) and not adapted_head:
-        chunk = chunk_rows_for(torch.bfloat16 if cpu_bf16 else torch.float32, mc.vocab_size)
+        chunk = chunk_rows_for(torch.bfloat16 if cpu_bf16 else torch.float32)
         return min(logit_rows, chunk) * mc.vocab_size * 14 + mc.vocab_size * mc.hidden_size * 2
     return logit_rows * mc.vocab_size * 14
 

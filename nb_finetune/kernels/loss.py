@@ -20,17 +20,14 @@ from .models import plain_head
 
 IGNORE_INDEX = -100  # transformers' label for a position without loss
 
-# Rows per chunk on a CPU, by compute dtype, for SmolLM2's vocabulary: a chunk's fp32 logits
-# (128 x 49,152: 25 MB) should stay near the cache. A larger vocabulary gets fewer rows, so a
-# chunk stays the same size (Gemma's 262,144 words: 24 rows in bf16).
+# Rows per chunk on a CPU, by compute dtype. Each chunk reads the whole projection weight
+# (vocabulary x hidden), so a larger vocabulary does not get fewer rows: thin chunks would spend
+# their time re-reading it. A chunk's logits stay a small part of the full batch's.
 CPU_CHUNK_ROWS = {torch.bfloat16: 128, torch.float32: 256}
-CHUNK_VOCAB = 49_152
-MIN_CHUNK_ROWS = 16  # fewer rows make the projection's matmul thin and slow
 
 
-def chunk_rows_for(compute_dtype: torch.dtype, vocab_size: int = CHUNK_VOCAB) -> int:
-    rows = CPU_CHUNK_ROWS.get(compute_dtype, 64) * CHUNK_VOCAB // max(vocab_size, 1)
-    return max(MIN_CHUNK_ROWS, min(rows, CPU_CHUNK_ROWS.get(compute_dtype, 64)))
+def chunk_rows_for(compute_dtype: torch.dtype) -> int:
+    return CPU_CHUNK_ROWS.get(compute_dtype, 64)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -133,7 +130,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states for {targets.shape[0]} targets")
     return _LinearCrossEntropy.apply(hidden, weight, targets, float(scale),
-                                     chunk_rows or chunk_rows_for(weight.dtype, weight.shape[0]))
+                                     chunk_rows or chunk_rows_for(weight.dtype))
 
 
 def has_plain_head(lm) -> bool:
@@ -168,7 +165,7 @@ class FusedCausalLMLoss:
         self.lm = lm
         self.head = lm.get_output_embeddings()
         self.weight = self.head.weight.detach().to(compute_dtype)
-        self.chunk_rows = chunk_rows or chunk_rows_for(compute_dtype, self.weight.shape[0])
+        self.chunk_rows = chunk_rows or chunk_rows_for(compute_dtype)
         self.predictions: torch.Tensor | None = None  # of the last pass without gradients
 
     @classmethod

@@ -119,13 +119,3 @@ def test_gemma3_270m_kernels_keep_the_loss_and_gradients(gemma_dir, sst2_frame, 
     assert used == attention.NAME
     assert loss == pytest.approx(own_loss, rel=1e-5)
     assert float((grads - own).norm()) < 1e-4 * float(own.norm())
-
-
-def test_a_larger_vocabulary_gets_fewer_rows_per_chunk():
-    """A chunk's logits stay about one size: Gemma's 262,144 words get fewer rows than SmolLM2's
-    49,152, never fewer than the floor."""
-    from nb_finetune.kernels.loss import MIN_CHUNK_ROWS, chunk_rows_for
-    assert chunk_rows_for(torch.bfloat16, 49_152) == 128 and chunk_rows_for(torch.float32, 49_152) == 256
-    assert chunk_rows_for(torch.bfloat16, 262_144) == 24 and chunk_rows_for(torch.float32, 262_144) == 48
-    assert chunk_rows_for(torch.bfloat16, 32_000) == 128  # a smaller vocabulary keeps the rows
-    assert chunk_rows_for(torch.bfloat16, 10 ** 7) == MIN_CHUNK_ROWS
