@@ -6,7 +6,7 @@ engine with `model.name` set to that folder.
 
 For every family it trains with the CPU kernels on and off (the losses must agree), runs QLoRA
 (4-bit) steps, merges the adapter and exports GGUF f16 and q8_0 with the round trip. The
-families and the tiny models are defined here once; tests/test_families.py uses the same ones.
+families and the tiny models are defined here once; tests/integration/test_families.py uses the same ones.
 """
 from __future__ import annotations
 

@@ -79,6 +79,7 @@ def test_bad_override(capsys):
     assert "write section.field=value" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # the whole job, through a front end
 def test_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(tmp_path, shared_data, tiny_model_dir):
     import signal
     data = _data(tmp_path, shared_data)

@@ -255,11 +255,12 @@ def test_the_config_reference_is_current():
             assert f"`{f.name}`" in text
 
 
-def test_the_integration_tier_is_its_folder_and_holds_the_browser_tests(request):
-    """Marked `integration` exactly when in tests/integration; every test with JupyterLab and the
-    browser (the `lab` fixture) is there. Judged on the tests this session collected."""
+def test_the_integration_tier_holds_its_folder_and_the_browser_tests(request):
+    """Every test in tests/integration is marked `integration` (a whole job elsewhere may be
+    marked too), and every test with JupyterLab and the browser (the `lab` fixture) is in the
+    folder. Judged on the tests this session collected."""
     tier = REPO / "tests" / "integration"
     for item in request.session.items:
         inside = item.path.is_relative_to(tier)
-        assert (item.get_closest_marker("integration") is not None) == inside, item.nodeid
+        assert not inside or item.get_closest_marker("integration") is not None, item.nodeid
         assert inside or "lab" not in item.fixturenames, item.nodeid

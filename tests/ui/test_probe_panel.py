@@ -171,6 +171,7 @@ def test_probe_panel_with_no_arguments_probes_the_builtin_pairs(smollm2_dir):
     assert "nothing trained yet" in panel.status.value or "done" in panel.status.value
 
 
+@pytest.mark.integration  # the whole job, through a front end
 def test_probe_panel_keeps_the_previous_training_for_comparison(ui_config, sst2_120, shared_data):
     from nb_finetune.ui import Studio
     ui_config["train"]["max_steps"] = 2
