@@ -1,6 +1,6 @@
 """Preference runs on the tiny llama: DPO and ORPO on a 4-bit base, on pairs of real SST-2
-sentences; and the diagnosis reads DPO's failure modes from a history. The same runs from the
-command line are in tests/integration/test_preference_runs.py."""
+sentences; and the diagnosis reads DPO's failure modes from a history. Whole preference runs
+from the command line are in tests/integration/test_preference_runs.py."""
 from __future__ import annotations
 
 import numpy as np
