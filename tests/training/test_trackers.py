@@ -109,8 +109,10 @@ def test_a_missing_tracker_is_one_line_before_the_model_loads(tiny_model_dir, tm
 
 def test_mlflow_needs_no_local_store_when_the_user_has_a_server(monkeypatch):
     from nb_finetune.training import trackers
-    monkeypatch.setitem(sys.modules, "sqlalchemy", None)
+    # MLflow decides at import whether it can open sqlite stores, for the whole process: import
+    # it before hiding SQLAlchemy, or a later test in this worker finds no sqlite store.
     pytest.importorskip("mlflow")
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert trackers.missing(TrainConfig(report_to="mlflow")) == []
     assert trackers.missing(TrainConfig(report_to="none")) == []
