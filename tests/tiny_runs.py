@@ -1,4 +1,4 @@
-"""Tiny real runs for the runs, Runs panel and browser tests: configs on the tiny llama over
+"""Tiny real runs for the runs, Runs panel, fault and browser tests: configs on the tiny llama over
 SST-2 rows, and a callback that asks a run to stop at a step."""
 from __future__ import annotations
 
