@@ -1,9 +1,9 @@
 """A 4-bit or 8-bit base (bitsandbytes on the CPU) under the LoRA adapter: it trains, and an
 evaluation pass before a step leaves that step's gradients as they were."""
 import pytest
+from conftest import prepared_session
 
 from nb_finetune import RunConfig
-from nb_finetune.pipeline import Session
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
@@ -14,8 +14,7 @@ def test_quantized_base_trains_on_cpu(bits, tiny_model_dir, tmp_path, sst2_frame
         "model": {"name": str(tiny_model_dir), "quantization": bits, "lora_r": 4},
         "train": {"output_dir": str(tmp_path / "q"), "max_steps": 2, "batch_size": 4, "max_length": 48, "logging_steps": 1,
                   "eval_steps": 2}})
-    s = Session(cfg, progress=lambda m: None)
-    s.prepare_data(sst2_frame)
+    s = prepared_session(cfg, sst2_frame)
     s.load_model()
     import bitsandbytes as bnb
     layer = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}[bits]
@@ -36,8 +35,7 @@ def test_4bit_training_after_an_evaluation_pass_gets_the_same_gradients(tiny_mod
         "train": {"output_dir": str(tmp_path / "q"), "max_length": 48}})
 
     def adapter_gradients(evaluate_first: bool) -> dict:
-        s = Session(cfg, progress=lambda m: None)
-        s.prepare_data(sst2_frame)
+        s = prepared_session(cfg, sst2_frame)
         s.load_model()
         batch = s.collator([s.datasets["train"][i] for i in range(4)])
         batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
