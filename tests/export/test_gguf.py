@@ -80,6 +80,7 @@ def test_tiny_f16_round_trip_and_folder(tiny_model_dir, tiny_adapter, tmp_path):
     assert forced.gguf.stat().st_size < size and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # a whole export, read back in a fresh process
 def test_wrong_rotary_layout_fails_and_leaves_nothing(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
     """The round trip catches a writer that forgets llama.cpp's Q/K permutation."""
     monkeypatch.setattr(gguf_layout, "rotary_permute", lambda w, heads: w)

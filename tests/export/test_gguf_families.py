@@ -124,6 +124,7 @@ def test_family_round_trip(model_type, tokenizer, tmp_path):
         assert fields["granite.embedding_scale"].contents() == 12.0
 
 
+@pytest.mark.slow  # a whole export, read back in a fresh process
 def test_a_lost_tensor_fails_and_is_named(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
     real = gguf_layout.prepared_tensors
     monkeypatch.setattr(gguf_layout, "prepared_tensors",
@@ -133,6 +134,7 @@ def test_a_lost_tensor_fails_and_is_named(tiny_model_dir, tiny_adapter, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a whole export, read back in a fresh process
 def test_a_wrong_vocabulary_fails_and_is_named(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
     """Two tokens every prompt uses trade places in the file's vocabulary."""
     real = gguf_vocab.token_table
@@ -174,6 +176,7 @@ def test_chat_template_asked_of_a_base_model_is_refused_before_loading(base_with
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
+@pytest.mark.slow  # a whole export, read back in a fresh process
 def test_base_model_exports_plain_and_the_run_folder_is_unchanged(base_without_template, tmp_path):
     """No template in the file, a plain Modelfile, the round trip on the plain prompts; the run
     folder (adapter and all) hashes the same before and after."""

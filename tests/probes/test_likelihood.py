@@ -27,6 +27,7 @@ def smollm2(smollm2_dir):
     return model, AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_crows_pairs_scores_agree_with_plain_transformers(smollm2, shared_data):
     model, tok = smollm2
     pairs = crows_pairs(shared_data / "crows_pairs" / "crows_pairs_anonymized.csv")
@@ -44,6 +45,7 @@ def test_crows_pairs_scores_agree_with_plain_transformers(smollm2, shared_data):
     assert set(result.summary.index) == {"all"} | set(held_out.items["bias_type"])
 
 
+@pytest.mark.slow  # the real SmolLM2
 def test_stereoset_intersentence_scores_after_the_context_and_lms_ss_icat(smollm2):
     from nb_finetune import assets
     model, tok = smollm2

@@ -66,6 +66,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a whole run in its own process, killed
 def test_kill_during_save_leaves_no_checkpoint_that_resume_would_load(tiny_model_dir, tmp_path, sst2_frame):
     from transformers.trainer_utils import get_last_checkpoint
 

@@ -61,6 +61,7 @@ def run_epoch(tiny_model_dir, tmp_path, rows, shuffled: bool, monkeypatch):
     return session.train()
 
 
+@pytest.mark.slow  # two whole epochs
 def test_a_real_epoch_in_both_orders_trains_the_same_rows_with_the_same_padding(tiny_model_dir, tmp_path,
                                                                                  shared_data, monkeypatch):
     rows = alpaca_raw(shared_data).iloc[:120]

@@ -133,6 +133,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path, 
     np.testing.assert_allclose(runs["yes"], runs["no"], rtol=1e-4)
 
 
+@pytest.mark.slow  # two whole epochs through the Session
 def test_packed_epoch_takes_fewer_steps_over_the_same_rows(tiny_model_dir, tmp_path, shared_data):
     """train.packing through the Session: an epoch of real Alpaca rows packed to 256 tokens
     takes fewer optimizer steps than unpacked, learns, and keeps
