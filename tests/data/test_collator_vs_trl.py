@@ -36,14 +36,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, alpaca
 
-trl = pytest.importorskip("trl", minversion="1.16")  # the test extra pins trl>=1.16 (Python >= 3.11)
-from conftest import SHARED_DATA, alpaca  # noqa: E402
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E402
-
-from nb_finetune import config, modeling  # noqa: E402
-from nb_finetune.data.collator import CompletionOnlyCollator  # noqa: E402
-from nb_finetune.data.formatter import IGNORE, Formatter  # noqa: E402
+from nb_finetune import config, modeling
+from nb_finetune.data.collator import CompletionOnlyCollator
+from nb_finetune.data.formatter import IGNORE, Formatter
 
 ALPACA = SHARED_DATA / "alpaca_demo" / "alpaca_en_demo.json"
 N_ROWS = 100
@@ -72,7 +69,9 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def trl_prepare(tiny_model, tok, tmp_path_factory):
-    """rows -> (TRL's prepared rows: input_ids and labels, in order; its collator)."""
+    """rows -> (TRL's prepared rows: input_ids and labels, in order; its collator). TRL is imported
+    here, not at collection, where it would cost every test process seconds."""
+    pytest.importorskip("trl", minversion="1.16")  # the test extra pins trl>=1.16 (Python >= 3.11)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -330,6 +329,7 @@ PAD_ROWS = [{"prompt": "Say hi.", "completion": "Hi!"},
 
 
 def test_padding_by_position(tok, trl_prepare):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     fmt = Formatter.build(tok, "completion", [], max_length=MAX_LENGTH, chat_template="auto")
     short, long = fmt.encode_many(PAD_ROWS)
     ns, nl = len(short["input_ids"]), len(long["input_ids"])

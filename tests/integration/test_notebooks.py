@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import nbformat
 import pytest
 from conftest import REPO
 
@@ -25,12 +24,20 @@ SMALL = {
 }
 
 
+@pytest.fixture(scope="module")
+def nbformat():
+    """nbformat, imported when a notebook test runs: at collection it would cost every test
+    process seconds (its JSON schema checks build their grammars on import)."""
+    import nbformat
+    return nbformat
+
+
 def test_every_notebook_has_small_parameters_here():
     assert [p.name for p in NOTEBOOKS] == sorted([*SMALL, QUICKSTART.name])
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_is_committed_clean_with_badges_install_and_parameters(path):
+def test_notebook_is_committed_clean_with_badges_install_and_parameters(path, nbformat):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -78,7 +85,7 @@ def assert_ran_and_showed(nb, folder):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name in SMALL], ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch, smollm2_dir):
+def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch, smollm2_dir, nbformat):
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
@@ -92,7 +99,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch, smollm2_dir):
 
 
 @pytest.mark.slow
-def test_quickstart_fits_binder_memory(tmp_path, monkeypatch, smollm2_dir):
+def test_quickstart_fits_binder_memory(tmp_path, monkeypatch, smollm2_dir, nbformat):
     """With Binder's sizes (as BINDER_LAUNCH_HOST switches on), the kernel's measured peak during
     training stays under mybinder.org's 2 GB, fp32 as on Binder's CPUs; and every cell runs."""
     from nbclient import NotebookClient
