@@ -1,7 +1,10 @@
 """The whole job, stage by stage: data -> tokens -> model -> training -> evaluation -> files.
 
-`Session` keeps each stage's result so a panel can run stages one at a time and show
-each; `run()` does them all, as the command line does.
+`Session` is the job as a recipe: `setup` readies every stage that comes before the model
+(trackers, data, general set, tokens, probes), each saying in one line what would stop the run;
+then `load_model`, `train`, `evaluate`, `probe_bias` and `write_outputs`. Each stage keeps its
+result, so a panel can run stages one at a time and show each; `run()` does them all, as the
+command line does. The stages' rules live in their packages; the Session keeps the order.
 
 Stage messages go to the sink the caller names for its work (`reporting_to`), on its own
 thread: a panel clicked while another panel's training runs on a thread gets its own
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,13 +25,13 @@ from . import data as data_mod
 from .config import RunConfig, first_stale
 from .data.collator import CompletionOnlyCollator, PairCollator
 from .data.formatter import Formatter
+from .data.report import add_token_checks
 from .data.tokens import PACKING_NEEDS_CAUSAL_LM, pack, tokenize_frame, tokenize_pairs
 from .errors import UserError
 from .probes import gate, likelihood, runner
-from .probes.pairs import PairSet, preference_pairs
-from .redact import redact
-from .runs.record import RunRecord, new_folder, training_summary
-from .runs.report import report_files, run_report
+from .probes.pairs import PairSet
+from .runs import report as run_files
+from .runs.record import RunRecord, data_fingerprint, ending_on_failure, new_folder, training_summary
 from .training import trackers
 from .training.policy import PADDING_FREE_NEEDS_CAUSAL_LM
 
@@ -61,6 +63,7 @@ class Session:
         self.eval_result: evaluation.EvalResult | None = None
         self.gate_result: gate.GateResult | None = None
         self.record: RunRecord | None = None  # run.json in output_dir, from the start of training
+        self.trackers_checked: str | None = None  # the train.report_to whose packages were found
         self.base_results = evaluation.BaseResults()  # the base model's results, shared with the panels
 
     def reconfigure(self, cfg: RunConfig, source_changed: bool = False) -> None:
@@ -128,7 +131,24 @@ class Session:
     def precision(self) -> str:
         return hardware.compute_dtype(self.cfg.model.compute_dtype)
 
-    # -- stages ------------------------------------------------------------------------
+    # -- setup: each stage before the model ------------------------------------------------
+    def setup(self, source=None) -> Session:
+        """Every stage before the model, in order; each says in one line what would stop the run
+        before the model costs time to load."""
+        self.check_trackers()
+        self.prepare_data(source)
+        self.general_set()  # a general set that cannot be read stops the run before training
+        self.tokenize()
+        if self.cfg.probe.probes:
+            self.check_probes()
+        return self
+
+    def check_trackers(self) -> None:
+        """A tracker whose package is absent, said before any model loads; once per setting."""
+        if self.trackers_checked != self.cfg.train.report_to:
+            trackers.check(self.cfg.train)
+            self.trackers_checked = self.cfg.train.report_to
+
     def prepare_data(self, source=None) -> data_mod.PreparedData:
         """`source` (a DataFrame or Dataset) replaces cfg.data.source and is kept for re-runs."""
         if source is not None:
@@ -156,50 +176,27 @@ class Session:
         self.tokenizer = modeling.load_tokenizer(m, self.progress)
         model_config = modeling.load_config(m, self.progress)
         self.objective = modeling.objective_for(m, model_config)
-        context = getattr(model_config, "max_position_embeddings", None)
-        if context and t.max_length > context:
-            raise UserError(f"train.max_length={t.max_length} is longer than {m.name}'s context of {context} "
-                            f"tokens; set it to at most {context} (longer prompts are cut in the middle)")
-        if self.objective == "head" and self.prep.task != "classification":
-            raise UserError(f"a classification head needs data.task='classification'; {m.name} is an encoder, "
-                            "which writes no text: for preference pairs use a decoder (e.g. smollm2-135m-instruct)"
-                            if self.prep.task == "preference" else
-                            "a classification head needs data.task='classification'")
-        if self.objective == "head" and t.packing:
-            raise UserError(PACKING_NEEDS_CAUSAL_LM)  # before loading the model, not when packing
-        if self.objective == "head" and t.padding_free == "on":
-            raise UserError(PADDING_FREE_NEEDS_CAUSAL_LM)
+        refuse_unfit(self.cfg, self.objective, self.prep.task, getattr(model_config, "max_position_embeddings", None))
         self.formatter = Formatter.build(self.tokenizer, self.prep.task, self.prep.labels, t.max_length,
                                          m.chat_template, self.prep.config.instruction)
+        self.tokenize_splits()
+        add_token_checks(self.prep.report, self.token_stats, t.max_length)
+        if len(self.datasets["train"]) == 0:
+            raise UserError(f"no training row keeps a trained token at max_length {t.max_length}; "
+                            "raise train.max_length")
+        return self.token_stats
+
+    def tokenize_splits(self) -> None:
+        """The training and validation rows as token ids, through the token cache when it is on."""
         head_labels = {lab: i for i, lab in enumerate(self.prep.labels)} if self.objective == "head" else None
         cache = assets.cache_dir() / "tokens" if self.cfg.train.cache_tokens else None
         for name in ("train", "validation"):
             def said(message, name=name):
                 self.progress(f"{name}: {message}")
-            if self.prep.task == "preference":
-                self.datasets[name], self.token_stats[name] = tokenize_pairs(self.prep.splits[name], self.formatter,
-                                                                             cache, said)
-                continue
-            self.datasets[name], self.token_stats[name] = tokenize_frame(self.prep.splits[name], self.formatter,
-                                                                         head_labels, cache, said)
-        self.report_tokens()
-        return self.token_stats
-
-    def report_tokens(self) -> None:
-        report, stats, limit = self.prep.report, self.token_stats["train"], self.cfg.train.max_length
-        report.token_lengths = pd.Series(stats.lengths, name="tokens")
-        report.max_length = limit
-        n = stats.rows
-        report.add(f"prompts cut to max_length {limit}", stats.prompt_truncated, n,
-                   "warning" if stats.prompt_truncated > n / 4 else "ok",
-                   "middle of the prompt removed" if stats.prompt_truncated else "")
-        report.add("responses cut", stats.response_truncated, n, "warning" if stats.response_truncated else "ok",
-                   "raise train.max_length" if stats.response_truncated else "")
-        dropped = sum(s.dropped_no_trained for s in self.token_stats.values())
-        report.add("rows dropped: no trained token left", dropped, n, "error" if dropped else "ok",
-                   "raise train.max_length" if dropped else "")
-        if len(self.datasets["train"]) == 0:
-            raise UserError(f"no training row keeps a trained token at max_length {limit}; raise train.max_length")
+            rows = self.prep.splits[name]
+            self.datasets[name], self.token_stats[name] = (
+                tokenize_pairs(rows, self.formatter, cache, said) if self.prep.task == "preference" else
+                tokenize_frame(rows, self.formatter, head_labels, cache, said))
 
     def load_model(self):
         if self.formatter is None:
@@ -227,41 +224,60 @@ class Session:
         klass = PairCollator if self.prep is not None and self.prep.task == "preference" else CompletionOnlyCollator
         return klass(self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of or None)
 
+    # -- stages -------------------------------------------------------------------------
     def train(self, callbacks=(), stop: threading.Event | None = None) -> training.TrainResult:
-        trackers.check(self.cfg.train)  # a missing tracker package, said before the model loads
+        self.check_trackers()
         if self.model is None:
             self.load_model()
         self.use_new_folder()
+        rows = self.training_rows()
+        if distributed.is_main():
+            callbacks = [*callbacks, self.start_record()]
+        with ending_on_failure(self.record):
+            target = training.TrainTarget(self.model, rows, self.datasets["validation"], self.collator,
+                                          self.tokenizer, self.precision, self.cfg.model.quantization != "none")
+            watch = training.Watch(callbacks, stop, self.training_info(len(rows)), self.progress)
+            self.train_result = training.train(target, self.cfg.train, watch)
+        self.end_training()
+        return self.train_result
+
+    def training_rows(self):
+        """The tokenized training rows, packed into rows of up to max_length with train.packing."""
+        rows, t = self.datasets["train"], self.cfg.train
+        if not t.packing:
+            return rows
+        packed = pack(rows, t.max_length)
+        self.progress(f"packing: {len(rows):,} rows into {len(packed):,} rows of at most {t.max_length} tokens")
+        return packed
+
+    def training_info(self, rows: int) -> dict:
+        """What the panels show as training begins: rows, batches, processes and parameters."""
         t = self.cfg.train
-        train_ds = self.datasets["train"]
-        if t.packing:
-            train_ds = pack(train_ds, t.max_length)
-            self.progress(f"packing: {len(self.datasets['train']):,} rows into {len(train_ds):,} rows of at most "
-                          f"{t.max_length} tokens")
         trainable, total = modeling.trainable_parameters(self.model)
         accum, processes = training.accumulation(t), distributed.world_size()
-        info = {"train_rows": len(train_ds), "effective_batch": t.batch_size * accum * processes,
-                "batch_size": t.batch_size, "processes": processes, "grad_accum": accum,
-                "trainable": trainable, "total": total, "precision": self.precision}
-        if distributed.is_main():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(self.output_dir / "config.yaml")
-            self.record = RunRecord.start(self.output_dir, self.cfg.to_dict(), self.data_fingerprint(),
-                                         resuming=bool(t.resume_from))
-            callbacks = [*callbacks, self.record]
-        with self.recording():
-            target = training.TrainTarget(self.model, train_ds, self.datasets["validation"], self.collator,
-                                          self.tokenizer, self.precision, self.cfg.model.quantization != "none")
-            self.train_result = training.train(target, t, training.Watch(callbacks, stop, info, self.progress))
+        return {"train_rows": rows, "effective_batch": t.batch_size * accum * processes, "batch_size": t.batch_size,
+                "processes": processes, "grad_accum": accum, "trainable": trainable, "total": total,
+                "precision": self.precision}
+
+    def start_record(self) -> RunRecord:
+        """The run's folder, its config and its run.json, written before the first step."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.output_dir / "config.yaml")
+        self.record = RunRecord.start(self.output_dir, self.cfg.to_dict(),
+                                      data_fingerprint(self.cfg.data.source, self.prep.splits),
+                                      resuming=bool(self.cfg.train.resume_from))
+        return self.record
+
+    def end_training(self) -> None:
+        """How training ended, into the record; the padding and the measured peak, said."""
+        result = self.train_result
         if self.record is not None:
-            self.record.end("stopped" if self.train_result.stopped else "finished",
-                            training=training_summary(self.train_result.history))
-        self.progress(self.train_result.padding.summary())
+            self.record.end("stopped" if result.stopped else "finished", training=training_summary(result.history))
+        self.progress(result.padding.summary())
         self.peak_memory = memory.measured_peak()
         if self.memory_estimate is not None:
             self.progress(f"peak memory measured: {self.peak_memory / 2**30:.2f} GiB "
                           f"(estimated {self.memory_estimate.total / 2**30:.2f} GiB before loading)")
-        return self.train_result
 
     def evaluate(self) -> evaluation.EvalResult:
         if self.model is None:
@@ -272,7 +288,7 @@ class Session:
                     f.use_chat, f.instruction, tuple(f.labels), data_mod.frame_digest(test))
         target = evaluation.EvalTarget(self.model, f, self.cfg.train.batch_size, self.precision, self.progress,
                                        self.base_results, base_key, kernels.wanted(self.cfg.train.cpu_kernels))
-        with self.recording():
+        with ending_on_failure(self.record):
             if self.prep.task == "preference":  # held-out pairs: preference accuracy and margins
                 self.eval_result = evaluation.evaluate_pairs(target, self.prep, self.cfg.eval)
             else:
@@ -306,12 +322,7 @@ class Session:
         """Before training, what would stop the probes after it: a text probe on a classification
         head, or a pair set that cannot be fetched."""
         names = self.probe_names()
-        if self.objective == "head" and set(names) - {"counterfactual"}:
-            raise UserError(f"probe.probes={names}: {self.cfg.model.name} is trained as a classification head, "
-                            "which writes no text; use probe.probes=['counterfactual']")
-        for name in names:
-            if name in gate.PAIR_SETS:
-                assets.data_path(gate.PAIR_SETS[name].split(":")[0], self.progress)
+        gate.check_ready(names, self.objective, self.cfg.model.name, self.progress)
         if gate.HELD_OUT in names:
             self.held_out_pairs()
 
@@ -321,7 +332,7 @@ class Session:
         if self.model is None:
             self.load_model()
         target = self.probe_target(self.held_out_pairs() if gate.HELD_OUT in names else None)
-        with self.recording():
+        with ending_on_failure(self.record):
             self.gate_result = gate.run_gate(self.cfg.probe, names, target, self.progress)
         self.note(bias_gate=self.gate_result.to_dict())
         return self.gate_result
@@ -334,20 +345,11 @@ class Session:
 
     def held_out_pairs(self) -> PairSet:
         """The test split's preference pairs, for the 'held-out-pairs' probe."""
-        test = self.prep.splits["test"]
-        if self.prep.task != "preference" or not len(test):
-            raise UserError(f"probe.probes has '{gate.HELD_OUT}', which scores the test split's preference pairs; "
-                            "it needs data.task 'preference' and data.test_fraction > 0")
-        return preference_pairs(test)
+        return gate.test_pairs(self.prep.task, self.prep.splits["test"])
 
     def write_gate(self) -> Path:
-        """The bias gate's result into output_dir's report.json, the rest of a saved run's report
-        kept (a finished run probed again); returns the file."""
-        report = self.output_dir / "report.json"
-        saved = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else self.report()
-        text = json.dumps(saved | {"bias_gate": self.gate_result.to_dict()}, indent=2, default=str)
-        report.write_text(redact(text), encoding="utf-8")
-        return report
+        """The bias gate's result into output_dir's report.json (runs.report.write_gate)."""
+        return run_files.write_gate(self)
 
     def pair_set_change(self, name: str = "crows-pairs-masked", limit: int = 0) -> pd.DataFrame:
         """One pair set's likelihood probe on base and tuned, and the change, outside the gate:
@@ -358,13 +360,7 @@ class Session:
         runs = runner.pair_probe(self.probe_target(), pairs)
         return likelihood.pair_change(runs["base"], runs["tuned"])
 
-    # -- the run record ----------------------------------------------------------------
-    def data_fingerprint(self) -> dict:
-        """Where the data came from and a digest of each split, to tell runs on other data apart."""
-        splits = self.prep.splits
-        return {"source": str(self.cfg.data.source or "built-in"), "rows": {k: len(v) for k, v in splits.items()},
-                "digest": {k: data_mod.frame_digest(v)[:16] for k, v in splits.items()}}
-
+    # -- the run record and files ------------------------------------------------------------
     def use_new_folder(self) -> None:
         """Keep an earlier run: a new one (not a resume) writes beside it, and output_dir says where.
         Under a launcher the job's folder stands: its processes cannot agree on another before
@@ -377,47 +373,42 @@ class Session:
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train,
                                                                                output_dir=str(folder)))
 
-    @contextmanager
-    def recording(self):
-        """A stage that raises marks the run failed (stopped, for Ctrl-C) in its record first."""
-        try:
-            yield
-        except BaseException as err:
-            if self.record is not None:
-                self.record.end("stopped" if isinstance(err, KeyboardInterrupt) else "failed", err)
-            raise
-
     def note(self, **fields) -> None:
         if self.record is not None:
             self.record.update(**fields)
 
-    # -- files -------------------------------------------------------------------------
     def write_outputs(self) -> Path:
-        """Reports into output_dir, every text file passed through `redact` (no access tokens).
-        Under several processes only the main one writes."""
-        out = self.output_dir
-        if not distributed.is_main():
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(out / "config.yaml")
-        for name, text in report_files(self).items():
-            (out / name).write_text(redact(text), encoding="utf-8")
-        return out
+        """The report files into output_dir (runs.report.write_reports)."""
+        return run_files.write_reports(self)
 
     def report(self) -> dict:
         """Everything known about the run, for report.json."""
-        return run_report(self)
+        return run_files.run_report(self)
+
+
+def refuse_unfit(cfg: RunConfig, objective: str, task: str, context: int | None) -> None:
+    """What the model cannot do with these settings, said before its weights load: a max_length
+    past its context, and for a classification head, any task but classification, packing, or
+    padding-free batches."""
+    m, t = cfg.model, cfg.train
+    if context and t.max_length > context:
+        raise UserError(f"train.max_length={t.max_length} is longer than {m.name}'s context of {context} "
+                        f"tokens; set it to at most {context} (longer prompts are cut in the middle)")
+    if objective != "head":
+        return
+    if task != "classification":
+        raise UserError(f"a classification head needs data.task='classification'; {m.name} is an encoder, "
+                        "which writes no text: for preference pairs use a decoder (e.g. smollm2-135m-instruct)"
+                        if task == "preference" else "a classification head needs data.task='classification'")
+    if t.packing:
+        raise UserError(PACKING_NEEDS_CAUSAL_LM)
+    if t.padding_free == "on":
+        raise UserError(PADDING_FREE_NEEDS_CAUSAL_LM)
 
 
 def run(cfg: RunConfig, callbacks=(), stop: threading.Event | None = None, progress=print, source=None) -> Session:
     """Every stage in order; returns the session with all results (files written to output_dir)."""
-    session = Session(cfg, progress)
-    trackers.check(cfg.train)  # before the data and the model, not after them
-    session.prepare_data(source)
-    session.general_set()  # a general set that cannot be read stops the run before training
-    session.tokenize()
-    if cfg.probe.probes:
-        session.check_probes()
+    session = Session(cfg, progress).setup(source)
     progress("data report:\n" + session.prep.report.summary())
     progress("tokenization (train): " + session.token_stats["train"].summary(cfg.train.max_length))
     session.load_model()

@@ -85,6 +85,23 @@ def build_report(raw: pd.DataFrame, frame: pd.DataFrame, task: str) -> DataRepor
     return report
 
 
+def add_token_checks(report: DataReport, stats: dict, limit: int) -> None:
+    """The tokenizer's checks (prompts and responses cut at `limit`, rows left with no trained
+    token), and the training rows' token lengths; `stats`: each split's TokenizationStats."""
+    train = stats["train"]
+    report.token_lengths = pd.Series(train.lengths, name="tokens")
+    report.max_length = limit
+    n = train.rows
+    report.add(f"prompts cut to max_length {limit}", train.prompt_truncated, n,
+               "warning" if train.prompt_truncated > n / 4 else "ok",
+               "middle of the prompt removed" if train.prompt_truncated else "")
+    report.add("responses cut", train.response_truncated, n, "warning" if train.response_truncated else "ok",
+               "raise train.max_length" if train.response_truncated else "")
+    dropped = sum(s.dropped_no_trained for s in stats.values())
+    report.add("rows dropped: no trained token left", dropped, n, "error" if dropped else "ok",
+               "raise train.max_length" if dropped else "")
+
+
 def add_bias_scan(report: DataReport, found: BiasScan) -> None:
     """The scan as one check: the groups whose label share differs from the rows that name
     no group of its axis."""

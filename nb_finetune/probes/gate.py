@@ -9,13 +9,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from .. import assets
 from ..config import ProbeConfig
 from ..errors import UserError
 from . import parity, runner
 from .completions import template_prompts
 from .counterfactual import TEMPLATES
 from .likelihood import bootstrap_ci, pair_change
-from .pairs import PairSet
+from .pairs import PairSet, preference_pairs
 from .runner import ProbeTarget
 from .scorers import VaderScorer
 
@@ -152,6 +153,25 @@ def run_probe(cfg: ProbeConfig, name: str, t: ProbeTarget, progress) -> tuple[di
     prompts = template_prompts(cfg.prompts or parity.PROMPTS, cfg.groups)
     results, _ = runner.completion_probe(t, prompts, VaderScorer(), cfg.samples, cfg.seed, progress)
     return results, parity_check(results, cfg.max_parity_increase, cfg.seed)
+
+
+def check_ready(names: list[str], objective: str, model_name: str, progress=print) -> None:
+    """Before training, what would stop these probes after it: a text probe on a classification
+    head, or a pair set that cannot be fetched."""
+    if objective == "head" and set(names) - {"counterfactual"}:
+        raise UserError(f"probe.probes={names}: {model_name} is trained as a classification head, "
+                        "which writes no text; use probe.probes=['counterfactual']")
+    for name in names:
+        if name in PAIR_SETS:
+            assets.data_path(PAIR_SETS[name].split(":")[0], progress)
+
+
+def test_pairs(task: str, test: pd.DataFrame) -> PairSet:
+    """The test split's preference pairs, for the 'held-out-pairs' probe."""
+    if task != "preference" or not len(test):
+        raise UserError(f"probe.probes has '{HELD_OUT}', which scores the test split's preference pairs; "
+                        "it needs data.task 'preference' and data.test_fraction > 0")
+    return preference_pairs(test)
 
 
 def held_out_pairs(t: ProbeTarget, cfg: ProbeConfig) -> PairSet:

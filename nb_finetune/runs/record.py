@@ -8,6 +8,7 @@ import os
 import platform
 import socket
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import hardware
+from ..data.columns import frame_digest
 
 RECORD = "run.json"
 FORMAT = "nb_finetune.run/1"
@@ -61,6 +63,23 @@ def new_folder(folder: str | Path, resuming: bool) -> Path:
     if resuming or not (folder / RECORD).is_file():
         return folder
     return next(p for n in range(2, 10_000) if not (p := folder.with_name(f"{folder.name}-{n}")).exists())
+
+
+def data_fingerprint(source, splits: dict) -> dict:
+    """Where the data came from and a digest of each split, to tell runs on other data apart."""
+    return {"source": str(source or "built-in"), "rows": {k: len(v) for k, v in splits.items()},
+            "digest": {k: frame_digest(v)[:16] for k, v in splits.items()}}
+
+
+@contextmanager
+def ending_on_failure(record: RunRecord | None):
+    """A stage that raises marks the run failed (stopped, for Ctrl-C) in its record first."""
+    try:
+        yield
+    except BaseException as err:
+        if record is not None:
+            record.end("stopped" if isinstance(err, KeyboardInterrupt) else "failed", err)
+        raise
 
 
 def whole_file(path: Path, text: str) -> None:

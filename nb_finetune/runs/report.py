@@ -3,8 +3,10 @@ assembled from a finished or interrupted session's results."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from .. import hardware
+from .. import distributed, hardware
+from ..redact import redact
 
 COUNTS = ("rows", "tokens", "trained_tokens", "prompt_truncated", "response_truncated", "dropped_no_trained")
 
@@ -40,3 +42,26 @@ def report_files(session) -> dict[str, str]:
         if ev.confusion is not None:
             files["confusion_matrix.csv"] = ev.confusion.to_csv()
     return files
+
+
+def write_reports(session) -> Path:
+    """The report files into output_dir, with the config, every text passed through `redact` (no
+    access tokens). Under several processes only the main one writes."""
+    out = session.output_dir
+    if not distributed.is_main():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    session.cfg.save(out / "config.yaml")
+    for name, text in report_files(session).items():
+        (out / name).write_text(redact(text), encoding="utf-8")
+    return out
+
+
+def write_gate(session) -> Path:
+    """The bias gate's result into output_dir's report.json, the rest of a saved run's report
+    kept (a finished run probed again); returns the file."""
+    report = session.output_dir / "report.json"
+    saved = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else run_report(session)
+    text = json.dumps(saved | {"bias_gate": session.gate_result.to_dict()}, indent=2, default=str)
+    report.write_text(redact(text), encoding="utf-8")
+    return report

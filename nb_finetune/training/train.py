@@ -95,9 +95,9 @@ class Watch:
 
 def train(target: TrainTarget, cfg: TrainConfig, watch: Watch | None = None) -> TrainResult:
     """Train `target.model` and save its adapter under cfg.output_dir/adapter. The history is
-    written to cfg.output_dir/history.csv however training ends."""
+    written to cfg.output_dir/history.csv however training ends. The tracker's packages are the
+    caller's to check (trackers.check), before the model loads."""
     watch = watch or Watch()
-    trackers.check(cfg)
     check_disk(target.model, cfg)
     # Only the main process reports: one console, one history, one set of files.
     callbacks = list(watch.callbacks) if distributed.is_main() else []

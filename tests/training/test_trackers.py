@@ -107,6 +107,24 @@ def test_a_missing_tracker_is_one_line_before_the_model_loads(tiny_model_dir, tm
         assert f"{install}, or set train.report_to: none" in message
 
 
+def test_the_whole_job_asks_for_the_tracker_once_before_the_data(tiny_model_dir, tmp_path, sst2_frame, monkeypatch):
+    """pipeline.run checks the tracker once, before the data loads: the Session's setup asks, and
+    its training knows the setting was checked. A setting changed afterwards is checked again."""
+    from nb_finetune import data
+    from nb_finetune.training import trackers
+    calls, check, prepare = [], trackers.check, data.prepare
+    monkeypatch.setattr(trackers, "check", lambda cfg: calls.append(cfg.report_to) or check(cfg))
+    monkeypatch.setattr(data, "prepare", lambda *args: calls.append("data") or prepare(*args))
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=1, eval_steps=1)
+    session = pipeline.run(cfg, progress=lambda m: None, source=sst2_frame)
+    assert calls == ["none", "data"]
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    session.reconfigure(cfg.with_overrides({"train.report_to": "tensorboard"}))
+    with pytest.raises(UserError, match="train.report_to: tensorboard needs tensorboard"):
+        session.train()
+    assert calls == ["none", "data", "tensorboard"]
+
+
 def test_mlflow_needs_no_local_store_when_the_user_has_a_server(monkeypatch):
     from nb_finetune.training import trackers
     # MLflow decides at import whether it can open sqlite stores, for the whole process: import
