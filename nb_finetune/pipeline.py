@@ -131,7 +131,7 @@ class Session:
     def precision(self) -> str:
         return hardware.compute_dtype(self.cfg.model.compute_dtype)
 
-    # -- setup: each stage before the model ------------------------------------------------
+    # -- setting up: the stages before training --------------------------------------------
     def setup(self, source=None) -> Session:
         """Every stage before the model, in order; each says in one line what would stop the run
         before the model costs time to load."""
@@ -224,7 +224,7 @@ class Session:
         klass = PairCollator if self.prep is not None and self.prep.task == "preference" else CompletionOnlyCollator
         return klass(self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of or None)
 
-    # -- stages -------------------------------------------------------------------------
+    # -- training, evaluation, probes ---------------------------------------------------
     def train(self, callbacks=(), stop: threading.Event | None = None) -> training.TrainResult:
         self.check_trackers()
         if self.model is None:
@@ -345,7 +345,7 @@ class Session:
 
     def held_out_pairs(self) -> PairSet:
         """The test split's preference pairs, for the 'held-out-pairs' probe."""
-        return gate.test_pairs(self.prep.task, self.prep.splits["test"])
+        return gate.pairs_in_test_split(self.prep.task, self.prep.splits["test"])
 
     def write_gate(self) -> Path:
         """The bias gate's result into output_dir's report.json (runs.report.write_gate)."""

@@ -166,7 +166,7 @@ def check_ready(names: list[str], objective: str, model_name: str, progress=prin
             assets.data_path(PAIR_SETS[name].split(":")[0], progress)
 
 
-def test_pairs(task: str, test: pd.DataFrame) -> PairSet:
+def pairs_in_test_split(task: str, test: pd.DataFrame) -> PairSet:
     """The test split's preference pairs, for the 'held-out-pairs' probe."""
     if task != "preference" or not len(test):
         raise UserError(f"probe.probes has '{HELD_OUT}', which scores the test split's preference pairs; "
