@@ -304,6 +304,7 @@ class Panel(widgets.VBox):
         super().__init__(**kwargs)
         self.shared = shared or Shared(config, data)
         self.status = widgets.HTML()
+        self.status.add_class(f"nbft-{type(self).__name__.lower()}-status")  # for a page to find it
         self.error = widgets.HTML()
         self.warnings = widgets.HTML()
 

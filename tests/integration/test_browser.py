@@ -1,6 +1,7 @@
 """The studio in a real browser: JupyterLab on 127.0.0.1, driven by Playwright with Debian's
 Chromium (no browser download). Opens a notebook, runs it, clicks Start, sees the plot image
-change while training, clicks Stop, and sees the run stop and the evaluation appear: once with
+change while training, clicks the Data tab's Load meanwhile (its line reaches the Data panel
+alone, and training goes on), clicks Stop, and sees the run stop and the evaluation appear: once with
 the studio made in Python, once through `%load_ext nb_finetune` and a config cell. Then every
 tab of a fresh `Studio()` and every panel alone: each control shown (or shown by the choice
 that reveals it), no broken picture, no error; and the bias probe run on pairs and on
@@ -86,11 +87,14 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
             browser_lab.wait_until(lambda: seen.add(plot.get_attribute("src")) or len(seen) >= 3, 180, 0.2)
             page.screenshot(path=str(shots / "training.png"))
             assert len(seen) >= 3, "the training plot did not change while training"
+            click_data_panel_mid_training(page, plot, shots)
             page.locator(".nbft-train-stop").click()
             outcome = page.locator(".nbft-train-outcome")
             page.wait_for_function("document.querySelector('.nbft-train-outcome')?.innerText"
                                    ".includes('stopped at step')", timeout=120_000)
             assert "stopped at step" in outcome.inner_text()
+            data_status = page.locator(".nbft-datapanel-status").text_content()  # the end of training's lines
+            assert "checked them" in data_status and "peak memory" not in data_status, data_status
             # The studio moves to the Evaluate tab once the test has run.
             page.wait_for_function("document.querySelector('.nbft-eval-metrics')?.innerText.includes('tuned')",
                                    timeout=180_000)
@@ -108,6 +112,22 @@ def test_studio_in_jupyterlab_trains_live_stops_and_evaluates(lab, tiny_model_di
     assert history.is_file() and list((root / "run" / "checkpoints").glob("checkpoint-*"))
     if os.environ.get("NB_FINETUNE_SCREENSHOTS"):  # keep the pictures for a person to look at
         shutil.copytree(shots, os.environ["NB_FINETUNE_SCREENSHOTS"], dirs_exist_ok=True)
+
+
+def click_data_panel_mid_training(page, plot, shots):
+    """The Data tab's Load while training runs: its line reaches the Data panel, none reaches the
+    Train panel, and the training goes on (its plot changes after the click)."""
+    page.get_by_role("tab", name="Data").click()
+    page.get_by_role("button", name="Load and check").click()
+    page.wait_for_function("document.querySelector('.nbft-datapanel-status')?.innerText.includes('checked them')",
+                           timeout=120_000)
+    page.screenshot(path=str(shots / "data_during_training.png"))
+    page.get_by_role("tab", name="Train").click()
+    shown = plot.get_attribute("src")
+    browser_lab.wait_until(lambda: plot.get_attribute("src") != shown, 120, 0.2)
+    assert plot.get_attribute("src") != shown, "training stopped redrawing after the Data panel's click"
+    train_status = page.locator(".nbft-trainpanel-status").inner_text()
+    assert "loading data" not in train_status and "checked them" not in train_status, train_status
 
 
 # A fresh studio (the built-in demo's settings), then each panel alone on the tiny model.
