@@ -1,5 +1,6 @@
 """A run's report files: report.json (everything known about the run) and the tables beside it,
-assembled from a finished or interrupted session's results."""
+assembled from a finished or interrupted session's results and written into its folder; the
+bias gate's result added to a saved run's report.json."""
 from __future__ import annotations
 
 import json
