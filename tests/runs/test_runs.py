@@ -33,6 +33,7 @@ class CrashAt(Callback):
             raise RuntimeError("the disk went away")
 
 
+@pytest.mark.integration  # three whole jobs, through the command line
 def test_two_learning_rates_and_a_stopped_run_are_all_kept_and_listed(tmp_path, tiny_model_dir, sst2_file, capsys):
     config = write_config(tmp_path, tiny_model_dir, sst2_file)
     assert main(["run", "--config", config]) == 0

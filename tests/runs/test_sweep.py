@@ -19,6 +19,7 @@ def sst2_file(tmp_path, shared_data):
     return sst2_csv(tmp_path, shared_data)
 
 
+@pytest.mark.integration  # four whole jobs, through the command line
 def test_a_2x2_sweep_trains_four_runs_and_ranks_them(tmp_path, tiny_model_dir, sst2_file, capsys):
     config = write_config(tmp_path, tiny_model_dir, sst2_file, max_steps=4, eval_steps=2)
     assert main(["sweep", "--config", config, "--grid", "train.learning_rate=1e-3,3e-3",

@@ -156,6 +156,7 @@ def test_bad_pairs_and_a_method_on_other_data_are_one_line_in_the_panels(tiny_mo
     assert "&#9888;" in train.forms[0].errors["train.method"].value
 
 
+@pytest.mark.integration  # two whole DPO jobs, through the Runs panel
 def test_a_beta_sweep_from_the_runs_panel_compares_dpo_runs(tiny_model_dir, tmp_path, pairs):
     from nb_finetune.ui import RunsPanel
     config = dpo_config(tiny_model_dir, tmp_path, max_steps=4, eval_steps=2)
