@@ -23,6 +23,7 @@ WATCH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh interpreter per case, importing the whole stack
 @pytest.mark.parametrize("front_end", ["import nb_finetune.ui", "import nb_finetune; nb_finetune.Session"])
 def test_bitsandbytes_is_quiet_from_the_moment_it_loads(front_end):
     """It warns while being imported on some CPUs (optional kernels it cannot fetch); a

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, SUBPROCESS_ENV, load_docs_module
 
 PACKAGE = REPO / "nb_finetune"
@@ -129,6 +130,7 @@ def test_data_config_and_panels_never_import_the_kernels():
     assert [m for m in kept_apart if any(t.startswith("nb_finetune.kernels") for t in graph[m])] == []
 
 
+@pytest.mark.slow  # a fresh interpreter importing every module and the whole stack
 def test_importing_leaves_the_process_unchanged():
     """Every module of the package, imported after the libraries it uses (which may set their
     own state), leaves os.environ, the level of every logger there was before (those the

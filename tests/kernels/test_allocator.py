@@ -34,6 +34,7 @@ KEPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh process per case, training
 @pytest.mark.parametrize("how", ["on", "off", "binder"])
 def test_freed_memory_is_kept_while_training_and_given_back_after(how):
     """1 GB freed inside the context stays for the next step to reuse, and is returned when it
@@ -80,6 +81,7 @@ def _huge_pages_offered() -> str:
         return "never"
 
 
+@pytest.mark.slow  # a fresh process per case
 @pytest.mark.parametrize("how", ["command line", "kernels off", "import only", "turned off", "binder"])
 def test_large_tensors_sit_on_huge_pages_where_the_command_line_trains_with_the_kernels(how):
     """The command line with train.cpu_kernels auto puts torch's large CPU tensors on
